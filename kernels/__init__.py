@@ -1,0 +1,12 @@
+"""cocofast's Triton kernels (installed as `cocofast.kernels`).
+
+- gram.py:      fused Gram-identity kernels, O(N·C²) work, C×C memory, forward and backward.
+- tiled.py:     flash-style kernels that walk the N×N similarity matrices in tiles, forward and backward.
+- cmss_rows.py: the per-pixel parts both share (row norms, the backward through normalisation and the
+                softmax-of-max-pool channel weights).
+Each takes (B, C, H, W) maps of any layout and dtype and returns float64 per-image statistics.
+"""
+from .gram import GramStats, gram_stats
+from .tiled import TiledStats, tiled_stats
+
+__all__ = ["GramStats", "TiledStats", "gram_stats", "tiled_stats"]

@@ -1,0 +1,125 @@
+"""Launch helpers shared by the cocofast Triton kernels.
+
+Every launch goes through `launch`, which also records what was launched (kernel, argument types,
+constexprs) so that the test suite can compile exactly those specialisations for sm_80 and sm_90 on a
+machine without a GPU: the CPU interpreter accepts code that a GPU rejects, so that compile is the guard.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+# (module, kernel name, signature, constexprs) of every distinct launch since import.
+LAUNCHED: dict[tuple, tuple[str, str, dict, dict]] = {}
+
+_TRITON_TYPES = {
+    torch.float16: "*fp16",
+    torch.bfloat16: "*bf16",
+    torch.float32: "*fp32",
+    torch.float64: "*fp64",
+    torch.int32: "*i32",
+    torch.int64: "*i64",
+}
+_TL_DTYPES = {torch.float32: tl.float32, torch.float64: tl.float64}
+
+
+def acc_dtype(*tensors: torch.Tensor) -> torch.dtype:
+    """fp32 accumulation, or fp64 when any input is fp64 (used by gradcheck)."""
+    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
+
+
+def tl_dtype(dtype: torch.dtype):
+    return _TL_DTYPES[dtype]
+
+
+def dot_precision(acc: torch.dtype) -> str:
+    # tf32x3 keeps fp32 accuracy (~1e-6 relative) while using tensor cores; plain tf32 would not meet
+    # the 1e-5 contract. The interpreter computes in full precision anyway.
+    if acc == torch.float64 or INTERPRETED:
+        return "ieee"
+    return "tf32x3"
+
+
+def check_runnable(*tensors: torch.Tensor) -> None:
+    dev = tensors[0].device
+    if dev.type == "cuda":
+        return
+    if not INTERPRETED:
+        raise RuntimeError(
+            f"the Triton kernels need CUDA tensors; these are on {dev}. Use backend='gram' on CPU, or set "
+            "TRITON_INTERPRET=1 before importing cocofast to run the kernels in Triton's CPU interpreter."
+        )
+
+
+def _signature_of(value) -> str:
+    if isinstance(value, torch.Tensor):
+        return _TRITON_TYPES[value.dtype]
+    if isinstance(value, bool):
+        return "i1"
+    if isinstance(value, int):
+        return "i32" if -(2**31) <= value < 2**31 else "i64"
+    if isinstance(value, float):
+        return "fp32"
+    raise TypeError(f"cannot describe kernel argument of type {type(value).__name__}")
+
+
+def launch(kernel, grid, args: dict, constexprs: dict) -> None:
+    """Launch `kernel` with keyword `args` (runtime values) and `constexprs`, recording the spec."""
+    fn = getattr(kernel, "fn", kernel)
+    signature = {name: _signature_of(value) for name, value in args.items()}
+    key = (fn.__module__, fn.__name__, tuple(signature.items()), tuple(sorted(constexprs.items(), key=str)))
+    if key not in LAUNCHED:
+        LAUNCHED[key] = (fn.__module__, fn.__name__, signature, {k: _plain(v) for k, v in constexprs.items()})
+    kernel[grid](**args, **constexprs)
+
+
+def _plain(value):
+    """Constexprs as JSON-able values (dtypes by name) for the compile check's subprocess."""
+    if isinstance(value, tl.dtype):
+        return f"tl.{value.name}"
+    return value
+
+
+def next_pow2(x: int) -> int:
+    return triton.next_power_of_2(max(int(x), 1))
+
+
+def channel_block(channels: int) -> int:
+    """Channel tile: whole channel range in the interpreter (fewer Python-level loop trips), 64 on GPU."""
+    cap = 256 if INTERPRETED else 64
+    return max(16, min(cap, next_pow2(channels)))
+
+
+def row_block(pixels: int) -> int:
+    cap = 1024 if INTERPRETED else 64
+    return max(16, min(cap, next_pow2(pixels)))
+
+
+def feature_strides(f: torch.Tensor) -> dict:
+    """Strides of a (B, C, H, W) map: kernels index pixel n as (n // W, n % W), so any layout works."""
+    sb, sc, sh, sw = f.stride()
+    return dict(stride_b=sb, stride_c=sc, stride_h=sh, stride_w=sw)
+
+
+@triton.jit
+def load_mixed_tile(f_ptr, w_ptr, stride_c, stride_h, stride_w, width, n_pix, n_chan, rows, chans,
+                    ACC: tl.constexpr):
+    """Tile of G' = F·diag(w) as (len(rows), len(chans)) in ACC precision; out-of-range entries are 0."""
+    pix = (rows // width) * stride_h + (rows % width) * stride_w
+    mask = (rows[:, None] < n_pix) & (chans[None, :] < n_chan)
+    x = tl.load(f_ptr + pix[:, None] + chans[None, :] * stride_c, mask=mask, other=0.0).to(ACC)
+    w = tl.load(w_ptr + chans, mask=chans < n_chan, other=0.0).to(ACC)
+    return x * w[None, :]
+
+
+@triton.jit
+def load_inv_norm(norm_ptr, rows, n_pix, eps):
+    """1 / max(‖G'_n‖, eps) for the given rows (0 outside the map, so padded rows vanish)."""
+    r = tl.load(norm_ptr + rows, mask=rows < n_pix, other=1.0)
+    inv = 1.0 / tl.maximum(r, eps)
+    return tl.where(rows < n_pix, inv, 0.0)
