@@ -1,0 +1,194 @@
+"""The epoch loop every stage shares: resume, iterate, checkpoint, evaluate, report.
+
+A stage describes itself with a `Stage` (its networks, optimisers, schedules, one training step and one
+evaluation); `run_stage` does the rest the same way for the teacher, the paraphrasers and the student:
+
+- resume from `last.pt` (same learning rate, same data order, same RNG draws, mid-epoch included);
+- a tqdm bar per epoch on rank 0, `last.pt` every `save_every_iters` iterations and at each epoch end;
+- `best.pt` whenever the validation score improves;
+- `summary.csv`, `curves.png` and `overlays_*.png` in the stage's folder (rank 0 only).
+"""
+from __future__ import annotations
+
+import math
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn as nn
+from tqdm import tqdm
+
+from cocofast.io import atomic_write_text
+
+from . import report
+from .checkpoint import (capture_rng, check_config, load_checkpoint, model_entry, restore_rng,
+                         save_checkpoint, unwrap)
+from .config import ConfigError, TrainConfig, dump_yaml
+from .runtime import ResumableSampler, Runtime, random_flips
+
+
+class TrainingInterrupted(RuntimeError):
+    """Raised by the `stop_after_iters` debug switch: the run stops as if killed, without saving."""
+
+
+class IterationBudget:
+    def __init__(self, limit: int):
+        self.limit, self.done = limit, 0
+
+    def tick(self) -> None:
+        self.done += 1
+        if self.limit and self.done >= self.limit:
+            raise TrainingInterrupted(f"stopped after {self.done} iterations as asked (stop_after_iters); "
+                                      f"continue with --resume")
+
+
+@dataclass
+class Stage:
+    name: str
+    out_dir: Path
+    epochs: int
+    # role -> (model_name, model_kwargs, module); every one is saved, the trained ones are also in `trained`.
+    models: dict[str, tuple[str, dict, nn.Module]]
+    trained: list[nn.Module]
+    optimizers: dict[str, torch.optim.Optimizer]
+    schedulers: dict
+    scaler: torch.amp.GradScaler
+    train_step: Callable[[torch.Tensor, torch.Tensor], dict[str, float]]
+    evaluate: Callable[[], dict[str, float]]
+    score_key: str  # validation metric that picks best.pt
+    higher_is_better: bool = True
+    config_groups: tuple[str, ...] = ("all",)
+    draw_overlays: Callable[[Path], None] | None = None
+    extra: dict = field(default_factory=dict)  # stored as-is in the checkpoint (plain values only)
+
+
+def _better(score: float, best: float | None, higher: bool) -> bool:
+    if best is None or math.isnan(best):
+        return not math.isnan(score)
+    return score > best if higher else score < best
+
+
+def run_stage(stage: Stage, cfg: TrainConfig, rt: Runtime, loader, sampler: ResumableSampler,
+              budget: IterationBudget) -> None:
+    last_path, best_path = stage.out_dir / "last.pt", stage.out_dir / "best.pt"
+    per_rank_batch = cfg.batch_size // rt.world_size
+    iters_per_epoch = sampler.num_samples // per_rank_batch
+    wanted_config = cfg.group_items(stage.config_groups)
+
+    epoch, batch_in_epoch, iteration = 0, 0, 0
+    history: list[dict] = []
+    meters: dict[str, list[float]] = {}
+    best_score = None
+    if last_path.exists() and not cfg.overwrite:
+        if not cfg.resume:
+            raise ConfigError(f"{last_path} exists: pass --resume to continue that run or --overwrite to "
+                              f"start the {stage.name} stage afresh")
+        ckpt = load_checkpoint(last_path, map_location=rt.device)
+        check_config(ckpt["config"], wanted_config, last_path)
+        if ckpt.get("finished"):
+            _log(rt, f"[{stage.name}] already finished ({last_path}); skipping")
+            return
+        epoch, batch_in_epoch, iteration = ckpt["epoch"], ckpt["batch_in_epoch"], ckpt["iteration"]
+        history, best_score = list(ckpt["history"]), ckpt["best_score"]
+        for role, (_, _, module) in stage.models.items():
+            unwrap(module).load_state_dict(ckpt["models"][role]["state_dict"])
+        for role, opt in stage.optimizers.items():
+            opt.load_state_dict(ckpt["optimizers"][role])
+        for role, sched in stage.schedulers.items():
+            sched.load_state_dict(ckpt["schedulers"][role])
+        if ckpt["scaler"] is not None:
+            stage.scaler.load_state_dict(ckpt["scaler"])
+        per_rank = ckpt["per_rank"]
+        if len(per_rank) != rt.world_size:
+            warnings.warn(f"{last_path} was written by {len(per_rank)} processes, now {rt.world_size}: "
+                          f"the resumed run will not be bit-identical to an uninterrupted one")
+        mine = per_rank[rt.rank % len(per_rank)]
+        meters = {k: list(v) for k, v in mine["meters"].items()}
+        restore_rng(mine["rng"])
+        _log(rt, f"[{stage.name}] resuming {last_path} at epoch {epoch + 1}, batch {batch_in_epoch}, "
+                 f"iteration {iteration}")
+
+    def checkpoint(path: Path, finished: bool = False) -> None:
+        # Every rank's RNG and running sums go in, so each rank can continue exactly; only rank 0 writes.
+        per_rank = rt.gather_objects({"rng": capture_rng(), "meters": meters})
+        if not rt.is_main:
+            return
+        save_checkpoint(
+            path, stage=stage.name,
+            models={role: model_entry(n, kw, m) for role, (n, kw, m) in stage.models.items()},
+            optimizers={role: opt.state_dict() for role, opt in stage.optimizers.items()},
+            schedulers={role: s.state_dict() for role, s in stage.schedulers.items()},
+            scaler=stage.scaler.state_dict() if stage.scaler.is_enabled() else None,
+            epoch=epoch, batch_in_epoch=batch_in_epoch, iteration=iteration, finished=finished,
+            per_rank=per_rank, world_size=rt.world_size, config=cfg.to_dict(), history=history,
+            best_score=best_score, **stage.extra)
+
+    if rt.is_main:
+        stage.out_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(dump_yaml(cfg), stage.out_dir / "config.yaml")
+    while epoch < stage.epochs:
+        sampler.set_epoch(epoch)
+        sampler.start_at(batch_in_epoch * per_rank_batch)
+        for module in stage.trained:
+            module.train()
+        started = time.perf_counter()
+        bar = tqdm(total=iters_per_epoch, initial=batch_in_epoch, leave=False, dynamic_ncols=True,
+                   desc=f"{stage.name} {epoch + 1}/{stage.epochs}", disable=not (rt.is_main and cfg.progress))
+        for images, masks in loader:
+            images = images.to(rt.device, non_blocking=True)
+            masks = masks.to(rt.device, non_blocking=True)
+            if cfg.flips:
+                images, masks = random_flips(images, masks, cfg.seed, epoch, batch_in_epoch, rt.rank)
+            terms = stage.train_step(images, masks)
+            for key, value in terms.items():
+                total = meters.setdefault(key, [0.0, 0.0])
+                total[0] += value
+                total[1] += 1
+            iteration += 1
+            batch_in_epoch += 1
+            bar.update(1)
+            if batch_in_epoch % 10 == 1 or batch_in_epoch == iters_per_epoch:
+                bar.set_postfix({k: f"{v:.4g}" for k, v in list(terms.items())[:4]})
+            budget.tick()
+            if cfg.save_every_iters and iteration % cfg.save_every_iters == 0 and batch_in_epoch < iters_per_epoch:
+                checkpoint(last_path)
+        bar.close()
+
+        # Epoch end: average the loss terms over every rank's batches, sync BN statistics, validate.
+        keys = sorted(meters)
+        sums = rt.all_reduce_sum(torch.tensor([meters[k][0] for k in keys] + [meters[k][1] for k in keys],
+                                              dtype=torch.float64))
+        row: dict = {"epoch": epoch + 1, "iteration": iteration}
+        row.update({k: sums[i].item() / max(sums[len(keys) + i].item(), 1) for i, k in enumerate(keys)})
+        row.update({f"lr_{role}": s.current_lr() for role, s in stage.schedulers.items()})
+        for module in stage.trained:
+            rt.broadcast_buffers(module)
+        row.update(stage.evaluate())
+        row["epoch_seconds"] = time.perf_counter() - started
+        history.append(row)
+        epoch, batch_in_epoch, meters = epoch + 1, 0, {}
+        improved = _better(row[stage.score_key], best_score, stage.higher_is_better)
+        if improved:
+            best_score = row[stage.score_key]
+        checkpoint(last_path, finished=epoch == stage.epochs)
+        if improved:
+            checkpoint(best_path)
+        if rt.is_main:
+            report.write_summary(history, stage.out_dir / "summary.csv")
+            report.plot_curves(history, stage.out_dir / "curves.png", title=f"{stage.name} ({cfg.run_dir})")
+            if stage.draw_overlays is not None and cfg.num_overlays:
+                stage.draw_overlays(stage.out_dir / "overlays_last.png")
+                if improved:
+                    stage.draw_overlays(stage.out_dir / "overlays_best.png")
+        shown = " ".join(f"{k}={row[k]:.4g}" for k in row if k.startswith(("loss", "val_")))
+        _log(rt, f"[{stage.name}] epoch {epoch}/{stage.epochs} {shown} ({row['epoch_seconds']:.1f} s)"
+                 + ("  * best" if improved else ""))
+    rt.barrier()
+
+
+def _log(rt: Runtime, message: str) -> None:
+    if rt.is_main:
+        print(message, flush=True)

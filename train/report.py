@@ -1,0 +1,148 @@
+"""What a person watches: summary.csv, curve plots, prediction overlays, and a model's size and cost.
+
+All files are written atomically, so a plot or CSV opened while training runs is never half-written.
+Plots need matplotlib (the `plot` extra); without it they are skipped with one warning.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import math
+import warnings
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+import torch.nn as nn
+from PIL import Image, ImageDraw
+
+from cocofast.io import atomic_path, atomic_write_text
+
+
+# --- summary.csv -----------------------------------------------------------------------------------------
+def write_summary(rows: Sequence[dict], path: str | Path) -> None:
+    """One row per epoch; columns are the union of all rows' keys in first-seen order."""
+    columns: list[str] = []
+    for row in rows:
+        columns += [k for k in row if k not in columns]
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=columns, restval="")
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
+    atomic_write_text(buffer.getvalue(), path)
+
+
+# --- curves ----------------------------------------------------------------------------------------------
+_warned = False
+
+
+def _pyplot():
+    global _warned
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        if not _warned:
+            warnings.warn("matplotlib is not installed: skipping curve plots (pip install 'cocofast[plot]')")
+            _warned = True
+        return None
+    return plt
+
+
+def plot_curves(rows: Sequence[dict], path: str | Path, title: str = "") -> None:
+    """Three panels over epochs: training losses, validation metrics, learning rate."""
+    plt = _pyplot()
+    if plt is None or not rows:
+        return
+    epochs = [r["epoch"] for r in rows]
+    panels = {
+        "training losses": [k for k in rows[-1] if k.startswith(("loss", "d_", "rec"))],
+        "validation": [k for k in rows[-1] if k.startswith("val_")],
+        "learning rate": [k for k in rows[-1] if k.startswith("lr")],
+    }
+    panels = {name: keys for name, keys in panels.items() if keys}
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 3.6), squeeze=False)
+    for ax, (name, keys) in zip(axes[0], panels.items()):
+        for key in keys:
+            ys = [r.get(key, math.nan) for r in rows]
+            ax.plot(epochs, [float(y) if y != "" else math.nan for y in ys], marker="o", ms=3, label=key)
+        ax.set_title(name)
+        ax.set_xlabel("epoch")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+        if name == "learning rate":
+            ax.set_yscale("log")
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
+    plt.close(fig)
+
+
+# --- overlays --------------------------------------------------------------------------------------------
+def _to_rgb(image: torch.Tensor) -> np.ndarray:
+    img = image.detach().float().cpu().clamp(0, 1)
+    if img.shape[0] == 1:
+        img = img.expand(3, -1, -1)
+    return (img[:3].permute(1, 2, 0).numpy() * 255).astype(np.uint8)
+
+
+def _tint(rgb: np.ndarray, mask: np.ndarray, color: tuple[int, int, int], alpha: float = 0.45) -> np.ndarray:
+    out = rgb.astype(np.float32)
+    out[mask] = (1 - alpha) * out[mask] + alpha * np.array(color, dtype=np.float32)
+    return out.astype(np.uint8)
+
+
+def save_overlays(images: torch.Tensor, masks: torch.Tensor, preds: torch.Tensor, path: str | Path,
+                  title: str = "") -> None:
+    """A grid with one row per patch: the image, the ground truth (green) and the prediction (red) on it.
+
+    Any class other than 0 counts as foreground, so multi-class masks still show where the network fires.
+    """
+    rows = []
+    for image, mask, pred in zip(images, masks, preds):
+        rgb = _to_rgb(image)
+        gt = _tint(rgb, mask.cpu().numpy() > 0, (0, 200, 0))
+        pr = _tint(rgb, pred.cpu().numpy() > 0, (220, 0, 0))
+        rows.append(np.concatenate([rgb, gt, pr], axis=1))
+    if not rows:
+        return
+    sep = np.full((4, rows[0].shape[1], 3), 255, np.uint8)
+    grid = np.concatenate([piece for row in rows for piece in (row, sep)][:-1], axis=0)
+    header = 18
+    canvas = Image.new("RGB", (grid.shape[1], grid.shape[0] + header), "white")
+    canvas.paste(Image.fromarray(grid), (0, header))
+    w = rows[0].shape[1] // 3
+    draw = ImageDraw.Draw(canvas)
+    for i, label in enumerate(("image", "ground truth", "prediction")):
+        draw.text((i * w + 4, 3), label + (f"  {title}" if i == 2 and title else ""), fill="black")
+    with atomic_path(path) as tmp:
+        canvas.save(tmp, format="PNG")
+
+
+# --- size and cost ---------------------------------------------------------------------------------------
+def count_params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def count_gmacs(model: nn.Module, input_shape: Sequence[int]) -> float:
+    """Multiply-accumulates of one forward pass, in G (10^9), from torch's FlopCounterMode.
+
+    FlopCounterMode counts 2 FLOPs per multiply-add, so MACs = FLOPs / 2. It counts matmuls and convolutions
+    only (no BN or activations), so it sits a little under ptflops-style figures.
+    """
+    from torch.utils.flop_counter import FlopCounterMode
+
+    was_training = model.training
+    model.eval()
+    counter = FlopCounterMode(display=False)
+    device = next(model.parameters()).device
+    with torch.no_grad(), counter:
+        model(torch.zeros(*input_shape, device=device))
+    model.train(was_training)
+    return counter.get_total_flops() / 2 / 1e9
