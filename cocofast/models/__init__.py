@@ -1,0 +1,101 @@
+"""cocofast's networks, behind one flat registry.
+
+    model = create_model("mobile_unet", in_channels=3, num_classes=2, width=1.0)
+    out = model(x)                       # SegOutput(logits, shallow, deep), taps at H/4
+    model.tap_channels, model.input_divisor, model.tap_paths
+
+Segmentation networks: fanet (teacher), mobile_unet, erfnet, enet (students); all take
+(in_channels=3, num_classes=2, width=1.0), where width scales every channel count (1.0 is the paper's
+network; e.g. 0.125 gives a teacher small enough to train on a CPU). Distillation helpers:
+`create_model("paraphraser", in_channels=C, k=k)` and `create_model("discriminator", in_channels=K + C_image)`.
+
+`create_model` records `model_name` and `model_kwargs` on the instance, the two fields a checkpoint needs to
+rebuild it: `create_model(model.model_name, **model.model_kwargs).load_state_dict(state_dict)`.
+"""
+from __future__ import annotations
+
+import difflib
+from typing import Callable
+
+from torch import nn
+
+from .base import SegmentationNet, SegOutput, count_parameters, scale_channels
+from .discriminator import Discriminator
+from .enet import ENet
+from .erfnet import ERFNet
+from .fanet import FANet
+from .mobile_unet import MobileUNet
+from .paraphraser import Paraphraser
+from .taps import FeatureTaps, TapNotFoundError, TappedModel, get_submodule, unwrap_model
+
+_REGISTRY: dict[str, Callable[..., nn.Module]] = {}
+
+
+def register_model(name: str, factory: Callable[..., nn.Module] | None = None):
+    """Add a network to the registry (usable as a decorator). Names are unique."""
+
+    def add(f: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
+        if name in _REGISTRY:
+            raise ValueError(f"a model named {name!r} is already registered")
+        _REGISTRY[name] = f
+        return f
+
+    return add(factory) if factory is not None else add
+
+
+for _name, _factory in (
+    ("fanet", FANet),
+    ("mobile_unet", MobileUNet),
+    ("erfnet", ERFNet),
+    ("enet", ENet),
+    ("paraphraser", Paraphraser),
+    ("discriminator", Discriminator),
+):
+    register_model(_name, _factory)
+
+SEGMENTATION_MODELS = ("fanet", "mobile_unet", "erfnet", "enet")
+
+
+def list_models() -> list[str]:
+    """Registered model names, in registration order."""
+    return list(_REGISTRY)
+
+
+def create_model(name: str, **kwargs) -> nn.Module:
+    """Build a registered network by name; unknown names and arguments are errors that say what exists."""
+    if name not in _REGISTRY:
+        near = difflib.get_close_matches(name, list(_REGISTRY), n=3)
+        hint = f" (did you mean {', '.join(map(repr, near))}?)" if near else ""
+        raise ValueError(f"unknown model {name!r}{hint}; registered: {', '.join(_REGISTRY)}")
+    try:
+        model = _REGISTRY[name](**kwargs)
+    except TypeError as error:
+        if "unexpected keyword argument" in str(error):
+            raise TypeError(f"create_model({name!r}): {error}") from None
+        raise
+    model.model_name = name
+    model.model_kwargs = dict(kwargs)
+    return model
+
+
+__all__ = [
+    "create_model",
+    "list_models",
+    "register_model",
+    "SEGMENTATION_MODELS",
+    "SegOutput",
+    "SegmentationNet",
+    "count_parameters",
+    "scale_channels",
+    "FeatureTaps",
+    "TappedModel",
+    "TapNotFoundError",
+    "get_submodule",
+    "unwrap_model",
+    "FANet",
+    "MobileUNet",
+    "ERFNet",
+    "ENet",
+    "Paraphraser",
+    "Discriminator",
+]
