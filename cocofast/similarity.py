@@ -140,9 +140,10 @@ def cross_layer_correlation(shallow: torch.Tensor, deep: torch.Tensor, *, backen
     """φ(shallow, deep) per image, shape (B,): the Frobenius correlation of the two CMSS matrices."""
     _check_pair("cross_layer_correlation", ("shallow", "deep"), shallow, deep)
     k, p, q, _ = _stats("cross_layer_correlation", shallow, deep, True, backend)
-    denom = torch.sqrt(p * q)
-    ok = denom > 0
-    phi = torch.where(ok, k / torch.where(ok, denom, torch.ones_like(denom)), torch.zeros_like(k))
+    pq = p * q
+    ok = pq > 0
+    # sqrt only of safe values: sqrt'(0) = inf would turn the masked branch's zero gradient into NaN.
+    phi = torch.where(ok, k / torch.sqrt(torch.where(ok, pq, torch.ones_like(pq))), torch.zeros_like(k))
     return phi.to(_out_dtype(shallow, deep))
 
 

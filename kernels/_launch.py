@@ -13,6 +13,9 @@ import triton
 import triton.language as tl
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
+# Tile sizes and dot precision as a GPU would use them. Off in the interpreter (big tiles run faster
+# there); COCOFAST_GPU_CONFIG=1 forces them, so the compile check sees the launches a GPU would get.
+GPU_CONFIG = not INTERPRETED or os.environ.get("COCOFAST_GPU_CONFIG", "0") == "1"
 
 # (module, kernel name, signature, constexprs) of every distinct launch since import.
 LAUNCHED: dict[tuple, tuple[str, str, dict, dict]] = {}
@@ -40,7 +43,7 @@ def tl_dtype(dtype: torch.dtype):
 def dot_precision(acc: torch.dtype) -> str:
     # tf32x3 keeps fp32 accuracy (~1e-6 relative) while using tensor cores; plain tf32 would not meet
     # the 1e-5 contract. The interpreter computes in full precision anyway.
-    if acc == torch.float64 or INTERPRETED:
+    if acc == torch.float64 or not GPU_CONFIG:
         return "ieee"
     return "tf32x3"
 
@@ -91,19 +94,26 @@ def next_pow2(x: int) -> int:
 
 def channel_block(channels: int) -> int:
     """Channel tile: whole channel range in the interpreter (fewer Python-level loop trips), 64 on GPU."""
-    cap = 256 if INTERPRETED else 64
+    cap = 64 if GPU_CONFIG else 256
     return max(16, min(cap, next_pow2(channels)))
 
 
 def row_block(pixels: int) -> int:
-    cap = 1024 if INTERPRETED else 64
+    cap = 64 if GPU_CONFIG else 1024
     return max(16, min(cap, next_pow2(pixels)))
 
 
-def feature_strides(f: torch.Tensor) -> dict:
-    """Strides of a (B, C, H, W) map: kernels index pixel n as (n // W, n % W), so any layout works."""
+def feature_strides(f: torch.Tensor, prefix: str = "", width: bool = True) -> dict:
+    """Strides and width of a (B, C, H, W) map, as kernel keyword arguments.
+
+    Kernels address pixel n as (n // W, n % W), so any layout works, and two paired maps may have
+    different (H, W) with equal H·W: each map carries its own width.
+    """
     sb, sc, sh, sw = f.stride()
-    return dict(stride_b=sb, stride_c=sc, stride_h=sh, stride_w=sw)
+    out = dict(stride_b=sb, stride_c=sc, stride_h=sh, stride_w=sw)
+    if width:
+        out["width"] = f.shape[3]
+    return {prefix + k: v for k, v in out.items()}
 
 
 @triton.jit

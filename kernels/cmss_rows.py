@@ -64,7 +64,7 @@ def row_norm_kernel(
 def _grad_rows_chunk(
     da_ptr, f_b, w_b, inv, o_b, w_o, inv_o, x_ptr, y_ptr, rows, cj,
     stride_c, stride_h, stride_w, o_stride_c, o_stride_h, o_stride_w,
-    width, n_pix, n_chan, n_chan_o,
+    width, o_width, n_pix, n_chan, n_chan_o,
     FROM_BUFFER: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
     ACC: tl.constexpr, PRECISION: tl.constexpr,
 ):
@@ -83,8 +83,8 @@ def _grad_rows_chunk(
             acc += tl.dot(a, x, input_precision=PRECISION, out_dtype=ACC)
         for k0 in range(0, n_chan_o, BLOCK_C):
             ck = k0 + tl.arange(0, BLOCK_C)
-            o = load_mixed_tile(o_b, w_o, o_stride_c, o_stride_h, o_stride_w, width, n_pix, n_chan_o, rows, ck,
-                                ACC)
+            o = load_mixed_tile(o_b, w_o, o_stride_c, o_stride_h, o_stride_w, o_width, n_pix, n_chan_o, rows,
+                                ck, ACC)
             o = o * inv_o[:, None]
             ym = (ck[:, None] < n_chan_o) & (cj[None, :] < n_chan)
             y = tl.load(y_ptr + ck[:, None] * n_chan + cj[None, :], mask=ym, other=0.0)
@@ -96,7 +96,7 @@ def _grad_rows_chunk(
 def chain_backward_kernel(
     f_ptr, w_ptr, norm_ptr, o_ptr, w_o_ptr, norm_o_ptr, x_ptr, y_ptr, da_ptr, df_ptr, dw_ptr,
     stride_b, stride_c, stride_h, stride_w,
-    o_stride_b, o_stride_c, o_stride_h, o_stride_w,
+    o_stride_b, o_stride_c, o_stride_h, o_stride_w, o_width,
     df_stride_b, df_stride_c, df_stride_h, df_stride_w,
     width, n_pix, n_chan, n_chan_o, eps,
     FROM_BUFFER: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
@@ -122,7 +122,7 @@ def chain_backward_kernel(
         cj = j0 + tl.arange(0, BLOCK_C)
         d = _grad_rows_chunk(da_b, f_b, w_b, inv, o_b, w_o, inv_o, x_b, y_b, rows, cj,
                              stride_c, stride_h, stride_w, o_stride_c, o_stride_h, o_stride_w,
-                             width, n_pix, n_chan, n_chan_o, FROM_BUFFER, BLOCK_N, BLOCK_C, ACC, PRECISION)
+                             width, o_width, n_pix, n_chan, n_chan_o, FROM_BUFFER, BLOCK_N, BLOCK_C, ACC, PRECISION)
         a = load_mixed_tile(f_b, w_b, stride_c, stride_h, stride_w, width, n_pix, n_chan, rows, cj, ACC)
         t += tl.sum(d * a, axis=1) * inv
     t = tl.where(r > eps, t, 0.0)
@@ -134,7 +134,7 @@ def chain_backward_kernel(
         cj = j0 + tl.arange(0, BLOCK_C)
         d = _grad_rows_chunk(da_b, f_b, w_b, inv, o_b, w_o, inv_o, x_b, y_b, rows, cj,
                              stride_c, stride_h, stride_w, o_stride_c, o_stride_h, o_stride_w,
-                             width, n_pix, n_chan, n_chan_o, FROM_BUFFER, BLOCK_N, BLOCK_C, ACC, PRECISION)
+                             width, o_width, n_pix, n_chan, n_chan_o, FROM_BUFFER, BLOCK_N, BLOCK_C, ACC, PRECISION)
         mask = (rows[:, None] < n_pix) & (cj[None, :] < n_chan)
         x = tl.load(f_b + pix[:, None] + cj[None, :] * stride_c, mask=mask, other=0.0).to(ACC)
         w = tl.load(w_b + cj, mask=cj < n_chan, other=0.0).to(ACC)
@@ -191,7 +191,7 @@ class MixedRows:
         ties = torch.empty(B, n_blocks, C, device=f.device, dtype=torch.int32) if channel_mix else self.norm
         launch(row_norm_kernel, (B, n_blocks),
                dict(f_ptr=f, w_ptr=self.w, amax_ptr=self.amax if channel_mix else self.w, norm_ptr=self.norm,
-                    ties_ptr=ties, **feature_strides(f), width=W, n_pix=H * W, n_chan=C),
+                    ties_ptr=ties, **feature_strides(f), n_pix=H * W, n_chan=C),
                dict(COUNT_TIES=channel_mix, BLOCK_N=bn, BLOCK_C=bc, ACC=tl_dtype(acc)))
         self.ties = ties.sum(dim=1) if channel_mix else None
 
@@ -211,13 +211,11 @@ def chain_backward(f, rows: MixedRows, other=None, other_rows: MixedRows | None 
     n_blocks = triton.cdiv(H * W, bn)
     df = torch.empty_like(f)
     dw_part = torch.empty(B, n_blocks, C, device=f.device, dtype=acc)
-    o = feature_strides(other)
-    d = feature_strides(df)
     launch(chain_backward_kernel, (B, n_blocks),
            dict(f_ptr=f, w_ptr=rows.w, norm_ptr=rows.norm, o_ptr=other, w_o_ptr=other_rows.w,
                 norm_o_ptr=other_rows.norm, x_ptr=x, y_ptr=y, da_ptr=da_buffer, df_ptr=df, dw_ptr=dw_part,
-                **feature_strides(f), **{f"o_{k}": v for k, v in o.items()}, **{f"df_{k}": v for k, v in d.items()},
-                width=W, n_pix=H * W, n_chan=C, n_chan_o=other.shape[1], eps=rows.eps),
+                **feature_strides(f), **feature_strides(other, "o_"), **feature_strides(df, "df_", width=False),
+                n_pix=H * W, n_chan=C, n_chan_o=other.shape[1], eps=rows.eps),
            dict(FROM_BUFFER=from_buffer, BLOCK_N=bn, BLOCK_C=bc, ACC=tl_dtype(acc), PRECISION=dot_precision(acc)))
     if rows.channel_mix:
         dw = dw_part.sum(dim=1)
@@ -225,7 +223,7 @@ def chain_backward(f, rows: MixedRows, other=None, other_rows: MixedRows | None 
         scale = (da / rows.ties.to(acc)).contiguous()
         launch(maxpool_scatter_kernel, (B, n_blocks),
                dict(f_ptr=f, amax_ptr=rows.amax, scale_ptr=scale, df_ptr=df, **feature_strides(f),
-                    **{f"df_{k}": v for k, v in d.items()}, width=W, n_pix=H * W, n_chan=C),
+                    **feature_strides(df, "df_", width=False), n_pix=H * W, n_chan=C),
                dict(BLOCK_N=bn, BLOCK_C=channel_block(C), ACC=tl_dtype(acc)))
     return df
 

@@ -40,9 +40,9 @@ from .cmss_rows import MixedRows, chain_backward
 @triton.jit
 def gram_partial_kernel(
     fa_ptr, wa_ptr, na_ptr, fb_ptr, wb_ptr, nb_ptr, out_ptr,
-    a_stride_b, a_stride_c, a_stride_h, a_stride_w,
-    b_stride_b, b_stride_c, b_stride_h, b_stride_w,
-    width, n_pix, n_chan_a, n_chan_b, eps,
+    a_stride_b, a_stride_c, a_stride_h, a_stride_w, a_width,
+    b_stride_b, b_stride_c, b_stride_h, b_stride_w, b_width,
+    n_pix, n_chan_a, n_chan_b, eps,
     SPLITS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
     ACC: tl.constexpr, PRECISION: tl.constexpr,
 ):
@@ -56,10 +56,10 @@ def gram_partial_kernel(
     acc = tl.zeros((BLOCK_C, BLOCK_C), dtype=ACC)
     for n0 in range(split * BLOCK_N, n_pix, SPLITS * BLOCK_N):
         rows = n0 + tl.arange(0, BLOCK_N)
-        a = load_mixed_tile(fa_b, wa_ptr + b * n_chan_a, a_stride_c, a_stride_h, a_stride_w, width, n_pix,
+        a = load_mixed_tile(fa_b, wa_ptr + b * n_chan_a, a_stride_c, a_stride_h, a_stride_w, a_width, n_pix,
                             n_chan_a, rows, ci, ACC)
         a = a * load_inv_norm(na_ptr + b * n_pix, rows, n_pix, eps)[:, None]
-        o = load_mixed_tile(fb_b, wb_ptr + b * n_chan_b, b_stride_c, b_stride_h, b_stride_w, width, n_pix,
+        o = load_mixed_tile(fb_b, wb_ptr + b * n_chan_b, b_stride_c, b_stride_h, b_stride_w, b_width, n_pix,
                             n_chan_b, rows, cj, ACC)
         o = o * load_inv_norm(nb_ptr + b * n_pix, rows, n_pix, eps)[:, None]
         acc += tl.dot(tl.trans(a), o, input_precision=PRECISION, out_dtype=ACC)
@@ -83,11 +83,10 @@ def gram_matrix(fa, ra: MixedRows, fb, rb: MixedRows) -> torch.Tensor:
     bn, bc = row_block(H * W), channel_block(max(Ca, Cb))
     splits = _splits(B, H * W, bn)
     part = torch.empty(B, splits, Ca, Cb, device=fa.device, dtype=ra.acc)
-    sa, sb = feature_strides(fa), feature_strides(fb)
     launch(gram_partial_kernel, (B * splits, triton.cdiv(Ca, bc), triton.cdiv(Cb, bc)),
            dict(fa_ptr=fa, wa_ptr=ra.w, na_ptr=ra.norm, fb_ptr=fb, wb_ptr=rb.w, nb_ptr=rb.norm, out_ptr=part,
-                **{f"a_{k}": v for k, v in sa.items()}, **{f"b_{k}": v for k, v in sb.items()},
-                width=W, n_pix=H * W, n_chan_a=Ca, n_chan_b=Cb, eps=ra.eps),
+                **feature_strides(fa, "a_"), **feature_strides(fb, "b_"), n_pix=H * W, n_chan_a=Ca,
+                n_chan_b=Cb, eps=ra.eps),
            dict(SPLITS=splits, BLOCK_N=bn, BLOCK_C=bc, ACC=tl_dtype(ra.acc), PRECISION=dot_precision(ra.acc)))
     return part.sum(dim=1)
 

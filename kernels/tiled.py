@@ -20,7 +20,7 @@ import triton
 import triton.language as tl
 
 from ._launch import (
-    INTERPRETED,
+    GPU_CONFIG,
     acc_dtype,
     channel_block,
     check_runnable,
@@ -55,9 +55,9 @@ def _similarity_tile(f_b, w_b, norm_b, stride_c, stride_h, stride_w, width, n_pi
 @triton.jit
 def tiled_forward_kernel(
     f1_ptr, w1_ptr, n1_ptr, f2_ptr, w2_ptr, n2_ptr, out_ptr,
-    a_stride_b, a_stride_c, a_stride_h, a_stride_w,
-    b_stride_b, b_stride_c, b_stride_h, b_stride_w,
-    width, n_pix, n_chan_1, n_chan_2, eps,
+    a_stride_b, a_stride_c, a_stride_h, a_stride_w, a_width,
+    b_stride_b, b_stride_c, b_stride_h, b_stride_w, b_width,
+    n_pix, n_chan_1, n_chan_2, eps,
     BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_C: tl.constexpr,
     ACC: tl.constexpr, PRECISION: tl.constexpr,
 ):
@@ -72,9 +72,9 @@ def tiled_forward_kernel(
     d = tl.zeros((BLOCK_I, BLOCK_J), dtype=ACC)
     for j0 in range(0, n_pix, BLOCK_J):
         rj = j0 + tl.arange(0, BLOCK_J)
-        m1 = _similarity_tile(f1_b, w1_b, n1_b, a_stride_c, a_stride_h, a_stride_w, width, n_pix, n_chan_1,
+        m1 = _similarity_tile(f1_b, w1_b, n1_b, a_stride_c, a_stride_h, a_stride_w, a_width, n_pix, n_chan_1,
                               ri, rj, eps, BLOCK_I, BLOCK_J, BLOCK_C, ACC, PRECISION)
-        m2 = _similarity_tile(f2_b, w2_b, n2_b, b_stride_c, b_stride_h, b_stride_w, width, n_pix, n_chan_2,
+        m2 = _similarity_tile(f2_b, w2_b, n2_b, b_stride_c, b_stride_h, b_stride_w, b_width, n_pix, n_chan_2,
                               ri, rj, eps, BLOCK_I, BLOCK_J, BLOCK_C, ACC, PRECISION)
         k += m1 * m2
         p += m1 * m1
@@ -90,9 +90,9 @@ def tiled_forward_kernel(
 @triton.jit
 def tiled_backward_kernel(
     fs_ptr, ws_ptr, ns_ptr, fo_ptr, wo_ptr, no_ptr, alpha_ptr, beta_ptr, da_ptr,
-    s_stride_b, s_stride_c, s_stride_h, s_stride_w,
-    o_stride_b, o_stride_c, o_stride_h, o_stride_w,
-    width, n_pix, n_chan_s, n_chan_o, eps,
+    s_stride_b, s_stride_c, s_stride_h, s_stride_w, s_width,
+    o_stride_b, o_stride_c, o_stride_h, o_stride_w, o_width,
+    n_pix, n_chan_s, n_chan_o, eps,
     BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_C: tl.constexpr,
     ACC: tl.constexpr, PRECISION: tl.constexpr,
 ):
@@ -106,12 +106,12 @@ def tiled_backward_kernel(
     acc = tl.zeros((BLOCK_I, BLOCK_C), dtype=ACC)
     for j0 in range(0, n_pix, BLOCK_J):
         rj = j0 + tl.arange(0, BLOCK_J)
-        m_self = _similarity_tile(fs_b, ws_b, ns_b, s_stride_c, s_stride_h, s_stride_w, width, n_pix, n_chan_s,
+        m_self = _similarity_tile(fs_b, ws_b, ns_b, s_stride_c, s_stride_h, s_stride_w, s_width, n_pix, n_chan_s,
                                   ri, rj, eps, BLOCK_I, BLOCK_J, BLOCK_C, ACC, PRECISION)
-        m_other = _similarity_tile(fo_b, wo_b, no_b, o_stride_c, o_stride_h, o_stride_w, width, n_pix,
+        m_other = _similarity_tile(fo_b, wo_b, no_b, o_stride_c, o_stride_h, o_stride_w, o_width, n_pix,
                                    n_chan_o, ri, rj, eps, BLOCK_I, BLOCK_J, BLOCK_C, ACC, PRECISION)
         g = alpha * m_other + beta * m_self
-        aj = load_mixed_tile(fs_b, ws_b, s_stride_c, s_stride_h, s_stride_w, width, n_pix, n_chan_s, rj, cout,
+        aj = load_mixed_tile(fs_b, ws_b, s_stride_c, s_stride_h, s_stride_w, s_width, n_pix, n_chan_s, rj, cout,
                              ACC)
         aj = aj * load_inv_norm(ns_b, rj, n_pix, eps)[:, None]
         acc += tl.dot(g, aj, input_precision=PRECISION, out_dtype=ACC)
@@ -123,14 +123,9 @@ def tiled_backward_kernel(
 
 
 def _tiles(n_pix: int) -> tuple[int, int]:
-    cap = 256 if INTERPRETED else 64
+    cap = 64 if GPU_CONFIG else 256
     t = max(16, min(cap, next_pow2(n_pix)))
     return t, t
-
-
-def _pair_args(fs, fo, prefix_s: str, prefix_o: str) -> dict:
-    return {**{f"{prefix_s}_{k}": v for k, v in feature_strides(fs).items()},
-            **{f"{prefix_o}_{k}": v for k, v in feature_strides(fo).items()}}
 
 
 class TiledStats(torch.autograd.Function):
@@ -147,7 +142,7 @@ class TiledStats(torch.autograd.Function):
         part = torch.empty(B, n_blocks, 4, device=f1.device, dtype=acc)
         launch(tiled_forward_kernel, (B, n_blocks),
                dict(f1_ptr=f1, w1_ptr=r1.w, n1_ptr=r1.norm, f2_ptr=f2, w2_ptr=r2.w, n2_ptr=r2.norm, out_ptr=part,
-                    **_pair_args(f1, f2, "a", "b"), width=W, n_pix=H * W, n_chan_1=C1,
+                    **feature_strides(f1, "a_"), **feature_strides(f2, "b_"), n_pix=H * W, n_chan_1=C1,
                     n_chan_2=f2.shape[1], eps=eps),
                dict(BLOCK_I=bi, BLOCK_J=bj, BLOCK_C=channel_block(max(C1, f2.shape[1])), ACC=tl_dtype(acc),
                     PRECISION=dot_precision(acc)))
@@ -178,7 +173,7 @@ def _backward_one(fs, rs: MixedRows, fo, ro: MixedRows, alpha, beta) -> torch.Te
     launch(tiled_backward_kernel, (B, triton.cdiv(H * W, bi), triton.cdiv(Cs, bc)),
            dict(fs_ptr=fs, ws_ptr=rs.w, ns_ptr=rs.norm, fo_ptr=fo, wo_ptr=ro.w, no_ptr=ro.norm,
                 alpha_ptr=alpha.to(acc).contiguous(), beta_ptr=beta.to(acc).contiguous(), da_ptr=da,
-                **_pair_args(fs, fo, "s", "o"), width=W, n_pix=H * W, n_chan_s=Cs, n_chan_o=fo.shape[1],
+                **feature_strides(fs, "s_"), **feature_strides(fo, "o_"), n_pix=H * W, n_chan_s=Cs, n_chan_o=fo.shape[1],
                 eps=rs.eps),
            dict(BLOCK_I=bi, BLOCK_J=bj, BLOCK_C=bc, ACC=tl_dtype(acc), PRECISION=dot_precision(acc)))
     return chain_backward(fs, rs, da_buffer=da)

@@ -1,0 +1,36 @@
+"""An independent float64 reference for SPEC §2, in numpy, built from sums of squares."""
+import numpy as np
+
+
+def rows(f: np.ndarray, channel_mix: bool = True, eps: float = 1e-6) -> np.ndarray:
+    """(C, H, W) -> Â (N, C) in float64."""
+    f = np.asarray(f, dtype=np.float64)
+    c = f.shape[0]
+    g = f.reshape(c, -1).T
+    if channel_mix:
+        a = g.max(axis=0)
+        w = np.exp(a - a.max())
+        g = g * (w / w.sum())
+    norm = np.sqrt((g * g).sum(axis=1))
+    return g / np.maximum(norm, eps)[:, None]
+
+
+def stats(f1: np.ndarray, f2: np.ndarray, channel_mix: bool = True):
+    """Per image (k, p, q, d): ⟨M₁,M₂⟩, ‖M₁‖², ‖M₂‖², ‖M₁−M₂‖², from the explicit N×N matrices."""
+    out = []
+    for a, b in zip(f1, f2):
+        m1 = rows(a, channel_mix) @ rows(a, channel_mix).T
+        m2 = rows(b, channel_mix) @ rows(b, channel_mix).T
+        out.append(((m1 * m2).sum(), (m1 * m1).sum(), (m2 * m2).sum(), ((m1 - m2) ** 2).sum()))
+    return np.array(out)
+
+
+def phi(f1, f2):
+    k, p, q, _ = stats(f1, f2).T
+    den = np.sqrt(p * q)
+    return np.where(den > 0, k / np.where(den > 0, den, 1), 0.0)
+
+
+def distance(ft, fs, channel_mix=True):
+    n = ft.shape[2] * ft.shape[3]
+    return float(stats(ft, fs, channel_mix)[:, 3].mean() / (n * n))
