@@ -8,13 +8,18 @@ from cocofast.similarity import (
     similarity_distance,
 )
 
+from cocofast.models import SegOutput, create_model, list_models
+
 __version__ = "0.1.0"
 
 __all__ = [
     "BACKENDS",
     "NaiveTooLargeError",
+    "SegOutput",
     "cmss",
     "coco_loss",
+    "create_model",
     "cross_layer_correlation",
+    "list_models",
     "similarity_distance",
 ]
