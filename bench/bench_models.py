@@ -11,10 +11,8 @@ Writes bench/results/models.csv and prints a markdown table.
 from __future__ import annotations
 
 import argparse
-import csv
-import platform
 import statistics
-import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -24,24 +22,10 @@ import torch.nn.functional as F
 from cocofast.models import SEGMENTATION_MODELS, count_parameters, create_model
 from cocofast.models.__main__ import count_macs
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import environment, write_csv  # noqa: E402
+
 RESULTS = Path(__file__).resolve().parent / "results" / "models.csv"
-
-
-def machine() -> dict:
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                                cwd=Path(__file__).parent).stdout.strip()
-    except OSError:
-        commit = ""
-    try:
-        import triton
-
-        triton_version = triton.__version__
-    except ImportError:
-        triton_version = "none"
-    device = torch.cuda.get_device_name() if torch.cuda.is_available() else (platform.processor() or "cpu")
-    return {"machine": f"{platform.node()} / {device} / {torch.get_num_threads()} threads",
-            "torch": torch.__version__, "triton": triton_version, "commit": commit}
 
 
 def step_ms(model, x, target, device, precision: str, warmup: int, steps: int) -> tuple[float, float]:
@@ -87,7 +71,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
         torch.set_num_threads(args.threads)
     device = torch.device("cuda" if cuda else "cpu")
     precisions = ("fp32", "bf16")
-    info = machine()
+    info = environment()
+    info["threads"] = torch.get_num_threads()
     rows = []
     for name in SEGMENTATION_MODELS:
         width = args.teacher_width if name == "fanet" else args.student_width
@@ -100,19 +85,14 @@ def main(argv: list[str] | None = None) -> list[dict]:
                               torch.empty(1, args.in_channels, args.size, args.size))
         for precision in precisions:
             ms, peak = step_ms(model, x, target, device, precision, args.warmup, args.steps)
-            rows.append({**info, "network": name, "width": width, "size": args.size, "batch": args.batch,
+            rows.append({"network": name, "width": width, "size": args.size, "batch": args.batch,
                          "precision": precision, "params": count_parameters(model),
                          "gmacs_fwd_per_image": round(macs / 1e9, 3), "ms_per_step": round(ms, 2),
                          "images_per_s": round(args.batch / ms * 1e3, 1), "peak_mib": round(peak, 1)})
         del model
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    tmp = RESULTS.with_suffix(".csv.tmp")
-    with open(tmp, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-    tmp.replace(RESULTS)
-    print(f"{info['machine']}, torch {info['torch']}, triton {info['triton']}, commit {info['commit']}")
+    write_csv(RESULTS, rows, info)
+    print(f"{info['machine']} / {info['device']} / {info['threads']} threads, torch {info['torch']}, "
+          f"triton {info['triton']}, commit {info['commit']}")
     print(f"forward + CE + backward, batch {args.batch}, {args.size}x{args.size}, in_channels={args.in_channels}\n")
     cols = ["network", "width", "precision", "params", "gmacs_fwd_per_image", "ms_per_step", "images_per_s",
             "peak_mib"]
