@@ -1,0 +1,44 @@
+"""Attention transfer (Zagoruyko & Komodakis 2017) on both taps.
+
+A map's attention is mean_c |F|^p over channels, flattened and L2-normalised over pixels; the loss is the
+mean squared difference of the student's and teacher's attention, summed over the shallow and deep taps.
+Channel counts may differ; when the spatial sizes differ, the student's raw map is resized (bilinear) to the
+teacher's before normalising, so both are unit vectors on the same grid.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from cocofast.losses.base import DistillLoss
+
+
+def attention_map(feat: torch.Tensor, p: float) -> torch.Tensor:
+    """(B, C, h, w) -> (B, 1, h, w): mean over channels of |F|^p, not yet normalised."""
+    return feat.abs().pow(p).mean(dim=1, keepdim=True)
+
+
+def attention_distance(f_student: torch.Tensor, f_teacher: torch.Tensor, p: float) -> torch.Tensor:
+    a_s, a_t = attention_map(f_student, p), attention_map(f_teacher, p)
+    if a_s.shape[-2:] != a_t.shape[-2:]:
+        a_s = F.interpolate(a_s, size=a_t.shape[-2:], mode="bilinear", align_corners=False)
+    q_s = F.normalize(a_s.flatten(1), dim=1)
+    q_t = F.normalize(a_t.flatten(1), dim=1)
+    return (q_s - q_t).square().mean()
+
+
+class ATLoss(DistillLoss):
+    default_weight = 1000.0
+
+    def __init__(self, weight: float | None = None, p: float = 2.0):
+        super().__init__(weight)
+        if not p > 0:
+            raise ValueError(f"{type(self).__name__}: p must be > 0, got {p!r}")
+        self.p = float(p)
+
+    def compute(self, student, teacher, labels):
+        return (attention_distance(student.shallow, teacher.shallow, self.p)
+                + attention_distance(student.deep, teacher.deep, self.p))
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, p={self.p:g}"

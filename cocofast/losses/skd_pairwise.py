@@ -1,0 +1,40 @@
+"""SKD's pairwise similarity distillation (Liu et al. 2019), "SS" in CoCo DistillNet's ablation.
+
+Both deep taps are max-pooled (kernel 2, stride 2, as SKD pools before pairing, which also cuts N by 4), then
+compared through `cocofast.similarity_distance`: mean_b ‖M_T − M_S‖²_F / N², where M is the N×N cosine
+similarity of the pixels' plain (unmixed) feature vectors. Channel counts may differ; N must match.
+"""
+from __future__ import annotations
+
+import torch.nn.functional as F
+
+from cocofast.losses.base import DistillLoss
+from cocofast.similarity import BACKENDS, similarity_distance
+
+
+class SKDPairwiseLoss(DistillLoss):
+    default_weight = 0.5
+    channel_mix = False
+
+    def __init__(self, weight: float | None = None, pool_kernel: int = 2, backend: str = "auto"):
+        super().__init__(weight)
+        if int(pool_kernel) != pool_kernel or pool_kernel < 1:
+            raise ValueError(f"{type(self).__name__}: pool_kernel must be an integer >= 1 (1 = no pooling), "
+                             f"got {pool_kernel!r}")
+        if backend not in BACKENDS:
+            raise ValueError(f"{type(self).__name__}: backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
+        self.pool_kernel = int(pool_kernel)
+        self.backend = backend
+
+    def pool(self, feat):
+        if self.pool_kernel == 1:
+            return feat
+        # ceil_mode keeps the last row/column of an odd-sized map instead of dropping it.
+        return F.max_pool2d(feat, self.pool_kernel, self.pool_kernel, ceil_mode=True)
+
+    def compute(self, student, teacher, labels):
+        return similarity_distance(self.pool(teacher.deep), self.pool(student.deep),
+                                   channel_mix=self.channel_mix, backend=self.backend)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, pool_kernel={self.pool_kernel}, backend={self.backend!r}"
