@@ -9,17 +9,22 @@ from cocofast.similarity import (
 )
 
 from cocofast.models import SegOutput, create_model, list_models
+from cocofast.losses import LOSSES, DistillLoss, get_loss, list_losses
 
 __version__ = "0.1.0"
 
 __all__ = [
     "BACKENDS",
+    "DistillLoss",
+    "LOSSES",
     "NaiveTooLargeError",
     "SegOutput",
     "cmss",
     "coco_loss",
     "create_model",
     "cross_layer_correlation",
+    "get_loss",
+    "list_losses",
     "list_models",
     "similarity_distance",
 ]
