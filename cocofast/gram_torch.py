@@ -12,32 +12,35 @@ import torch
 
 
 def _rows(f: torch.Tensor, channel_mix: bool, eps: float, acc: torch.dtype):
-    """One image (C, H, W) -> raw rows X (N, C), weights w (C,), amax, norms r (N,), Â (N, C)."""
+    """One image (C, H, W) -> raw X (C, N), weights w (C,), amax, norms r (N,), A = Âᵀ (C, N).
+
+    Everything stays channel-major (C, N) as the maps are stored: per-pixel reductions then run over
+    contiguous rows, several times faster on CPU than over a transposed (N, C) view.
+    """
     C = f.shape[0]
-    x = f.reshape(C, -1).to(acc).t()
+    x = f.reshape(C, -1).to(acc)
     if channel_mix:
-        amax = x.amax(dim=0)
+        amax = x.amax(dim=1)
         w = torch.softmax(amax, dim=0)
     else:
         amax, w = None, torch.ones(C, dtype=acc, device=f.device)
-    g = x * w
-    r = torch.linalg.vector_norm(g, dim=1)
-    a = g / r.clamp_min(eps)[:, None]
+    g = x * w[:, None]
+    r = torch.linalg.vector_norm(g, dim=0)
+    a = g.div_(r.clamp_min(eps))
     return x, w, amax, r, a
 
 
 def _chain_backward(da, x, w, amax, r, a, eps):
-    """dÂ (N, C) -> dF (C, N) through the row normalisation and the softmax-of-max weights."""
-    alive = (r > eps).to(a.dtype)
-    t = (a * da).sum(dim=1) * alive
-    dg = (da - t[:, None] * a) / r.clamp_min(eps)[:, None]
-    dx = dg * w
+    """dA (C, N) -> dF (C, N) through the row normalisation and the softmax-of-max weights."""
+    t = (a * da).sum(dim=0) * (r > eps)
+    dg = da.sub_(a * t).div_(r.clamp_min(eps))
+    dx = dg * w[:, None]
     if amax is not None:
-        dw = (dg * x).sum(dim=0)
+        dw = (dg * x).sum(dim=1)
         dlogit = w * (dw - (w * dw).sum())
-        hit = x == amax
-        dx = dx + hit * (dlogit / hit.sum(dim=0))
-    return dx.t()
+        hit = x == amax[:, None]
+        dx += hit * (dlogit / hit.sum(dim=1))[:, None]
+    return dx
 
 
 class TorchGramStats(torch.autograd.Function):
@@ -48,7 +51,7 @@ class TorchGramStats(torch.autograd.Function):
         for b in range(f1.shape[0]):
             a1 = _rows(f1[b], channel_mix, eps, acc)[-1]
             a2 = _rows(f2[b], channel_mix, eps, acc)[-1]
-            mats.append((a1.t() @ a1, a2.t() @ a2, a1.t() @ a2))
+            mats.append((a1 @ a1.t(), a2 @ a2.t(), a1 @ a2.t()))
         s1, s2, k = (torch.stack(m) for m in zip(*mats))
         ctx.save_for_backward(f1, f2, s1, s2, k)
         ctx.opts = (channel_mix, eps, acc)
@@ -66,12 +69,13 @@ class TorchGramStats(torch.autograd.Function):
         for b in range(f1.shape[0]):
             x1, w1, m1, r1, a1 = _rows(f1[b], channel_mix, eps, acc)
             x2, w2, m2, r2, a2 = _rows(f2[b], channel_mix, eps, acc)
+            # In (C, N) layout: dÂ₁ = Â₁X + Â₂Y becomes dA₁ = XᵀA₁ + YᵀA₂ (S symmetric, Yᵀ = 2g_k K).
             if need1:
-                da1 = a1 @ (4 * gp[b] * s1[b]) + a2 @ (2 * gk[b] * k[b].t())
+                da1 = torch.addmm((2 * gk[b]) * k[b] @ a2, (4 * gp[b]) * s1[b], a1)
                 df1[b] = _chain_backward(da1, x1, w1, m1, r1, a1, eps).reshape(f1.shape[1:])
                 del da1
             if need2:
-                da2 = a2 @ (4 * gq[b] * s2[b]) + a1 @ (2 * gk[b] * k[b])
+                da2 = torch.addmm((2 * gk[b]) * k[b].t() @ a1, (4 * gq[b]) * s2[b], a2)
                 df2[b] = _chain_backward(da2, x2, w2, m2, r2, a2, eps).reshape(f2.shape[1:])
                 del da2
         return df1, df2, None, None
