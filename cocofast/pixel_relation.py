@@ -1,0 +1,95 @@
+"""CPKD's pixel-wise relation distillation: KL between teacher and student row-softmaxes over pixels.
+
+For each image, a feature map F (C×h×w, N = h·w) gives rows Â (N×C), each pixel's feature vector
+L2-normalised exactly as `cocofast.cmss` does (optionally after CoCo's channel mixing). Then
+
+    R = Â Âᵀ / τ   (N×N pixel relations),   P = row-softmax(R),
+    L = mean over images b and rows i of KL(P_T[b, i] ‖ P_S[b, i]).
+
+Teacher and student need the same N (H·W) and batch, not the same channels or (H, W). The teacher is a
+constant: no gradient reaches it. Unlike CoCo's similarity losses, the softmax stops the Gram identity from
+removing N×N, so the fast path is a flash-style kernel (cocofast.kernels.pixel_relation) that streams the
+relation tiles with online softmaxes.
+
+τ defaults to 1.0: R is then the plain cosine similarity in [−1, 1], and no temperature from the CPKD paper
+is public. Smaller τ sharpens each pixel's distribution towards its most similar pixels; since every logit
+lies in [−1/τ, 1/τ], any τ > 0 is numerically safe in the kernel (online max subtraction).
+
+Backends:
+    naive  materialises R, P for both networks (the reference); refuses, before allocating, when they would
+           not fit.
+    triton the flash-style kernels, forward and backward; O(N) memory beyond the inputs.
+    auto   triton for CUDA tensors, naive otherwise.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from cocofast.similarity import NaiveTooLargeError, _available_host_memory, _check_pair, cmss
+
+BACKENDS = ("naive", "triton", "auto")
+# N×N buffers the naive backend holds at its peak: R and log P per network, P_T and the KL summand.
+_NAIVE_MATRICES = 6
+
+
+def _resolve(backend: str, t: torch.Tensor) -> str:
+    if backend not in BACKENDS:
+        raise ValueError(f"pixel_relation_kl: backend must be one of {', '.join(BACKENDS)}; got {backend!r}")
+    if backend == "auto":
+        return "triton" if t.is_cuda else "naive"
+    return backend
+
+
+def _naive_guard(batch: int, n_pix: int, element_bytes: int, device: torch.device) -> None:
+    need = batch * n_pix * n_pix * element_bytes * _NAIVE_MATRICES
+    avail = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else _available_host_memory()
+    if need > avail:
+        raise NaiveTooLargeError(
+            f"pixel_relation_kl(backend='naive') would materialise {_NAIVE_MATRICES} sets of B={batch} N×N "
+            f"matrices with N={n_pix} (about {need / 2**30:.1f} GiB) but only {avail / 2**30:.1f} GiB is available "
+            f"on {device}; use backend='triton', which never stores N×N")
+
+
+def naive_rows(f_teacher: torch.Tensor, f_student: torch.Tensor, tau: float, channel_mix: bool,
+               eps: float = 1e-6) -> torch.Tensor:
+    """Per-row KL (B, N) from the explicit N×N matrices, in fp32 (fp64 when either input is fp64)."""
+    acc = torch.float64 if torch.float64 in (f_teacher.dtype, f_student.dtype) else torch.float32
+    _naive_guard(f_student.shape[0], f_student.shape[2] * f_student.shape[3], acc.itemsize, f_student.device)
+    a_t = cmss(f_teacher.detach(), channel_mix=channel_mix, eps=eps).to(acc)
+    a_s = cmss(f_student, channel_mix=channel_mix, eps=eps).to(acc)
+    log_p_t = torch.log_softmax(a_t @ a_t.transpose(1, 2) / tau, dim=2)
+    log_p_s = torch.log_softmax(a_s @ a_s.transpose(1, 2) / tau, dim=2)
+    return (log_p_t.exp() * (log_p_t - log_p_s)).sum(dim=2)
+
+
+def pixel_relation_kl(f_teacher: torch.Tensor, f_student: torch.Tensor, *, tau: float = 1.0,
+                      channel_mix: bool = False, backend: str = "auto", eps: float = 1e-6) -> torch.Tensor:
+    """Scalar mean over images and pixels of KL(P_T[i] ‖ P_S[i]), P = row-softmax(Â Âᵀ / τ).
+
+    f_teacher (B, C_T, H_T, W_T) and f_student (B, C_S, H_S, W_S) with H_T·W_T = H_S·W_S, float16/bfloat16/
+    float32/float64, any layout; accumulation in fp32 (fp64 for fp64 input), result fp32 (fp64 likewise).
+    Gradient to f_student only.
+    """
+    fn = "pixel_relation_kl"
+    _check_pair(fn, ("f_teacher", "f_student"), f_teacher, f_student)
+    if isinstance(tau, bool) or not isinstance(tau, (int, float)) or not math.isfinite(tau) or tau <= 0:
+        raise ValueError(f"{fn}: `tau` must be a finite number > 0, got {tau!r}")
+    if not isinstance(channel_mix, bool):
+        raise ValueError(f"{fn}: `channel_mix` must be True or False, got {channel_mix!r}")
+    if not isinstance(eps, (int, float)) or not eps > 0:
+        raise ValueError(f"{fn}: `eps` must be > 0, got {eps!r}")
+    backend = _resolve(backend, f_student)
+    if backend == "naive":
+        rows = naive_rows(f_teacher, f_student, float(tau), channel_mix, float(eps))
+    else:
+        from cocofast.kernels.pixel_relation import pixel_relation_rows
+
+        rows = pixel_relation_rows(f_teacher, f_student, float(tau), channel_mix, float(eps))
+    out = torch.float64 if torch.float64 in (f_teacher.dtype, f_student.dtype) else torch.float32
+    # Sum in fp64: N·B terms of similar size, where fp32 would drift at N = 65,536.
+    return rows.double().mean().to(out)
+
+
+__all__ = ["BACKENDS", "naive_rows", "pixel_relation_kl"]
