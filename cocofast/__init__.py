@@ -10,6 +10,7 @@ from cocofast.similarity import (
 
 from cocofast.models import SegOutput, create_model, list_models
 from cocofast.losses import LOSSES, DistillLoss, get_loss, list_losses
+from cocofast.pixel_relation import pixel_relation_kl
 
 __version__ = "0.1.0"
 
@@ -26,5 +27,6 @@ __all__ = [
     "get_loss",
     "list_losses",
     "list_models",
+    "pixel_relation_kl",
     "similarity_distance",
 ]
