@@ -58,7 +58,7 @@ shapes = st.tuples(
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@settings(max_examples=20)
+@settings(max_examples=40)
 @given(shape=shapes, dtype=st.sampled_from(DTYPES), relu=st.booleans(), seed=st.integers(0, 2**16))
 def test_correlation_matches_float64_reference(backend, shape, dtype, relu, seed):
     batch, c1, c2, h, w = shape
@@ -79,7 +79,7 @@ def test_correlation_matches_float64_reference(backend, shape, dtype, relu, seed
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@settings(max_examples=20)
+@settings(max_examples=40)
 @given(shape=shapes, dtype=st.sampled_from(DTYPES), channel_mix=st.booleans(), seed=st.integers(0, 2**16))
 def test_similarity_distance_matches_float64_reference(backend, shape, dtype, channel_mix, seed):
     batch, ct, cs, h, w = shape
