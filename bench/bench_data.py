@@ -57,7 +57,7 @@ def segment_child(path: str, window: int) -> dict:
 def main(argv=None) -> list[dict]:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--side", type=int, default=8192)
-    ap.add_argument("--window", type=int, default=1024)
+    ap.add_argument("--window", type=int, default=512)
     args = ap.parse_args(argv)
     rows = []
     for workers in (0, 2):
