@@ -1,8 +1,15 @@
-"""Data-loader throughput of the built-in set, and the peak memory of segmenting an 8192×8192 image.
+"""Data-loader throughput of the built-in set, and the peak memory of segmenting an 8192x8192 slide.
 
-    python bench/bench_data.py [--side 8192]
-Writes bench/results/data.csv. The segmentation runs in a subprocess so its peak RSS (VmHWM) is its own;
-it is reported beside the bytes of the image itself and of the model.
+    python bench/bench_data.py [--side 8192] [--window 512] [--patches 240]
+
+1. SyntheticPathology 256x256 patches per second through a DataLoader with 0 (main process), 1 and 2
+   workers (timed after the first batch, so worker start-up is excluded). One worker = one core.
+2. `python -m cocofast.segment` on a tiled, zlib-compressed 8192x8192 RGB TIFF (192 MiB of pixels, built
+   from synthetic tissue) with a small network, writing a PNG mask and a PNG overlay. Peak resident
+   memory (VmHWM) of that process is compared with a process that only loads the same network and runs
+   one batch of windows through it: the difference is what streaming costs beyond the model.
+All torch work runs on one intra-op thread (see the note in main()).
+Writes bench/results/data.csv and prints a markdown table.
 """
 from __future__ import annotations
 
@@ -18,73 +25,127 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 from common import environment, write_csv  # noqa: E402
 
+MODEL = {"model_name": "enet", "model_kwargs": {"in_channels": 3, "num_classes": 2, "width": 0.25}}
 
-def loader_rate(workers: int, n: int = 96) -> float:
+
+def loader_rate(workers: int, patches: int, batch: int = 8) -> float:
     import torch
 
     from cocofast.data import SyntheticPathology
 
-    loader = torch.utils.data.DataLoader(SyntheticPathology(n, size=256), batch_size=8, num_workers=workers)
+    loader = torch.utils.data.DataLoader(SyntheticPathology(patches + batch, size=256), batch_size=batch,
+                                         num_workers=workers)
+    it = iter(loader)
+    next(it)  # start-up (worker processes) is not throughput
     t0 = time.perf_counter()
-    for _ in loader:
-        pass
+    n = sum(len(images) for images, _ in it)
     return n / (time.perf_counter() - t0)
 
 
-def _vm(key: str) -> int:
-    for line in open("/proc/self/status"):
-        if line.startswith(key):
-            return int(line.split()[1]) * 1024
-    return 0
+def write_slide(path: Path, side: int, tile: int = 512) -> None:
+    """A tiled zlib TIFF made of synthetic tissue tiles, written tile by tile (never whole in memory)."""
+    import numpy as np
+    import tifffile
+
+    from cocofast.data.synthetic import render_patch
+
+    pool = [(render_patch(tile, np.random.default_rng((7, i)))[0] * 255).astype(np.uint8) for i in range(8)]
+    tiles = (pool[(r * 7 + c) % len(pool)] for r in range(side // tile) for c in range(side // tile))
+    tifffile.imwrite(path, data=tiles, shape=(side, side, 3), dtype=np.uint8, tile=(tile, tile),
+                     compression="zlib", photometric="rgb")
 
 
-def segment_child(path: str, window: int) -> dict:
-    import torch
+CHILD_BASELINE = """
+import json, sys, torch
+torch.set_num_threads(1)
+from cocofast.segment import load_model
+model, _ = load_model(sys.argv[1])
+with torch.no_grad():
+    model(torch.rand(int(sys.argv[3]), 3, int(sys.argv[2]), int(sys.argv[2])))
+print(json.dumps({"hwm": [int(l.split()[1]) for l in open('/proc/self/status') if l.startswith('VmHWM')][0]}))
+"""
 
-    from cocofast.models import create_model
-    from cocofast.segment import read_image, sliding_window_segment
+CHILD_SEGMENT = """
+import json, sys, time, torch
+torch.set_num_threads(1)
+from cocofast.segment import main
+t0 = time.perf_counter()
+code = main(sys.argv[1:])
+seconds = time.perf_counter() - t0
+print(json.dumps({"code": code, "seconds": seconds,
+                  "hwm": [int(l.split()[1]) for l in open('/proc/self/status') if l.startswith('VmHWM')][0]}))
+"""
 
-    torch.set_num_threads(2)
-    model = create_model("enet", in_channels=3, num_classes=2, width=0.25).eval()
-    base = _vm("VmRSS:")
-    image = read_image(path, 3)
-    t0 = time.perf_counter()
-    labels = sliding_window_segment(lambda x: model(x).logits, image, window=window, overlap=0.25, batch_size=2)
-    return {"seconds": time.perf_counter() - t0, "peak_beyond_model_MiB": (_vm("VmHWM:") - base) / 2**20,
-            "image_MiB": image.nbytes / 2**20, "labels_MiB": labels.nbytes / 2**20}
+
+def run_child(code: str, args: list[str]) -> dict:
+    out = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True)
+    if out.returncode:
+        raise RuntimeError(f"child failed ({out.returncode}):\n{out.stderr[-3000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def main(argv=None) -> list[dict]:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--side", type=int, default=8192)
     ap.add_argument("--window", type=int, default=512)
+    ap.add_argument("--batch-size", type=int, default=4)
+    ap.add_argument("--patches", type=int, default=240)
     args = ap.parse_args(argv)
+    import torch
+
+    # One intra-op thread everywhere: on a machine whose cores are shared, two torch threads were measured
+    # 30x slower than one (0.98 s vs 0.029 s per 512x512 ENet window).
+    torch.set_num_threads(1)
     rows = []
-    for workers in (0, 2):
-        rate = loader_rate(workers)
-        rows.append({"measure": f"synthetic 256² patches/s, {workers} loader workers", "value": round(rate, 1)})
+    for workers in (0, 1, 2):
+        rate = loader_rate(workers, args.patches)
+        rows.append({"measure": f"SyntheticPathology 256x256 patches/s, DataLoader num_workers={workers}",
+                     "value": round(rate, 1), "unit": "patches/s"})
         print(rows[-1], flush=True)
-    import numpy as np
-    import tifffile
+
+    from cocofast.io import atomic_save
+    from cocofast.models import create_model
 
     with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "slide.tif"
-        rng = np.random.default_rng(0)
-        tile = rng.integers(0, 255, (1024, 1024, 3), dtype=np.uint8)
-        tifffile.imwrite(path, np.tile(tile, (args.side // 1024, args.side // 1024, 1)))  # uncompressed
-        code = ("import json, sys; sys.path.insert(0, %r); from bench_data import segment_child; "
-                "print(json.dumps(segment_child(%r, %d)))" % (str(HERE), str(path), args.window))
-        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-        res = json.loads(out.stdout.strip().splitlines()[-1])
-    side = f"{args.side}×{args.side}"
-    rows.append({"measure": f"segment {side} TIFF: seconds (ENet w=0.25, window {args.window}, CPU)",
-                 "value": round(res["seconds"], 1)})
-    rows.append({"measure": f"segment {side} TIFF: peak RSS beyond the model, MiB", "value": round(res["peak_beyond_model_MiB"])})
-    rows.append({"measure": f"  of which the memory-mapped image, MiB", "value": round(res["image_MiB"])})
-    rows.append({"measure": f"  of which the label image, MiB", "value": round(res["labels_MiB"])})
-    for r in rows[2:]:
-        print(r)
-    write_csv(HERE / "results" / "data.csv", rows, environment())
+        tmp = Path(tmp)
+        slide = tmp / "slide.tif"
+        t0 = time.perf_counter()
+        write_slide(slide, args.side)
+        print(f"wrote {args.side}x{args.side} test slide in {time.perf_counter() - t0:.1f} s", flush=True)
+        torch.manual_seed(0)
+        model = create_model(MODEL["model_name"], **MODEL["model_kwargs"])
+        params = sum(p.numel() for p in model.parameters())
+        atomic_save({"models": {"student": {**MODEL, "state_dict": model.state_dict()}}}, tmp / "model.pt")
+        base = run_child(CHILD_BASELINE, [str(tmp / "model.pt"), str(args.window), str(args.batch_size)])
+        seg = run_child(CHILD_SEGMENT, [str(slide), "--checkpoint", str(tmp / "model.pt"), "--out",
+                                        str(tmp / "mask.png"), "--overlay", str(tmp / "overlay.png"),
+                                        "--window", str(args.window), "--batch-size", str(args.batch_size),
+                                        "--quiet"])
+        if seg["code"] != 0:
+            raise RuntimeError("segmentation failed")
+        sizes = {name: (tmp / name).stat().st_size / 2**20 for name in ("slide.tif", "mask.png", "overlay.png")}
+    side = f"{args.side}x{args.side}"
+    label = (f"segment {side} RGB TIFF, {MODEL['model_name']} width 0.25 ({params / 1e3:.0f}k params), "
+             f"window {args.window}, overlap 0.25, batch {args.batch_size}, CPU, 1 torch thread")
+    mib = lambda kib: round(kib / 1024)  # noqa: E731
+    rows += [
+        {"measure": f"{label}: wall time", "value": round(seg["seconds"], 1), "unit": "s"},
+        {"measure": f"{label}: peak RSS (VmHWM), mask + overlay PNG written", "value": mib(seg["hwm"]),
+         "unit": "MiB"},
+        {"measure": "  same network loaded, one batch of windows run: peak RSS", "value": mib(base["hwm"]),
+         "unit": "MiB"},
+        {"measure": "  streaming cost beyond the model (difference)", "value": mib(seg["hwm"] - base["hwm"]),
+         "unit": "MiB"},
+        {"measure": "  for scale: decoded image / uint8 label image",
+         "value": f"{3 * args.side**2 / 2**20:.0f} / {args.side**2 / 2**20:.0f}", "unit": "MiB"},
+        {"measure": "  files: slide TIFF / mask PNG / overlay PNG",
+         "value": " / ".join(f"{v:.1f}" for v in sizes.values()), "unit": "MiB"},
+    ]
+    env = environment()
+    write_csv(HERE / "results" / "data.csv", rows, env)
+    print(f"\n{env}\n\n| measure | value | unit |\n|---|---|---|")
+    for row in rows:
+        print(f"| {row['measure']} | {row['value']} | {row['unit']} |")
     return rows
 
 

@@ -1,183 +1,318 @@
 """Segment images of any size with a trained network: overlapping windows, Gaussian blending, bounded memory.
 
-    python -m cocofast.segment SLIDE.tif --checkpoint runs/demo/student/best.pt --out mask.png \
-        [--overlay overlay.png] [--window 512] [--overlap 0.25] [--role student]
+    python -m cocofast.segment SLIDE.tif --checkpoint runs/demo/checkpoint.pt --out mask.png \\
+        [--overlay overlay.png] [--role student] [--window 512] [--overlap 0.25] [--downscale 2]
 
-Windows are processed one horizontal band at a time: the class-score accumulator holds only one band
-(window rows × image width), and each band's finished rows are turned into labels at once, so memory is
-the label image plus a few windows, not num_classes × H × W scores. Overlapping windows are blended with a
-Gaussian weight (σ = window/8), which suppresses the seams at window borders. Uncompressed TIFFs are
-memory-mapped and read by region; PNG and JPEG are decoded once (as uint8).
+How memory stays bounded: windows are visited one horizontal band at a time. The class-score
+accumulator covers only the current band (window rows x image width); when the next band starts lower,
+the rows above it can receive no more windows, so they are normalised, turned into labels and written
+out (PNG rows through a streaming encoder, or TIFF tiles) before the accumulator shifts up. Images are
+read by band through the readers of `cocofast.data.slides` (TIFF/SVS by region). What stays resident is
+the model, one band of input, the accumulator and a batch of windows - not the image, not the output.
+
+Blending: every window's class probabilities are weighted by a Gaussian centred on the window
+(sigma = window * sigma_scale with sigma_scale = 1/8, as nnU-Net and MONAI do, weights clamped below
+at max(smallest weight, 1e-3) exactly like MONAI's importance map) and the weighted sum is divided by
+the summed weights, so window borders, where a network sees least context, count least.
 """
 from __future__ import annotations
 
 import argparse
-import math
+import contextlib
+import sys
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import numpy as np
 import torch
-from PIL import Image
 
-from cocofast.data.folder import tile_origins
+from cocofast.data.slides import ArrayReader, DownscaledReader, full_scale, open_reader, open_row_writer
+from cocofast.data.tiling import axis_starts, stride_from_fraction
 
-
-def gaussian_weight(window: int, sigma_scale: float = 1 / 8) -> np.ndarray:
-    """(window, window) weights, largest in the middle; never 0, so every pixel has a defined blend."""
-    c = (window - 1) / 2
-    g = np.exp(-((np.arange(window) - c) ** 2) / (2 * (window * sigma_scale) ** 2))
-    w = np.outer(g, g).astype(np.float32)
-    return np.maximum(w / w.max(), 1e-6)
+# Overlay colours per class (class 0 is left untinted): cancer red, then further distinct colours.
+PALETTE = np.array([[0, 0, 0], [230, 25, 45], [60, 180, 75], [0, 130, 200], [245, 130, 48], [145, 30, 180]],
+                   dtype=np.float32)
 
 
-def read_image(path: str | Path, in_channels: int) -> np.ndarray:
-    """(H, W, C) uint8 (or a read-only memory map for uncompressed TIFF) with C = in_channels."""
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"{path}: no such image")
-    if path.suffix.lower() in (".tif", ".tiff", ".svs"):
-        import tifffile
-
-        try:
-            arr = tifffile.memmap(path, mode="r")
-        except (ValueError, tifffile.TiffFileError):
-            arr = tifffile.imread(path)  # compressed: decode once
-        arr = arr if arr.ndim == 3 else arr[..., None]
-        if in_channels == 1 and arr.shape[2] >= 3:
-            return np.asarray(arr[..., :3] @ np.array([0.299, 0.587, 0.114])).astype(np.uint8)[..., None]
-        return arr[..., :in_channels] if arr.shape[2] >= in_channels else np.repeat(arr[..., :1], in_channels, 2)
-    with Image.open(path) as im:
-        im = im.convert("L" if in_channels == 1 else "RGB")
-        arr = np.asarray(im)
-    return arr[..., None] if arr.ndim == 2 else arr
+def gaussian_importance(window: tuple[int, int], sigma_scale: float = 0.125, device=None) -> torch.Tensor:
+    """(h, w) separable Gaussian weights with peak 1 at the window centre, MONAI's formula and clamp."""
+    axes = []
+    for n in window:
+        x = torch.arange(n, dtype=torch.float32, device=device) - (n - 1) / 2.0
+        axes.append(torch.exp(-(x**2) / (2.0 * (sigma_scale * n) ** 2)))
+    weight = axes[0][:, None] * axes[1][None, :]
+    return weight.clamp_(min=max(float(weight.min()), 1e-3))
 
 
-def sliding_window_segment(predict: Callable[[torch.Tensor], torch.Tensor], image: np.ndarray, *,
-                           window: int, overlap: float = 0.25, batch_size: int = 4, num_classes: int = 2,
-                           device="cpu", progress: bool = False, scale: float = 1 / 255) -> np.ndarray:
-    """Labels (H, W) uint8 for an (H, W, C) image; `predict` maps (B, C, w, w) floats to (B, K, w, w) scores."""
-    if not 0 <= overlap < 1:
-        raise ValueError(f"overlap must be in [0, 1), got {overlap}")
-    H, W, C = image.shape
-    pad_h, pad_w = max(window - H, 0), max(window - W, 0)
-    Hp, Wp = H + pad_h, W + pad_w
-    stride = max(1, int(round(window * (1 - overlap))))
-    ys, xs = tile_origins(Hp, window, stride), tile_origins(Wp, window, stride)
-    weight = gaussian_weight(window)
-    labels = np.zeros((H, W), dtype=np.uint8)
-    acc = np.zeros((num_classes, window + stride, Wp), dtype=np.float32)
-    norm = np.zeros((window + stride, Wp), dtype=np.float32)
-    band_top = 0  # image row of acc[:, 0]
-    bar = None
-    if progress:
-        from tqdm import tqdm
+def _as_reader(source):
+    if isinstance(source, (np.ndarray, np.memmap)):
+        return ArrayReader(source)
+    if isinstance(source, torch.Tensor):
+        raise TypeError("pass images as (H, W, C) numpy arrays or readers, not tensors")
+    return source
 
-        bar = tqdm(total=len(ys) * len(xs), desc="windows", unit="win")
 
-    def window_pixels(y, x):
-        tile = np.zeros((window, window, C), dtype=np.float32)
-        h, w = min(window, H - y), min(window, W - x)
-        if h > 0 and w > 0:
-            tile[:h, :w] = image[y:y + h, x:x + w]
-        return tile.transpose(2, 0, 1) * scale
+def _to_input(pixels: np.ndarray, scale: float, in_channels: int) -> torch.Tensor:
+    """(h, w, c) stored pixels -> (in_channels, h, w) float32 in [0, 1]."""
+    x = torch.from_numpy(pixels.astype(np.float32))  # a copy: reader arrays may be read-only
+    if scale != 1.0:
+        x /= scale
+    x = x.permute(2, 0, 1)
+    have = x.shape[0]
+    if have in (2, 4):  # drop alpha
+        x, have = x[:-1], have - 1
+    if have == in_channels:
+        return x
+    if have == 3 and in_channels == 1:
+        return (0.299 * x[0] + 0.587 * x[1] + 0.114 * x[2])[None]
+    if have == 1 and in_channels == 3:
+        return x.expand(3, -1, -1)
+    raise ValueError(f"the image has {have} channels, the network expects {in_channels}")
 
-    def flush(until: int):
-        """Rows [band_top, until) are final: write their labels and drop them from the accumulator."""
-        nonlocal band_top
-        n = until - band_top
-        if n <= 0:
-            return
-        rows = min(n, H - band_top)
-        if rows > 0:
-            scores = acc[:, :rows, :W] / norm[None, :rows, :W]
-            labels[band_top:band_top + rows] = scores.argmax(0)
-        acc[:, :-n], norm[:-n] = acc[:, n:].copy(), norm[n:].copy()
-        acc[:, -n:], norm[-n:] = 0, 0
-        band_top = until
 
-    for i, y in enumerate(ys):
-        flush(y)
-        for x0 in range(0, len(xs), batch_size):
-            batch_x = xs[x0:x0 + batch_size]
-            batch = torch.from_numpy(np.stack([window_pixels(y, x) for x in batch_x])).to(device)
-            with torch.no_grad():
-                scores = torch.softmax(predict(batch).float(), dim=1).cpu().numpy()
-            off = y - band_top
-            for s, x in zip(scores, batch_x):
-                acc[:, off:off + window, x:x + window] += s * weight
-                norm[off:off + window, x:x + window] += weight
-            if bar:
-                bar.update(len(batch_x))
-    flush(min(band_top + window + stride, Hp))
-    if bar:
+def blended_bands(predict_fn: Callable[[torch.Tensor], torch.Tensor], reader, window: int | tuple[int, int],
+                  overlap: float = 0.25, batch_size: int = 4, num_classes: int = 2, *,
+                  device: str | torch.device = "cpu", in_channels: int | None = None,
+                  activation: str | None = "softmax", sigma_scale: float = 0.125, amp: bool = True,
+                  progress: bool = False) -> Iterator[tuple[int, torch.Tensor]]:
+    """Yield (top, scores): blended class scores (num_classes, n, W) on `device` for rows top..top+n-1,
+    band after band, top to bottom; together they cover the image exactly once.
+
+    predict_fn maps a float32 batch (B, C, wh, ww) in [0, 1] on `device` to scores (B, K, wh, ww);
+    activation "softmax" blends probabilities, None blends raw outputs (what MONAI does). Images smaller
+    than the window are padded by repeating their edge pixels; padded pixels are never output.
+    """
+    reader = _as_reader(reader)
+    device = torch.device(device)
+    wh, ww = (window, window) if isinstance(window, int) else tuple(window)
+    height, width = reader.height, reader.width
+    in_channels = in_channels or reader.channels
+    scale = full_scale(reader.dtype)
+    ys = axis_starts(height, wh, stride_from_fraction(wh, overlap))
+    xs = axis_starts(width, ww, stride_from_fraction(ww, overlap))
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be positive, got {batch_size}")
+    weight = gaussian_importance((wh, ww), sigma_scale, device)
+    padded_w = max(width, ww)
+    acc = torch.zeros(num_classes, wh, padded_w, dtype=torch.float32, device=device)
+    wsum = torch.zeros(wh, padded_w, dtype=torch.float32, device=device)
+    use_amp = amp and device.type == "cuda"
+    amp_dtype = torch.bfloat16 if use_amp and torch.cuda.is_bf16_supported() else torch.float16
+
+    from tqdm import tqdm
+
+    bar = tqdm(total=len(ys) * len(xs), unit="window", desc="segment", disable=not progress, leave=False)
+    base = 0  # image row held by acc[:, 0]
+
+    def finished(rows: int) -> tuple[int, torch.Tensor]:
+        n = min(rows, height - base)
+        return base, acc[:, :n, :width] / wsum[:n, :width]
+
+    try:
+        for y in ys:
+            shift = y - base
+            if shift > 0:
+                yield finished(shift)
+                acc[:, :wh - shift] = acc[:, shift:].clone()
+                wsum[:wh - shift] = wsum[shift:].clone()
+                acc[:, wh - shift:] = 0
+                wsum[wh - shift:] = 0
+                base = y
+            band = reader.read(y, 0, wh, width)  # stored dtype; converted window by window below
+            if band.shape[0] < wh or band.shape[1] < ww:  # image smaller than the window
+                band = np.pad(band, ((0, max(wh - band.shape[0], 0)), (0, max(ww - band.shape[1], 0)), (0, 0)),
+                              mode="edge")
+            for start in range(0, len(xs), batch_size):
+                chunk = xs[start:start + batch_size]
+                batch = torch.stack([_to_input(band[:, x:x + ww], scale, in_channels) for x in chunk])
+                batch = batch.to(device, non_blocking=True)
+                with torch.no_grad(), torch.autocast(device.type, dtype=amp_dtype, enabled=use_amp):
+                    scores = predict_fn(batch)
+                if scores.shape != (len(chunk), num_classes, wh, ww):
+                    raise ValueError(f"the network returned shape {tuple(scores.shape)} for a batch of "
+                                     f"{tuple(batch.shape)}; expected ({len(chunk)}, {num_classes}, {wh}, {ww})")
+                scores = scores.float()
+                if activation == "softmax":
+                    scores = scores.softmax(dim=1)
+                elif activation is not None:
+                    raise ValueError(f"activation must be 'softmax' or None, got {activation!r}")
+                scores = scores * weight
+                for s, x in zip(scores, chunk):
+                    acc[:, :, x:x + ww] += s
+                    wsum[:, x:x + ww] += weight
+                bar.update(len(chunk))
+        yield finished(wh)
+    finally:
         bar.close()
-    return labels
 
 
-def load_model(checkpoint: str | Path, role: str = "student"):
-    """A network from a cocofast checkpoint (`{"models": {role: {model_name, model_kwargs, state_dict}}}`)."""
+def sliding_window_segment(predict_fn: Callable[[torch.Tensor], torch.Tensor], reader,
+                           window: int | tuple[int, int], overlap: float = 0.25, batch_size: int = 4,
+                           num_classes: int = 2, *, out: np.ndarray | None = None, **kwargs) -> np.ndarray:
+    """Labels (H, W) uint8 of an image of any size (a reader, or an (H, W[, C]) array).
+
+    `out` may be any array-like with slice assignment (e.g. a numpy memmap); rows are written into it as
+    soon as they are final. Other keyword arguments go to `blended_bands`.
+    """
+    reader = _as_reader(reader)
+    if out is None:
+        out = np.zeros((reader.height, reader.width), np.uint8)
+    for top, scores in blended_bands(predict_fn, reader, window, overlap, batch_size, num_classes, **kwargs):
+        out[top:top + scores.shape[1]] = _argmax_rows(scores)
+    return out
+
+
+def _argmax_rows(scores: torch.Tensor, rows: int = 64) -> np.ndarray:
+    """Labels (n, W) uint8 of scores (K, n, W), a few rows at a time (argmax makes int64 temporaries)."""
+    out = np.empty(scores.shape[1:], np.uint8)
+    for top in range(0, scores.shape[1], rows):
+        out[top:top + rows] = scores[:, top:top + rows].argmax(0).to(torch.uint8).cpu().numpy()
+    return out
+
+
+def sliding_window_scores(predict_fn, reader, window, overlap=0.25, batch_size=4, num_classes=2,
+                          **kwargs) -> torch.Tensor:
+    """Blended scores (K, H, W) of the whole image on the CPU (for small images and checks)."""
+    bands = [s.cpu() for _, s in blended_bands(predict_fn, reader, window, overlap, batch_size, num_classes,
+                                                **kwargs)]
+    return torch.cat(bands, dim=1)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# command line
+
+def load_model(checkpoint: str | Path, role: str = "student", device="cpu"):
+    """(model in eval mode, its checkpoint entry) from a cocofast checkpoint:
+    {"models": {role: {"model_name", "model_kwargs", "state_dict"}}, ...}."""
+    path = Path(checkpoint)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such checkpoint")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:
+        raise ValueError(f"{path}: not a loadable cocofast checkpoint ({type(err).__name__}: {err})") from None
+    models = ckpt.get("models") if isinstance(ckpt, dict) else None
+    if not isinstance(models, dict):
+        raise ValueError(f"{path}: not a cocofast checkpoint (no 'models' mapping of role -> network)")
+    if role not in models:
+        raise ValueError(f"{path}: no network for role {role!r}; roles in this checkpoint: "
+                         f"{', '.join(sorted(models)) or 'none'} (choose one with --role)")
+    entry = models[role]
+    missing = {"model_name", "model_kwargs", "state_dict"} - set(entry)
+    if missing:
+        raise ValueError(f"{path}: role {role!r} lacks {', '.join(sorted(missing))}")
     from cocofast.models import create_model
 
-    ckpt = torch.load(checkpoint, map_location="cpu", weights_only=True)
-    entries = ckpt.get("models", {}) if isinstance(ckpt, dict) else {}
-    if "model_name" in ckpt:
-        entry = ckpt
-    elif role in entries:
-        entry = entries[role]
-    else:
-        raise ValueError(f"{checkpoint}: no model for role {role!r}; roles present: {sorted(entries) or 'none'}")
     model = create_model(entry["model_name"], **entry["model_kwargs"])
     model.load_state_dict(entry["state_dict"])
-    return model.eval(), entry["model_kwargs"]
+    return model.to(device).eval(), entry
 
 
-def overlay(image: np.ndarray, labels: np.ndarray, alpha: float = 0.4) -> np.ndarray:
-    rgb = image[..., :3] if image.shape[2] >= 3 else np.repeat(image[..., :1], 3, 2)
-    out = np.array(rgb, dtype=np.float32)
-    colour = np.array([0, 255, 0], np.float32)
-    hit = labels > 0
-    out[hit] = (1 - alpha) * out[hit] + alpha * colour
-    return out.astype(np.uint8)
+def logits_of(output) -> torch.Tensor:
+    """The logits of a network output: a tensor, or SegOutput / a tuple whose first item is the logits."""
+    if isinstance(output, torch.Tensor):
+        return output
+    if hasattr(output, "logits"):
+        return output.logits
+    return output[0]
 
 
-def main(argv=None) -> None:
-    ap = argparse.ArgumentParser(description="Segment an image of any size with a trained cocofast network.")
-    ap.add_argument("image")
-    ap.add_argument("--checkpoint", required=True)
-    ap.add_argument("--out", required=True, help="label image (PNG; 0/255 for two classes)")
-    ap.add_argument("--overlay", help="optional PNG with the cancer class tinted green")
+def _parse(argv):
+    ap = argparse.ArgumentParser(prog="python -m cocofast.segment",
+                                 description="Segment an image of any size with a network from a cocofast checkpoint.")
+    ap.add_argument("image", help="PNG, JPEG, TIFF or SVS")
+    ap.add_argument("--checkpoint", required=True, help="checkpoint written by cocofast training")
+    ap.add_argument("--out", required=True, help="label image: .png, or .tif/.tiff for very large outputs")
+    ap.add_argument("--overlay", help="optional image (.png or .tif) with predicted classes tinted over the input")
     ap.add_argument("--role", default="student", help="which network of the checkpoint (default: student)")
-    ap.add_argument("--window", type=int, default=512)
-    ap.add_argument("--overlap", type=float, default=0.25)
+    ap.add_argument("--window", type=int, default=512, help="window side in pixels (default 512)")
+    ap.add_argument("--overlap", type=float, default=0.25, help="window overlap fraction in [0, 1)")
     ap.add_argument("--batch-size", type=int, default=4)
-    args = ap.parse_args(argv)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    model, kwargs = load_model(args.checkpoint, args.role)
-    model.to(device)
-    divisor = getattr(model, "input_divisor", 1)
-    window = math.ceil(args.window / divisor) * divisor
-    image = read_image(args.image, kwargs.get("in_channels", 3))
-    num_classes = kwargs.get("num_classes", 2)
+    ap.add_argument("--downscale", type=int, default=1,
+                    help="run the network at 1/N resolution (2 for a model trained on 1024 px patches resized "
+                         "to 512); the mask is written at full resolution")
+    ap.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda, cuda:1 ...")
+    ap.add_argument("--no-amp", action="store_true", help="run in float32 on the GPU")
+    ap.add_argument("--reader", default="auto", choices=["auto", "pil", "tiff", "openslide"])
+    ap.add_argument("--level", type=int, default=0, help="pyramid level of a TIFF/SVS (0 = full resolution)")
+    ap.add_argument("--mask-values", default="spread", choices=["spread", "index"],
+                    help="spread: class k is written as k*255/(K-1) (0/255 for two classes); index: k")
+    ap.add_argument("--quiet", action="store_true", help="no progress bar")
+    return ap.parse_args(argv)
 
-    def predict(x):
-        with torch.autocast(device, dtype=torch.bfloat16, enabled=device == "cuda"):
-            return model(x).logits
 
-    labels = sliding_window_segment(predict, image, window=window, overlap=args.overlap,
-                                    batch_size=args.batch_size, num_classes=num_classes, device=device,
-                                    progress=True)
+def main(argv=None) -> int:
+    args = _parse(argv)
     from cocofast.io import atomic_path
 
-    out = labels * (255 if num_classes == 2 else 1)
-    with atomic_path(args.out) as tmp:
-        Image.fromarray(out.astype(np.uint8)).save(tmp, format="PNG")
-    if args.overlay:
-        with atomic_path(args.overlay) as tmp:
-            Image.fromarray(overlay(np.asarray(image), labels)).save(tmp, format="PNG")
-    print(f"{args.image}: {image.shape[1]}×{image.shape[0]} -> {args.out} "
-          f"({(labels > 0).mean():.1%} labelled as class > 0)")
+    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available()
+                          else "cpu" if args.device == "auto" else args.device)
+    try:
+        model, entry = load_model(args.checkpoint, args.role, device)
+        reader = open_reader(args.image, args.reader, args.level)
+    except (ValueError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    num_classes = int(entry["model_kwargs"].get("num_classes", getattr(model, "num_classes", 2)))
+    in_channels = int(entry["model_kwargs"].get("in_channels", getattr(model, "in_channels", 3)))
+    divisor = int(getattr(model, "input_divisor", 1))
+    if args.window % divisor:
+        lower, upper = args.window // divisor * divisor, (args.window // divisor + 1) * divisor
+        print(f"error: --window {args.window} is not a multiple of {divisor}, which "
+              f"{entry['model_name']} needs; try {lower or upper} or {upper}", file=sys.stderr)
+        return 2
+    for name in ("out", "overlay"):
+        path = getattr(args, name)
+        if path and Path(path).suffix.lower() not in (".png", ".tif", ".tiff"):
+            print(f"error: --{name} {path}: expected a .png, .tif or .tiff file name", file=sys.stderr)
+            return 2
+
+    factor = args.downscale
+    source = DownscaledReader(reader, factor) if factor > 1 else reader
+    height, width = reader.height, reader.width
+    levels = np.array([k * 255 // (num_classes - 1) if args.mask_values == "spread" else k
+                       for k in range(num_classes)], dtype=np.uint8)
+    counts = np.zeros(num_classes, np.int64)
+
+    def predict(x: torch.Tensor) -> torch.Tensor:
+        return logits_of(model(x))
+
+    bands = blended_bands(predict, source, args.window, args.overlap, args.batch_size, num_classes,
+                          device=device, in_channels=in_channels, amp=not args.no_amp, progress=not args.quiet)
+    outputs = [(Path(args.out), 1)] + ([(Path(args.overlay), 3)] if args.overlay else [])
+    with contextlib.ExitStack() as stack:
+        writers = [open_row_writer(stack.enter_context(atomic_path(path)), height, width, channels,
+                                   suffix=path.suffix) for path, channels in outputs]
+        for top, scores in bands:
+            labels = _argmax_rows(scores)
+            if factor > 1:  # back to full resolution: each low-resolution label covers factor^2 pixels
+                labels = labels.repeat(factor, 0).repeat(factor, 1)[:, :width]
+                top *= factor
+                labels = labels[:max(0, min(len(labels), height - top))]
+            counts += np.bincount(labels.ravel(), minlength=num_classes)[:num_classes]
+            writers[0].write(levels[labels])
+            for start in range(0, len(labels) if args.overlay else 0, 64):  # in slices: float temporaries
+                rows = labels[start:start + 64]
+                writers[1].write(_tint(reader.read(top + start, 0, len(rows), width), rows))
+        for writer in writers:
+            writer.close()
+    total = max(int(counts.sum()), 1)
+    shares = ", ".join(f"class {k}: {c / total:.1%}" for k, c in enumerate(counts))
+    print(f"{args.image}: {width}x{height} -> {args.out} ({shares})")
+    return 0
+
+
+def _tint(pixels: np.ndarray, labels: np.ndarray, alpha: float = 0.4) -> np.ndarray:
+    """Input rows (n, W, C) of any dtype blended with the class colours; class 0 stays as it is."""
+    rgb = pixels.astype(np.float32) * (255.0 / full_scale(pixels.dtype))
+    if rgb.shape[2] == 1:
+        rgb = np.repeat(rgb, 3, axis=2)
+    rgb = rgb[:, :, :3]
+    colour = PALETTE[np.minimum(labels, len(PALETTE) - 1)]
+    tinted = labels[..., None] > 0
+    rgb = np.where(tinted, (1 - alpha) * rgb + alpha * colour, rgb)
+    return np.clip(rgb, 0, 255).astype(np.uint8)
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

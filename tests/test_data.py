@@ -1,106 +1,250 @@
-"""The built-in synthetic set and the validated folder data set."""
+"""Data: window arithmetic, joint transforms, the synthetic set, and folder validation by file."""
 import numpy as np
 import pytest
+import tifffile
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from PIL import Image
 
-from cocofast.data import FolderDataset, SyntheticPathology, joint_flip
-from cocofast.data.folder import tile_origins
+from cocofast.data import (DatasetError, FolderDataset, SyntheticPathology, axis_starts, joint_flip, patch_grid,
+                           random_joint_flip, resize_pair)
+from cocofast.data.tiling import resolve_stride, stride_from_fraction
 
 
+# --- tiling ---------------------------------------------------------------------------------------------
+def test_paper_tiling_and_explicit_cases():
+    assert patch_grid(2048, 2048, 1024) == [(0, 0), (0, 1024), (1024, 0), (1024, 1024)]
+    assert axis_starts(1000, 256, 256) == [0, 256, 512, 744]  # last one flush with the border
+    assert axis_starts(512, 256, 128) == [0, 128, 256]
+    assert axis_starts(100, 128, 64) == [0]  # shorter than a window: one (padded) window
+    assert axis_starts(256, 256, 1) == [0]
+    assert patch_grid(300, 200, (100, 50), (100, 50)) == [(t, l) for t in (0, 100, 200) for l in (0, 50, 100, 150)]
+    assert resolve_stride(1024) == 1024 and resolve_stride(1024, overlap=256) == 768
+    assert resolve_stride(1024, stride=512) == 512
+    assert stride_from_fraction(512, 0.25) == 384 and stride_from_fraction(3, 0.9) == 1
+    for bad in (dict(stride=0), dict(overlap=1024), dict(overlap=-1), dict(stride=4, overlap=4)):
+        with pytest.raises(ValueError):
+            resolve_stride(1024, **bad)
+    with pytest.raises(ValueError):
+        stride_from_fraction(512, 1.0)
+
+
+@settings(max_examples=60, deadline=None)
+@given(length=st.integers(1, 400), window=st.integers(1, 120), stride=st.integers(1, 130))
+def test_axis_starts_cover_every_pixel_without_leaving_the_image(length, window, stride):
+    stride = min(stride, window)
+    starts = axis_starts(length, window, stride)
+    assert starts[0] == 0 and starts == sorted(set(starts))
+    if length <= window:
+        assert starts == [0]
+        return
+    assert starts[-1] == length - window
+    assert all(0 <= b - a <= stride for a, b in zip(starts, starts[1:]))
+    covered = np.zeros(length, bool)
+    for s in starts:
+        covered[s:s + window] = True
+    assert covered.all()
+
+
+# --- joint transforms -------------------------------------------------------------------------------------
+def test_flips_move_image_and_mask_together():
+    rng = np.random.default_rng(0)
+    mask = torch.from_numpy(rng.integers(0, 3, (7, 9)))
+    image = torch.stack([mask.float() * 10, -mask.float()])  # channel values are a function of the mask
+    seen = set()
+    for seed in range(16):
+        im, mk = random_joint_flip(image, mask, np.random.default_rng(seed))
+        assert torch.equal(im[0], mk.float() * 10) and torch.equal(im[1], -mk.float())
+        seen.add((torch.equal(mk, mask.flip(-1)), torch.equal(mk, mask.flip(-2)), torch.equal(mk, mask)))
+    assert len(seen) >= 3  # several different flips were drawn
+    im, mk = joint_flip(image, mask, horizontal=True, vertical=True)
+    assert torch.equal(mk, mask.flip(-1).flip(-2)) and torch.equal(im, image.flip(-1).flip(-2))
+
+
+def test_resize_keeps_mask_labels_and_image_range():
+    mask = torch.zeros(8, 8, dtype=torch.int64)
+    mask[:, 4:] = 1
+    image = torch.rand(3, 8, 8)
+    im, mk = resize_pair(image, mask, 4)
+    assert im.shape == (3, 4, 4) and mk.shape == (4, 4) and mk.dtype == torch.int64
+    assert mk[:, :2].eq(0).all() and mk[:, 2:].eq(1).all()
+    assert 0 <= im.min() and im.max() <= 1
+
+
+# --- synthetic set ----------------------------------------------------------------------------------------
 def test_synthetic_is_deterministic_and_well_formed():
-    a, b = SyntheticPathology(6, size=64, seed=3), SyntheticPathology(6, size=64, seed=3)
-    for i in range(6):
+    a, b = SyntheticPathology(4, size=96, seed=3), SyntheticPathology(4, size=96, seed=3)
+    for i in range(4):
         (xa, ma), (xb, mb) = a[i], b[i]
         assert torch.equal(xa, xb) and torch.equal(ma, mb)
-        assert xa.shape == (3, 64, 64) and xa.dtype == torch.float32 and 0 <= xa.min() and xa.max() <= 1
-        assert ma.shape == (64, 64) and ma.dtype == torch.int64 and set(ma.unique().tolist()) <= {0, 1}
-    assert not torch.equal(a[0][0], SyntheticPathology(6, size=64, seed=4)[0][0])
-    gray = SyntheticPathology(2, size=64, in_channels=1)[1][0]
+        assert xa.shape == (3, 96, 96) and xa.dtype == torch.float32 and 0 <= xa.min() and xa.max() <= 1
+        assert ma.shape == (96, 96) and ma.dtype == torch.int64 and set(ma.unique().tolist()) <= {0, 1}
+    assert torch.equal(a[-1][0], a[3][0])
+    assert not torch.equal(a[0][0], SyntheticPathology(4, size=96, seed=4)[0][0])
+    gray = SyntheticPathology(2, size=64, in_channels=1, seed=3)[1][0]
+    rgb = SyntheticPathology(2, size=64, in_channels=3, seed=3)[1][0]
     assert gray.shape == (1, 64, 64)
+    assert torch.allclose(gray[0], 0.299 * rgb[0] + 0.587 * rgb[1] + 0.114 * rgb[2], atol=1e-6)
+    with pytest.raises(IndexError):
+        a[4]
+    for bad in (dict(length=0), dict(length=2, size=8), dict(length=2, in_channels=2)):
+        with pytest.raises(ValueError):
+            SyntheticPathology(**bad)
 
 
-def test_synthetic_cancer_differs_from_normal_tissue():
-    # Cancer regions carry more hematoxylin (darker, crowded nuclei): lower mean intensity.
-    ds = SyntheticPathology(12, size=128, seed=0)
-    cancer, normal = [], []
-    for x, m in (ds[i] for i in range(12)):
-        gray = x.mean(0)
-        if (m == 1).any():
-            cancer.append(gray[m == 1].mean())
-        normal.append(gray[m == 0].mean())
-    assert cancer and np.mean(cancer) < np.mean(normal) - 0.02
+def test_synthetic_labels_follow_the_tissue():
+    # Cancer carries more nuclear material (hematoxylin absorbs red light most): on average the
+    # fraction of dark, red-poor pixels must be higher inside the mask than outside it.
+    ds = SyntheticPathology(24, size=128, seed=0)
+    inside, outside, cancer_pixels = [], [], 0
+    for x, m in (ds[i] for i in range(len(ds))):
+        nuclear = x[0] < 0.45
+        cancer_pixels += int(m.sum())
+        if m.any():
+            inside.append(nuclear[m == 1].float().mean().item())
+        if (m == 0).any():
+            outside.append(nuclear[m == 0].float().mean().item())
+    assert 0.15 < cancer_pixels / (24 * 128 * 128) < 0.7  # both classes well represented
+    assert np.mean(inside) > 1.25 * np.mean(outside)
 
 
-def test_joint_flips_move_image_and_mask_together():
-    image = np.arange(2 * 4 * 5, dtype=np.float32).reshape(2, 4, 5)
-    mask = image[0].astype(np.int64)
-    for seed in range(8):
-        im, mk = joint_flip(image, mask, np.random.default_rng(seed))
-        assert np.array_equal(im[0].astype(np.int64), mk)
-    flipped = SyntheticPathology(4, size=32, seed=1, flips=True)
-    plain = SyntheticPathology(4, size=32, seed=1)
-    for i in range(4):
+def test_synthetic_flips_are_seeded_by_epoch_and_reach_loader_workers():
+    plain = SyntheticPathology(6, size=32, seed=1)
+    flipped = SyntheticPathology(6, size=32, seed=1, flips=True)
+    for i in range(6):
         (xf, mf), (xp, mp) = flipped[i], plain[i]
-        options = [(xp, mp), (xp.flip(-1), mp.flip(-1)), (xp.flip(-2), mp.flip(-2)), (xp.flip(-1, -2), mp.flip(-1, -2))]
+        options = [(xp, mp), (xp.flip(-1), mp.flip(-1)), (xp.flip(-2), mp.flip(-2)),
+                   (xp.flip(-1, -2), mp.flip(-1, -2))]
         assert any(torch.equal(xf, a) and torch.equal(mf, b) for a, b in options)
+    loader = torch.utils.data.DataLoader(flipped, batch_size=6, num_workers=1, persistent_workers=True)
+    epochs = []
+    for epoch in range(3):
+        flipped.set_epoch(epoch)
+        epochs.append(next(iter(loader))[1])
+        direct = torch.stack([flipped[i][1] for i in range(6)])
+        assert torch.equal(epochs[-1], direct)  # the running worker saw set_epoch
+    assert not all(torch.equal(epochs[0], e) for e in epochs[1:])
 
 
-def test_tile_origins_cover_the_image():
-    assert tile_origins(2048, 1024, 1024) == [0, 1024]
-    assert tile_origins(1000, 256, 256) == [0, 256, 512, 744]
-    assert tile_origins(512, 256, 128) == [0, 128, 256]
-    with pytest.raises(ValueError, match="larger than the image side"):
-        tile_origins(100, 128, 128)
+# --- folder data set --------------------------------------------------------------------------------------
+def _png(path, array):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(array).save(path)
 
 
-def _write(folder, name, array, mode=None):
-    folder.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(array, mode).save(folder / name)
-
-
-def test_folder_pairs_tiles_and_maps_mask_values(tmp_path):
-    rng = np.random.default_rng(0)
-    _write(tmp_path / "images", "a.png", rng.integers(0, 255, (64, 64, 3), dtype=np.uint8))
-    mask = np.zeros((64, 64), np.uint8)
-    mask[:, 32:] = 255
-    _write(tmp_path / "masks", "a.png", mask)
+def test_folder_tiles_maps_and_reads_every_format(tmp_path):
+    yy, xx = np.mgrid[0:64, 0:96]
+    image = np.stack([yy * 2 + xx, 200 - xx * 2, yy * 3], -1).astype(np.uint8)  # smooth: JPEG keeps it close
+    mask = np.zeros((64, 96), np.uint8)
+    mask[:, 48:] = 255
+    _png(tmp_path / "images" / "a.png", image)
+    _png(tmp_path / "masks" / "a.png", mask)
+    tifffile.imwrite(tmp_path / "images" / "b.tif", image)
+    tifffile.imwrite(tmp_path / "masks" / "b.tiff", mask)
+    Image.fromarray(image).save(tmp_path / "images" / "c.jpg", quality=95)
+    _png(tmp_path / "masks" / "c.png", mask)
     ds = FolderDataset(tmp_path, mask_values={0: 0, 255: 1}, patch_size=32)
-    assert len(ds) == 4
-    x, m = ds[1]  # top-right patch: all cancer
-    assert x.shape == (3, 32, 32) and m.unique().tolist() == [1]
-    assert FolderDataset(tmp_path, mask_values={0: 0, 255: 1}, in_channels=1, resize=16)[0][0].shape == (1, 16, 16)
+    assert len(ds) == 3 * 6  # 64x96 -> 2 x 3 patches per image
+    x, m = ds[2]  # a.png, top row, third patch (columns 64..95): all cancer
+    assert x.shape == (3, 32, 32) and x.dtype == torch.float32 and m.unique().tolist() == [1]
+    assert torch.allclose(x, torch.from_numpy(image[:32, 64:96].transpose(2, 0, 1) / 255.0).float())
+    assert torch.equal(ds[6 + 2][0], x)  # the TIFF holds the same pixels
+    assert (ds[12][0] - ds[0][0]).abs().mean() < 0.02  # JPEG: close, not equal
+    overlapping = FolderDataset(tmp_path, mask_values={0: 0, 255: 1}, patch_size=32, overlap=16)
+    assert len(overlapping) == 3 * (3 * 5)
+    gray = FolderDataset(tmp_path, mask_values={0: 0, 255: 1}, in_channels=1, resize=16)
+    assert gray[0][0].shape == (1, 16, 16) and gray[0][1].shape == (16, 16)
+    # Class-index masks and a list file that names the pairs.
+    _png(tmp_path / "idx" / "m.png", (mask // 255).astype(np.uint8))
+    (tmp_path / "list.txt").write_text("# image mask\nimages/a.png, idx/m.png\n\n")
+    listed = FolderDataset(list_file=tmp_path / "list.txt")
+    assert len(listed) == 1 and torch.equal(listed[0][1], torch.from_numpy(mask // 255).long())
+    assert len(FolderDataset(pairs=[(tmp_path / "images" / "a.png", tmp_path / "idx" / "m.png")])) == 1
 
 
-def test_folder_reports_every_problem_by_file(tmp_path):
+def test_folder_flips_are_joint_and_deterministic(tmp_path):
+    rng = np.random.default_rng(1)
+    mask = rng.integers(0, 2, (16, 16), dtype=np.uint8)
+    _png(tmp_path / "images" / "a.png", np.repeat(mask[:, :, None] * 200, 3, axis=2).astype(np.uint8))
+    _png(tmp_path / "masks" / "a.png", mask)
+    ds = FolderDataset(tmp_path, flips=True, seed=5)
+    draws = []
+    for epoch in range(6):
+        ds.set_epoch(epoch)
+        x, m = ds[0]
+        assert torch.equal((x[0] > 0.5).long(), m)
+        assert torch.equal(ds[0][1], m)  # same (seed, epoch, index) -> same draw
+        draws.append(m)
+    assert not all(torch.equal(draws[0], d) for d in draws[1:])
+
+
+def test_folder_reports_every_problem_naming_each_file(tmp_path):
     img = np.zeros((32, 32, 3), np.uint8)
-    _write(tmp_path / "images", "ok.png", img)
-    _write(tmp_path / "masks", "ok.png", np.zeros((32, 32), np.uint8))
-    _write(tmp_path / "images", "size.png", img)
-    _write(tmp_path / "masks", "size.png", np.zeros((16, 32), np.uint8))
-    _write(tmp_path / "images", "values.png", img)
-    _write(tmp_path / "masks", "values.png", np.full((32, 32), 7, np.uint8))
-    _write(tmp_path / "images", "broken.png", img)
-    data = (tmp_path / "images" / "broken.png").read_bytes()
-    (tmp_path / "images" / "broken.png").write_bytes(data[: len(data) // 2])
-    _write(tmp_path / "masks", "broken.png", np.zeros((32, 32), np.uint8))
-    with pytest.raises(ValueError) as err:
+    ok_mask = np.zeros((32, 32), np.uint8)
+    images, masks = tmp_path / "images", tmp_path / "masks"
+    _png(images / "ok.png", img)
+    _png(masks / "ok.png", ok_mask)
+    _png(images / "size.png", img)
+    _png(masks / "size.png", np.zeros((16, 32), np.uint8))
+    _png(images / "values.png", img)
+    _png(masks / "values.png", np.full((32, 32), 7, np.uint8))
+    _png(images / "cut.png", img)
+    data = (images / "cut.png").read_bytes()
+    (images / "cut.png").write_bytes(data[: len(data) - 20])
+    _png(masks / "cut.png", ok_mask)
+    (images / "junk.png").write_text("not an image")
+    _png(masks / "junk.png", ok_mask)
+    _png(images / "lonely.png", img)
+    tifffile.imwrite(images / "tiff.tif", np.zeros((32, 32, 3), np.uint8))
+    data = (images / "tiff.tif").read_bytes()
+    (images / "tiff.tif").write_bytes(data[:1000])
+    _png(masks / "tiff.png", ok_mask)
+    Image.fromarray(img).save(images / "jpeg.jpg")
+    data = (images / "jpeg.jpg").read_bytes()
+    (images / "jpeg.jpg").write_bytes(data[:-10])
+    _png(masks / "jpeg.png", ok_mask)
+    _png(images / "twice.png", img)
+    Image.fromarray(img).save(images / "twice.tif")
+    _png(masks / "twice.png", ok_mask)
+    with pytest.raises(DatasetError) as err:
         FolderDataset(tmp_path, mask_values={0: 0, 255: 1})
+    problems = dict((path.split("/")[-2] + "/" + path.split("/")[-1], why) for path, why in err.value.problems)
+    assert "images/twice.tif" in problems and "ambiguous" in problems["images/twice.tif"]
+    assert "images/lonely.png" in problems and "no mask" in problems["images/lonely.png"]
+    # Layout problems are reported first, alone; fix them and the pixel-level problems come out.
+    (images / "lonely.png").unlink()
+    (images / "twice.tif").unlink()
+    with pytest.raises(DatasetError) as err:
+        FolderDataset(tmp_path, mask_values={0: 0, 255: 1})
+    problems = {path.split("/")[-2] + "/" + path.split("/")[-1]: why for path, why in err.value.problems}
+    assert set(problems) == {"masks/size.png", "masks/values.png", "images/cut.png", "images/junk.png",
+                             "images/tiff.tif", "images/jpeg.jpg"}
+    assert "16" in problems["masks/size.png"] and "7" in problems["masks/values.png"]
+    assert "truncated PNG" in problems["images/cut.png"] and "truncated TIFF" in problems["images/tiff.tif"]
+    assert "truncated JPEG" in problems["images/jpeg.jpg"] and "not a readable" in problems["images/junk.png"]
     text = str(err.value)
-    assert "size.png" in text and "16" in text
-    assert "values.png" in text and "[7]" in text
-    assert "broken.png" in text and "truncated" in text
+    assert "6 problem(s)" in text and all(name in text for name in ("size.png", "values.png", "junk.png"))
     assert "ok.png" not in text
-    _write(tmp_path / "images", "lonely.png", img)
-    with pytest.raises(ValueError, match="lonely.png"):
-        FolderDataset(tmp_path)
 
 
-def test_folder_empty_and_missing(tmp_path):
+def test_folder_empty_missing_and_bad_arguments(tmp_path):
     (tmp_path / "images").mkdir()
-    with pytest.raises(ValueError, match="no images found"):
+    (tmp_path / "masks").mkdir()
+    with pytest.raises(DatasetError, match="no images found"):
         FolderDataset(tmp_path)
-    with pytest.raises(ValueError, match="no such folder"):
+    with pytest.raises(DatasetError, match="folder does not exist"):
         FolderDataset(tmp_path / "nowhere")
-    with pytest.raises(ValueError, match="missing"):
-        FolderDataset(pairs=[(tmp_path / "x.png", tmp_path / "y.png")])
+    with pytest.raises(DatasetError, match="y.png: does not exist"):
+        FolderDataset(pairs=[(tmp_path / "y.png", tmp_path / "y.png")])
+    (tmp_path / "list.txt").write_text("a.png\n")
+    with pytest.raises(DatasetError, match=r"list.txt:1: expected 'IMAGE MASK'"):
+        FolderDataset(list_file=tmp_path / "list.txt")
+    with pytest.raises(ValueError, match="exactly one"):
+        FolderDataset(tmp_path, list_file=tmp_path / "list.txt")
+    with pytest.raises(ValueError, match="maps 255 to 3"):
+        FolderDataset(tmp_path, mask_values={0: 0, 255: 3})
+    _png(tmp_path / "images" / "a.png", np.zeros((16, 16, 3), np.uint8))
+    _png(tmp_path / "masks" / "a.png", np.zeros((16, 16), np.uint8))
+    with pytest.raises(DatasetError, match="smaller than the 32x32 patch"):
+        FolderDataset(tmp_path, patch_size=32)

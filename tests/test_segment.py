@@ -1,45 +1,217 @@
-"""Sliding-window inference: equal to whole-image inference where windows cannot matter, bounded memory."""
+"""Sliding-window inference: exactness, blending against a float64 reference, readers, writers, the CLI."""
 import numpy as np
 import pytest
+import tifffile
 import torch
 from PIL import Image
 
-from cocofast.segment import gaussian_weight, load_model, main, sliding_window_segment
+from cocofast.data.slides import (ArrayReader, DownscaledReader, PILReader, PngRowWriter, TiffReader, TiffRowWriter,
+                                  open_reader)
+from cocofast.segment import (blended_bands, gaussian_importance, main, sliding_window_scores,
+                              sliding_window_segment)
 
 
-def pointwise_model():
+def pointwise_net(in_channels=3, classes=3):
     torch.manual_seed(0)
-    return torch.nn.Sequential(torch.nn.Conv2d(3, 8, 1), torch.nn.ReLU(), torch.nn.Conv2d(8, 3, 1)).eval()
+    return torch.nn.Sequential(torch.nn.Conv2d(in_channels, 8, 1), torch.nn.ReLU(), torch.nn.Conv2d(8, classes, 1))
 
 
-@pytest.mark.parametrize("shape,window,overlap", [((70, 45), 32, 0.25), ((64, 64), 64, 0.0), ((20, 90), 32, 0.5)])
+@pytest.mark.parametrize("shape, window, overlap", [((100, 130), 32, 0.25), ((64, 64), 64, 0.5),
+                                                    ((50, 90), 128, 0.25), ((97, 41), (24, 16), 0.6),
+                                                    ((40, 40), 17, 0.0)])
 def test_sliding_window_equals_whole_image_for_a_pointwise_network(shape, window, overlap):
-    rng = np.random.default_rng(1)
-    image = rng.integers(0, 255, (*shape, 3), dtype=np.uint8)
-    model = pointwise_model()
-    got = sliding_window_segment(lambda x: model(x), image, window=window, overlap=overlap, batch_size=3,
-                                 num_classes=3)
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 256, (*shape, 3), dtype=np.uint8)
+    net = pointwise_net()
     with torch.no_grad():
-        whole = model(torch.from_numpy(image.transpose(2, 0, 1)[None] / 255.0).float()).argmax(1)[0].numpy()
-    assert got.shape == shape and np.array_equal(got, whole)
+        whole = net(torch.from_numpy(image).permute(2, 0, 1)[None].float() / 255)[0]
+    raw = sliding_window_scores(net, image, window, overlap, batch_size=3, num_classes=3, activation=None)
+    assert raw.shape == whole.shape and torch.allclose(raw, whole, atol=1e-5)
+    probs = sliding_window_scores(net, image, window, overlap, batch_size=2, num_classes=3)
+    assert torch.allclose(probs, whole.softmax(0), atol=1e-5)
+    labels = sliding_window_segment(net, image, window, overlap, batch_size=4, num_classes=3)
+    assert labels.dtype == np.uint8 and np.array_equal(labels, whole.argmax(0).numpy())
 
 
-def test_gaussian_weight_peaks_in_the_middle():
-    w = gaussian_weight(33)
-    assert w[16, 16] == 1.0 and w.min() > 0 and w[0, 0] < w[8, 8] < w[16, 16]
+def reference_blend(net, image: np.ndarray, window: int, overlap: float) -> np.ndarray:
+    """Whole-image float64 accumulation of every window, MONAI's window placement and Gaussian."""
+    h, w, _ = image.shape
+    stride = max(1, int(window * (1 - overlap)))
+    starts = lambda n: sorted({min(i * stride, n - window) for i in range(-(-(n - window) // stride) + 1)})  # noqa: E731
+    x = np.arange(window) - (window - 1) / 2
+    g1 = np.exp(-(x**2) / (2 * (window / 8) ** 2))
+    g = np.outer(g1, g1)
+    g = np.maximum(g, max(g.min(), 1e-3))
+    acc, norm = np.zeros((2, h, w)), np.zeros((h, w))
+    for top in starts(h):
+        for left in starts(w):
+            crop = torch.from_numpy(image[top:top + window, left:left + window]).permute(2, 0, 1)[None].float() / 255
+            with torch.no_grad():
+                out = net(crop)[0].double().numpy()
+            acc[:, top:top + window, left:left + window] += out * g
+            norm[top:top + window, left:left + window] += g
+    return acc / norm
 
 
-def test_cli_from_a_checkpoint(tmp_path):
+def test_blending_of_a_network_with_context_matches_a_float64_reference():
+    # 3x3 convolutions see zero padding at window borders, so windows disagree and the blend matters.
+    torch.manual_seed(1)
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, padding=1), torch.nn.Tanh(),
+                              torch.nn.Conv2d(4, 2, 3, padding=1))
+    image = np.random.default_rng(1).integers(0, 256, (90, 75, 3), dtype=np.uint8)
+    got = sliding_window_scores(net, image, 32, 0.4, batch_size=5, num_classes=2, activation=None)
+    ref = reference_blend(net, image, 32, 0.4)
+    assert np.abs(got.numpy() - ref).max() < 1e-5
+    whole = net(torch.from_numpy(image).permute(2, 0, 1)[None].float() / 255)[0].detach().numpy()
+    assert np.abs(got.numpy() - whole).max() > 1e-3  # the check above is not vacuous
+
+
+def test_matches_monai_gaussian_sliding_window_when_installed():
+    monai = pytest.importorskip("monai")
+    from monai.inferers import sliding_window_inference
+
+    torch.manual_seed(2)
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, padding=1), torch.nn.Tanh(),
+                              torch.nn.Conv2d(4, 2, 3, padding=1))
+    image = np.random.default_rng(2).integers(0, 256, (96, 80, 3), dtype=np.uint8)
+    x = torch.from_numpy(image).permute(2, 0, 1)[None].float() / 255
+    with torch.no_grad():
+        ref = sliding_window_inference(x, (32, 32), 4, net, overlap=0.25, mode="gaussian", sigma_scale=0.125)[0]
+    got = sliding_window_scores(net, image, 32, 0.25, batch_size=4, num_classes=2, activation=None)
+    assert torch.allclose(got, ref, atol=1e-5), monai.__version__
+
+
+def test_gaussian_weight_shape_peak_and_floor():
+    g = gaussian_importance((64, 48))
+    assert g.shape == (64, 48) and torch.allclose(g, g.flip(0)) and torch.allclose(g, g.flip(1))
+    assert g.max().item() == pytest.approx(np.exp(-(0.5**2) / (2 * 8**2)) * np.exp(-(0.5**2) / (2 * 6**2)))
+    assert g.min().item() == pytest.approx(1e-3)  # corners sit ~8 sigma out: clamped like MONAI
+
+
+class CountingReader(ArrayReader):
+    def __init__(self, array):
+        super().__init__(array)
+        self.max_rows = 0
+
+    def read(self, top, left, height, width):
+        self.max_rows = max(self.max_rows, height)
+        return super().read(top, left, height, width)
+
+
+def test_memory_is_one_band_of_windows():
+    reader = CountingReader(np.zeros((1000, 60, 3), np.uint8))
+    tops, rows = [], 0
+    for top, scores in blended_bands(pointwise_net(classes=2), reader, 64, 0.25, 4, num_classes=2):
+        assert scores.shape[1] <= 64 and top == rows  # bands arrive in order, each at most a window high
+        tops.append(top)
+        rows += scores.shape[1]
+    assert rows == 1000 and len(tops) > 10 and reader.max_rows <= 64
+
+
+# --- readers and writers ------------------------------------------------------------------------------
+@pytest.mark.parametrize("options", [{}, {"rowsperstrip": 7}, {"tile": (32, 16), "compression": "zlib"},
+                                     {"rowsperstrip": 5, "compression": "zlib"},
+                                     {"planarconfig": "separate", "tile": (16, 16)}])
+def test_tiff_reader_reads_any_region(tmp_path, options):
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 256, (70, 50, 3), dtype=np.uint8)
+    planar = options.get("planarconfig") == "separate"
+    tifffile.imwrite(tmp_path / "a.tif", image.transpose(2, 0, 1) if planar else image, photometric="rgb", **options)
+    reader = TiffReader(tmp_path / "a.tif", cache_bytes=1)
+    assert (reader.height, reader.width, reader.channels) == (70, 50, 3)
+    for top, left, h, w in [(0, 0, 70, 50), (3, 5, 17, 29), (60, 40, 30, 30), (-5, -5, 10, 10), (69, 0, 1, 50)]:
+        expected = image[max(top, 0):top + h, max(left, 0):left + w]
+        assert np.array_equal(reader.read(top, left, h, w), expected)
+    reader.close()
+
+
+def test_readers_for_png_levels_downscale_and_missing_codecs(tmp_path):
+    image = np.random.default_rng(0).integers(0, 256, (20, 30), dtype=np.uint8)
+    Image.fromarray(image).save(tmp_path / "g.png")
+    reader = open_reader(tmp_path / "g.png")
+    assert isinstance(reader, PILReader) and reader.channels == 1
+    assert np.array_equal(reader.read(2, 3, 4, 5)[..., 0], image[2:6, 3:8])
+    small = DownscaledReader(ArrayReader(image), 4)
+    assert (small.height, small.width) == (5, 8)
+    assert np.allclose(small.read(1, 2, 1, 1)[0, 0, 0], image[4:8, 8:12].mean() / 255)
+    assert small.read(0, 7, 5, 1).shape == (5, 1, 1)  # the last column block is edge-padded 2 -> 4
+    with pytest.raises(FileNotFoundError, match="nothere.tif"):
+        open_reader(tmp_path / "nothere.tif")
+    with pytest.raises(ValueError, match="level 1 requested"):
+        tifffile.imwrite(tmp_path / "one.tif", image)
+        TiffReader(tmp_path / "one.tif", level=1)
+    # Most SVS files are JPEG-compressed; tifffile needs imagecodecs for that (and for LZW). Relabel an
+    # uncompressed file as LZW to get such a file without imagecodecs.
+    tifffile.imwrite(tmp_path / "lzw.tif", np.zeros((32, 32, 3), np.uint8), tile=(16, 16), photometric="rgb")
+    with tifffile.TiffFile(tmp_path / "lzw.tif", mode="r+b") as tif:
+        tif.pages[0].tags["Compression"].overwrite(5)
+    try:
+        import imagecodecs  # noqa: F401
+    except ImportError:
+        with pytest.raises(ValueError, match="lzw.tif: cannot decode .*imagecodecs.*openslide"):
+            TiffReader(tmp_path / "lzw.tif")
+
+
+@pytest.mark.parametrize("suffix, channels", [(".png", 1), (".png", 3), (".tif", 1), (".tif", 3)])
+def test_row_writers_round_trip(tmp_path, suffix, channels):
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 256, (300, 70, channels), dtype=np.uint8)
+    path = tmp_path / f"out{suffix}"
+    writer = (PngRowWriter if suffix == ".png" else TiffRowWriter)(path, 300, 70, channels)
+    for top in range(0, 300, 37):
+        writer.write(image[top:top + 37])
+    writer.close()
+    back = np.asarray(Image.open(path)) if suffix == ".png" else tifffile.imread(path)
+    assert np.array_equal(back.reshape(image.shape), image)
+
+
+# --- command line -----------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    from cocofast.io import atomic_save
     from cocofast.models import create_model
 
-    model = create_model("enet", in_channels=3, num_classes=2, width=0.25)
-    torch.save({"models": {"student": {"model_name": "enet", "model_kwargs": dict(model.model_kwargs),
-                                       "state_dict": model.state_dict()}}}, tmp_path / "ckpt.pt")
-    Image.fromarray(np.random.default_rng(0).integers(0, 255, (100, 80, 3), dtype=np.uint8)).save(tmp_path / "x.png")
-    main([str(tmp_path / "x.png"), "--checkpoint", str(tmp_path / "ckpt.pt"), "--out", str(tmp_path / "m.png"),
-          "--overlay", str(tmp_path / "o.png"), "--window", "64"])
-    mask = np.asarray(Image.open(tmp_path / "m.png"))
-    assert mask.shape == (100, 80) and set(np.unique(mask)) <= {0, 255}
-    assert np.asarray(Image.open(tmp_path / "o.png")).shape == (100, 80, 3)
-    with pytest.raises(ValueError, match="roles present: \\['student'\\]"):
-        load_model(tmp_path / "ckpt.pt", role="teacher")
+    torch.manual_seed(0)
+    kwargs = {"in_channels": 3, "num_classes": 2, "width": 0.25}
+    model = create_model("enet", **kwargs).eval()
+    path = tmp_path_factory.mktemp("ckpt") / "model.pt"
+    entry = {"model_name": "enet", "model_kwargs": kwargs, "state_dict": model.state_dict()}
+    atomic_save({"models": {"student": entry, "teacher": entry}}, path)
+    return path, model
+
+
+def test_cli_writes_mask_and_overlay_equal_to_the_library_call(tmp_path, checkpoint, capsys):
+    path, model = checkpoint
+    image = np.random.default_rng(3).integers(0, 256, (80, 100, 3), dtype=np.uint8)
+    Image.fromarray(image).save(tmp_path / "slide.png")
+    tifffile.imwrite(tmp_path / "slide.tif", image, tile=(32, 32), compression="zlib", photometric="rgb")
+    args = ["--checkpoint", str(path), "--window", "64", "--overlap", "0.5", "--quiet"]
+    assert main([str(tmp_path / "slide.png"), "--out", str(tmp_path / "mask.png"),
+                 "--overlay", str(tmp_path / "overlay.png"), *args]) == 0
+    assert "class 0" in capsys.readouterr().out
+    expected = sliding_window_segment(lambda x: model(x).logits, image, 64, 0.5, 4, num_classes=2)
+    mask = np.asarray(Image.open(tmp_path / "mask.png"))
+    assert mask.shape == (80, 100) and np.array_equal(mask, expected * 255)
+    overlay = np.asarray(Image.open(tmp_path / "overlay.png"))
+    assert overlay.shape == (80, 100, 3) and np.array_equal(overlay[expected == 0], image[expected == 0])
+    assert main([str(tmp_path / "slide.tif"), "--out", str(tmp_path / "mask.tif"), "--mask-values", "index",
+                 "--role", "teacher", *args]) == 0
+    assert np.array_equal(tifffile.imread(tmp_path / "mask.tif"), expected)
+    assert main([str(tmp_path / "slide.png"), "--out", str(tmp_path / "half.png"), "--downscale", "2", *args]) == 0
+    assert np.asarray(Image.open(tmp_path / "half.png")).shape == (80, 100)
+
+
+def test_cli_errors_name_what_is_wrong(tmp_path, checkpoint, capsys):
+    path, _ = checkpoint
+    Image.fromarray(np.zeros((40, 40, 3), np.uint8)).save(tmp_path / "a.png")
+    out = ["--out", str(tmp_path / "m.png"), "--quiet"]
+    assert main([str(tmp_path / "a.png"), "--checkpoint", str(path), "--role", "critic", *out]) == 2
+    assert "'critic'" in (err := capsys.readouterr().err) and "student, teacher" in err
+    assert main([str(tmp_path / "a.png"), "--checkpoint", str(path), "--window", "100", *out]) == 2
+    assert "multiple of" in capsys.readouterr().err
+    assert main([str(tmp_path / "b.png"), "--checkpoint", str(path), *out]) == 2
+    assert "b.png" in capsys.readouterr().err
+    torch.save({"state_dict": {}}, tmp_path / "plain.pt")
+    assert main([str(tmp_path / "a.png"), "--checkpoint", str(tmp_path / "plain.pt"), *out]) == 2
+    assert "no 'models'" in capsys.readouterr().err
+    assert not (tmp_path / "m.png").exists()

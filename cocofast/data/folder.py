@@ -1,157 +1,296 @@
-"""Real data: folders of images and masks paired by file stem, validated up front.
+"""Image/mask folders on disk as a torch Dataset, checked completely before the first epoch.
 
-    data/images/case01.png   data/masks/case01.png      (PNG, JPEG or TIFF)
-
-    ds = FolderDataset("data", mask_values={0: 0, 255: 1}, patch_size=1024)   # 2048² -> four 1024² patches
-
-Every problem (unreadable or truncated file, missing mask, image/mask size mismatch, mask values outside
-the mapping, empty folder) is collected at construction and raised as one ValueError that names each
-file, instead of failing mid-epoch. Sizes come from header reads; mask values need a decode of each mask.
+Layout: ROOT/images/NAME.{png,jpg,jpeg,tif,tiff} and ROOT/masks/NAME.{...}, paired by file stem;
+or a list file whose lines are `IMAGE MASK` (whitespace- or comma-separated, paths relative to the
+list file, `#` starts a comment). Masks hold class indices, or any values declared in `mask_values`
+(e.g. {0: 0, 255: 1} for 0/255 binary masks).
 """
 from __future__ import annotations
 
+import os
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 import torch
-from PIL import Image
 from torch.utils.data import Dataset
 
-from .transforms import joint_flip
-
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".tif", ".tiff"}
-
-
-def tile_origins(length: int, patch: int, stride: int) -> list[int]:
-    """Window starts covering [0, length): every `stride`, plus one flush with the end if needed."""
-    if patch > length:
-        raise ValueError(f"patch size {patch} is larger than the image side {length}")
-    starts = list(range(0, length - patch + 1, stride))
-    if starts[-1] + patch < length:
-        starts.append(length - patch)
-    return starts
+from .imageio import IMAGE_SUFFIXES, load_image, load_mask, read_header
+from .tiling import patch_grid, resolve_stride
+from .transforms import random_joint_flip, resize_pair
 
 
-def _open_checked(path: Path, problems: list[str]):
-    try:
-        with Image.open(path) as im:
-            im.verify()  # reads the whole file without decoding pixels: catches truncation
-        return Image.open(path)
-    except Exception as err:  # PIL raises many types for corrupt files
-        problems.append(f"{path}: unreadable or truncated ({type(err).__name__}: {err})")
-        return None
+class DatasetError(ValueError):
+    """Every problem found in a dataset at once; `problems` holds (path, reason) pairs."""
+
+    def __init__(self, where: str, problems: list[tuple[str, str]]):
+        self.problems = problems
+        lines = "\n".join(f"  {path}: {reason}" for path, reason in problems)
+        super().__init__(f"{len(problems)} problem(s) in {where}:\n{lines}")
+
+
+@dataclass(frozen=True)
+class Pair:
+    image: Path
+    mask: Path
+    height: int
+    width: int
 
 
 class FolderDataset(Dataset):
-    def __init__(self, root: str | Path | None = None, *, pairs: Sequence[tuple] | None = None,
-                 list_file: str | Path | None = None, mask_values: dict[int, int] | None = None,
-                 num_classes: int = 2, in_channels: int = 3, patch_size: int | None = None,
-                 stride: int | None = None, resize: int | None = None, flips: bool = False, seed: int = 0):
+    """Pairs of (image float32 (C, H, W) in [0, 1], mask int64 (H, W)) read from disk.
+
+    Args:
+        root: folder holding `images/` and `masks/` (names changeable with images_dir / masks_dir).
+        list_file: instead of root, a text file of `IMAGE MASK` lines.
+        pairs: instead of root, a sequence of (image path, mask path).
+        num_classes: classes in the masks; mapped mask values must lie in [0, num_classes).
+        mask_values: stored value -> class, e.g. {0: 0, 255: 1}. Default: values are class indices.
+        ignore_index: a class value that means "not labelled"; mask_values may map to it.
+        in_channels: 3 reads RGB, 1 reads grayscale (ITU-R 601 luma, as the CoCo authors' code).
+        patch_size, stride, overlap: cut each image into patches (2048x2048 with patch_size=1024 gives
+            four); stride defaults to patch_size; give stride or overlap (= patch_size - stride).
+        resize: resize every patch to this size (int or (H, W)); the CoCo paper trains at 512.
+        flips: random horizontal and vertical flips applied to image and mask together.
+        seed: flips are drawn from (seed, epoch, index), so every rank and worker sees the same
+            augmentation for a sample whatever the process layout; call set_epoch each epoch.
+        mask_suffix: mask stem = image stem + mask_suffix (e.g. "_mask").
+        check_mask_values: decode every mask on construction to check its values (fast, threaded).
+    """
+
+    def __init__(self, root: str | os.PathLike | None = None, *, list_file: str | os.PathLike | None = None,
+                 pairs: Sequence[tuple[str | os.PathLike, str | os.PathLike]] | None = None,
+                 images_dir: str = "images", masks_dir: str = "masks", num_classes: int = 2,
+                 mask_values: dict[int, int] | None = None, ignore_index: int | None = None,
+                 in_channels: int = 3, patch_size: int | tuple[int, int] | None = None,
+                 stride: int | None = None, overlap: int | None = None,
+                 resize: int | tuple[int, int] | None = None, flips: bool = False, seed: int = 0,
+                 mask_suffix: str = "", check_mask_values: bool = True, threads: int = 8):
+        if sum(x is not None for x in (root, list_file, pairs)) != 1:
+            raise ValueError("give exactly one of root (a folder with images/ and masks/), list_file or pairs")
         if in_channels not in (1, 3):
             raise ValueError(f"in_channels must be 1 (grayscale) or 3 (RGB), got {in_channels}")
-        self.mask_values = mask_values or {k: k for k in range(num_classes)}
-        bad_classes = [v for v in self.mask_values.values() if not 0 <= v < num_classes]
-        if bad_classes:
-            raise ValueError(f"mask_values maps to classes {bad_classes} outside [0, {num_classes})")
-        self.in_channels, self.resize, self.flips, self.seed, self.epoch = in_channels, resize, flips, seed, 0
-        self.pairs = self._find_pairs(root, pairs, list_file)
-        problems: list[str] = []
-        sizes = []
-        for img_path, mask_path in self.pairs:
-            sizes.append(self._check_pair(img_path, mask_path, problems))
-        if problems:
-            raise ValueError(f"{len(problems)} problem(s) in the data set:\n  " + "\n  ".join(problems))
-        self.index: list[tuple[int, int, int, int, int]] = []  # (pair, y, x, h, w)
-        for i, (w, h) in enumerate(sizes):
-            if patch_size is None:
-                self.index.append((i, 0, 0, h, w))
-                continue
-            step = stride or patch_size
-            for y in tile_origins(h, patch_size, step):
-                for x in tile_origins(w, patch_size, step):
-                    self.index.append((i, y, x, patch_size, patch_size))
+        if num_classes < 1:
+            raise ValueError(f"num_classes must be positive, got {num_classes}")
+        self.num_classes = num_classes
+        self.ignore_index = ignore_index
+        self.in_channels = in_channels
+        self.resize = resize
+        self.flips = flips
+        self.seed = seed
+        self.lut = _value_lut(mask_values, num_classes, ignore_index)
+        self.mask_values = mask_values
+        # Shared memory, so set_epoch reaches DataLoader workers that are already running.
+        self._epoch = torch.zeros(1, dtype=torch.int64).share_memory_()
 
-    @staticmethod
-    def _find_pairs(root, pairs, list_file) -> list[tuple[Path, Path]]:
         if pairs is not None:
-            found = [(Path(a), Path(b)) for a, b in pairs]
+            where = "the given pairs"
+            pairs, problems = _pairs_from_sequence(pairs)
         elif list_file is not None:
-            base = Path(list_file).parent
-            found = []
-            for n, line in enumerate(Path(list_file).read_text().splitlines(), 1):
-                if not line.strip() or line.startswith("#"):
-                    continue
-                parts = line.split()
-                if len(parts) != 2:
-                    raise ValueError(f"{list_file}:{n}: expected 'IMAGE MASK', got {line!r}")
-                found.append((base / parts[0], base / parts[1]))
-        elif root is not None:
-            root = Path(root)
-            img_dir, mask_dir = root / "images", root / "masks"
-            if not img_dir.is_dir():
-                raise ValueError(f"{img_dir}: no such folder (expected {root}/images and {root}/masks)")
-            masks = {p.stem: p for p in mask_dir.glob("*") if p.suffix.lower() in IMAGE_SUFFIXES} \
-                if mask_dir.is_dir() else {}
-            images = sorted(p for p in img_dir.glob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
-            missing = [str(p) for p in images if p.stem not in masks]
-            if missing:
-                raise ValueError(f"{len(missing)} image(s) without a mask of the same stem in {mask_dir}:\n  "
-                                 + "\n  ".join(missing))
-            found = [(p, masks[p.stem]) for p in images]
+            where = str(list_file)
+            pairs, problems = _pairs_from_list(Path(list_file))
         else:
-            raise ValueError("FolderDataset needs a root folder, `pairs` or `list_file`")
-        if not found:
-            raise ValueError(f"no images found ({root or list_file or 'pairs'}); suffixes: {sorted(IMAGE_SUFFIXES)}")
-        return found
+            where = str(root)
+            pairs, problems = _pairs_from_folders(Path(root), images_dir, masks_dir, mask_suffix)
+        if not pairs and not problems:
+            problems.append((where, f"no images found (looked for {', '.join(IMAGE_SUFFIXES)})"))
+        if problems:  # structural problems first: checking pixels of a broken layout is noise
+            raise DatasetError(where, problems)
 
-    def _check_pair(self, img_path: Path, mask_path: Path, problems: list[str]):
-        for p in (img_path, mask_path):
-            if not p.exists():
-                problems.append(f"{p}: missing")
-                return (0, 0)
-        img, mask = _open_checked(img_path, problems), _open_checked(mask_path, problems)
-        if img is None or mask is None:
-            return (0, 0)
-        if img.size != mask.size:
-            problems.append(f"{img_path}: size {img.size[0]}×{img.size[1]} but its mask {mask_path} is "
-                            f"{mask.size[0]}×{mask.size[1]}")
-            return img.size
+        if patch_size is not None:
+            self.patch = (patch_size, patch_size) if isinstance(patch_size, int) else tuple(patch_size)
+            self.stride = tuple(resolve_stride(p, stride, overlap) for p in self.patch)
+        elif stride is not None or overlap is not None:
+            raise ValueError("stride and overlap need a patch_size")
+        else:
+            self.patch = self.stride = None
+
+        with ThreadPoolExecutor(max_workers=max(1, threads)) as pool:
+            checked = list(pool.map(lambda p: self._check_pair(*p, check_mask_values), pairs))
+        self.pairs: list[Pair] = []
+        for pair, pair_problems in checked:
+            problems.extend(pair_problems)
+            if pair is not None:
+                self.pairs.append(pair)
+        if problems:
+            raise DatasetError(where, problems)
+
+        self.index: list[tuple[int, int, int, int, int]] = []  # (pair, top, left, height, width)
+        for i, pair in enumerate(self.pairs):
+            if self.patch is None:
+                self.index.append((i, 0, 0, pair.height, pair.width))
+            else:
+                for top, left in patch_grid(pair.height, pair.width, self.patch, self.stride):
+                    self.index.append((i, top, left, *self.patch))
+
+    def _check_pair(self, image: Path, mask: Path, check_values: bool):
+        problems = []
         try:
-            values = np.unique(np.asarray(mask))
-        except Exception as err:
-            problems.append(f"{mask_path}: cannot decode ({err})")
-            return img.size
-        unknown = sorted(set(values.tolist()) - set(self.mask_values))
-        if unknown:
-            problems.append(f"{mask_path}: mask values {unknown[:8]} are not in mask_values {sorted(self.mask_values)}")
-        return img.size
+            head = read_header(image)
+        except ValueError as err:
+            problems.append((str(image), str(err)))
+            head = None
+        try:
+            mask_head = read_header(mask)
+        except ValueError as err:
+            problems.append((str(mask), str(err)))
+            mask_head = None
+        if head is None or mask_head is None:
+            return None, problems
+        if (head.height, head.width) != (mask_head.height, mask_head.width):
+            problems.append((str(mask), f"mask is {mask_head.width}x{mask_head.height} but its image "
+                                        f"{image.name} is {head.width}x{head.height} (width x height)"))
+        if self.patch is not None and (head.height < self.patch[0] or head.width < self.patch[1]):
+            problems.append((str(image), f"image is {head.width}x{head.height}, smaller than the "
+                                         f"{self.patch[1]}x{self.patch[0]} patch size"))
+        if check_values and not problems:
+            try:
+                bad = _values_outside(load_mask(mask), self.lut)
+            except Exception as err:
+                problems.append((str(mask), f"cannot decode mask ({type(err).__name__}: {err})"))
+            else:
+                if bad:
+                    shown = ", ".join(str(v) for v in bad[:8]) + (" ..." if len(bad) > 8 else "")
+                    problems.append((str(mask), f"mask values {shown} are not in the mapping "
+                                                f"{self._mapping_text()}"))
+        if problems:
+            return None, problems
+        return Pair(image, mask, head.height, head.width), []
+
+    def _mapping_text(self) -> str:
+        if self.mask_values is None:
+            return f"(class indices 0..{self.num_classes - 1})"
+        return "{" + ", ".join(f"{k}: {v}" for k, v in sorted(self.mask_values.items())) + "}"
 
     def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
+        """Pick the epoch whose augmentation draws __getitem__ returns (like DistributedSampler.set_epoch)."""
+        self._epoch.fill_(int(epoch))
+
+    @property
+    def epoch(self) -> int:
+        return int(self._epoch.item())
 
     def __len__(self) -> int:
         return len(self.index)
 
-    def __getitem__(self, i: int):
-        pair, y, x, h, w = self.index[i]
-        img_path, mask_path = self.pairs[pair]
-        box = (x, y, x + w, y + h)
-        with Image.open(img_path) as im:
-            im = im.convert("L" if self.in_channels == 1 else "RGB").crop(box)
-            if self.resize:
-                im = im.resize((self.resize, self.resize), Image.BILINEAR)
-            image = np.asarray(im, dtype=np.float32) / 255.0
-        with Image.open(mask_path) as mk:
-            mk = mk.crop(box)
-            if self.resize:
-                mk = mk.resize((self.resize, self.resize), Image.NEAREST)
-            raw = np.asarray(mk)
-        lut = np.zeros(max(self.mask_values) + 1, dtype=np.int64)
-        for value, cls in self.mask_values.items():
-            lut[value] = cls
-        mask = lut[raw]
-        image = image[None] if image.ndim == 2 else image.transpose(2, 0, 1)
+    def __getitem__(self, index: int):
+        if index < 0:
+            index += len(self)
+        pair_index, top, left, height, width = self.index[index]
+        pair = self.pairs[pair_index]
+        image = load_image(pair.image, self.in_channels)[:, top:top + height, left:left + width]
+        raw = load_mask(pair.mask)[top:top + height, left:left + width]
+        mask = self.lut[raw] if raw.dtype in (np.uint8, np.uint16) else _map_slow(raw, self.mask_values)
+        image = torch.from_numpy(np.ascontiguousarray(image))
+        mask = torch.from_numpy(mask.astype(np.int64))
+        if self.resize is not None:
+            image, mask = resize_pair(image, mask, self.resize)
         if self.flips:
-            image, mask = joint_flip(image, mask, np.random.default_rng([self.seed, self.epoch, i, 1]))
-        return torch.from_numpy(np.ascontiguousarray(image)), torch.from_numpy(np.ascontiguousarray(mask))
+            rng = np.random.default_rng((self.seed, self.epoch, index))
+            image, mask = random_joint_flip(image, mask, rng)
+            image, mask = image.contiguous(), mask.contiguous()
+        return image, mask
+
+
+def _value_lut(mask_values, num_classes, ignore_index) -> np.ndarray:
+    """Lookup table over all uint16 values: stored value -> class, or -1 for values not declared."""
+    mapping = {i: i for i in range(num_classes)} if mask_values is None else dict(mask_values)
+    lut = np.full(1 << 16, -1, dtype=np.int64)
+    for value, cls in mapping.items():
+        if not (0 <= cls < num_classes or cls == ignore_index):
+            raise ValueError(f"mask_values maps {value} to {cls}, outside classes 0..{num_classes - 1}"
+                             + (f" and ignore_index {ignore_index}" if ignore_index is not None else ""))
+        if not 0 <= value < (1 << 16):
+            raise ValueError(f"mask_values key {value} is not a stored pixel value in 0..65535")
+        lut[value] = cls
+    return lut
+
+
+def _values_outside(mask: np.ndarray, lut: np.ndarray) -> list[int]:
+    if mask.dtype in (np.uint8, np.uint16):
+        counts = np.bincount(mask.ravel(), minlength=1)
+        present = np.flatnonzero(counts)
+    else:
+        present = np.unique(mask)
+    outside = (present < 0) | (present >= len(lut))
+    inside = present[~outside]
+    return sorted(int(v) for v in np.concatenate([present[outside], inside[lut[inside] < 0]]))
+
+
+def _map_slow(raw: np.ndarray, mask_values) -> np.ndarray:
+    if mask_values is None:
+        return raw.astype(np.int64)
+    out = np.empty(raw.shape, dtype=np.int64)
+    for value, cls in mask_values.items():
+        out[raw == value] = cls
+    return out
+
+
+def _image_files(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir()
+                  if p.is_file() and not p.name.startswith(".") and p.suffix.lower() in IMAGE_SUFFIXES)
+
+
+def _pairs_from_folders(root: Path, images_dir: str, masks_dir: str, mask_suffix: str):
+    problems: list[tuple[str, str]] = []
+    image_dir, mask_dir = root / images_dir, root / masks_dir
+    for folder in (image_dir, mask_dir):
+        if not folder.is_dir():
+            problems.append((str(folder), "folder does not exist"))
+    if problems:
+        return [], problems
+    images, masks = _by_stem(_image_files(image_dir), problems), _by_stem(_image_files(mask_dir), problems)
+    pairs = []
+    for stem, image in sorted(images.items()):
+        mask = masks.get(stem + mask_suffix)
+        if mask is None:
+            problems.append((str(image), f"no mask named {stem + mask_suffix}.* in {mask_dir}"))
+        else:
+            pairs.append((image, mask))
+    return pairs, problems
+
+
+def _by_stem(files: list[Path], problems: list) -> dict[str, Path]:
+    found: dict[str, Path] = {}
+    for path in files:
+        if path.stem in found:
+            problems.append((str(path), f"same name as {found[path.stem].name}; which one to use is ambiguous"))
+        else:
+            found[path.stem] = path
+    return found
+
+
+def _pairs_from_sequence(pairs):
+    found, problems = [], []
+    for image, mask in pairs:
+        image, mask = Path(image), Path(mask)
+        missing = [p for p in (image, mask) if not p.is_file()]
+        problems += [(str(p), "does not exist") for p in missing]
+        if not missing:
+            found.append((image, mask))
+    return found, problems
+
+
+def _pairs_from_list(list_file: Path):
+    try:
+        lines = list_file.read_text().splitlines()
+    except OSError as err:
+        return [], [(str(list_file), f"cannot read list file: {err.strerror}")]
+    pairs, problems = [], []
+    for number, line in enumerate(lines, 1):
+        line = line.split("#", 1)[0].strip()
+        if not line:
+            continue
+        fields = line.replace(",", " ").split()
+        if len(fields) != 2:
+            problems.append((f"{list_file}:{number}", f"expected 'IMAGE MASK', got {line!r}"))
+            continue
+        image, mask = (list_file.parent / f for f in fields)
+        missing = [str(p) for p in (image, mask) if not p.is_file()]
+        for path in missing:
+            problems.append((path, f"listed at {list_file}:{number} but does not exist"))
+        if not missing:
+            pairs.append((image, mask))
+    return pairs, problems
