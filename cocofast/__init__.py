@@ -11,20 +11,26 @@ from cocofast.similarity import (
 from cocofast.models import SegOutput, create_model, list_models
 from cocofast.losses import LOSSES, DistillLoss, get_loss, list_losses
 from cocofast.pixel_relation import pixel_relation_kl
+from cocofast.data import FolderDataset, SyntheticPathology
+from cocofast.metrics import ConfusionMatrix, hd95
 
 __version__ = "0.1.0"
 
 __all__ = [
     "BACKENDS",
+    "ConfusionMatrix",
+    "FolderDataset",
     "DistillLoss",
     "LOSSES",
     "NaiveTooLargeError",
     "SegOutput",
+    "SyntheticPathology",
     "cmss",
     "coco_loss",
     "create_model",
     "cross_layer_correlation",
     "get_loss",
+    "hd95",
     "list_losses",
     "list_models",
     "pixel_relation_kl",
