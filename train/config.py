@@ -60,7 +60,12 @@ class TrainConfig:
     seed: int = _f(0, "all", "seeds weights, data order and augmentation; data order is a function of (seed, epoch)")
     dataset: str = _f("synthetic", "all", "'synthetic' (built-in generated patches) or 'folder' (images + masks)",
                       ("synthetic", "folder"))
-    data_root: str = _f("", "all", "folder dataset root with train/ and val/ (and optionally test/) sub-folders")
+    data_root: str = _f("", "all", "folder dataset: root holding train/, val/ (and optionally test/), each with "
+                                   "images/ and masks/ paired by file stem")
+    mask_values: str = _f("", "all", "folder dataset: mask value -> class, e.g. '0:0,255:1' (empty: value = class)")
+    patch_size: int = _f(0, "all", "folder dataset: cut images into patches of this side before resizing "
+                                   "(paper: 1024 from 2048² images; 0: whole images)")
+    patch_stride: int = _f(0, "all", "folder dataset: patch stride (0: patch_size, no overlap)")
     train_samples: int = _f(800, "all", "synthetic data: number of training patches")
     val_samples: int = _f(100, "all", "synthetic data: number of validation patches")
     image_size: int = _f(512, "all", "square input size in pixels (paper: 512)")
@@ -129,11 +134,13 @@ class TrainConfig:
                 raise ConfigError(f"config key '{name}': must be >= 1, got {getattr(self, name)}")
         if self.num_classes < 2:
             raise ConfigError(f"config key 'num_classes': must be >= 2, got {self.num_classes}")
-        for name in ("num_workers", "save_every_iters", "stop_after_iters", "num_overlays"):
+        for name in ("num_workers", "save_every_iters", "stop_after_iters", "num_overlays", "patch_size",
+                     "patch_stride"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"config key '{name}': must be >= 0, got {getattr(self, name)}")
         if self.dataset == "folder" and not self.data_root:
             raise ConfigError("config key 'data_root': required when dataset is 'folder'")
+        self.mask_mapping()  # raises on a malformed mapping
         if self.resume and self.overwrite:
             raise ConfigError("config keys 'resume' and 'overwrite' exclude each other")
         return self
@@ -144,6 +151,16 @@ class TrainConfig:
     def group_items(self, groups: Sequence[str]) -> dict[str, Any]:
         """The keys whose value a checkpoint of a stage depends on (used to refuse a mismatched resume)."""
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.metadata["group"] in groups}
+
+    def mask_mapping(self) -> dict[int, int] | None:
+        if not self.mask_values.strip():
+            return None
+        try:
+            pairs = [item.split(":") for item in self.mask_values.split(",") if item.strip()]
+            return {int(value): int(cls) for value, cls in pairs}
+        except ValueError:
+            raise ConfigError(f"config key 'mask_values': expected 'VALUE:CLASS,...' such as '0:0,255:1', "
+                              f"got {self.mask_values!r}") from None
 
     def students_to_eval(self) -> list[str]:
         names = [s.strip() for s in self.eval_students.split(",") if s.strip()]

@@ -143,6 +143,11 @@ def run_stage(stage: Stage, cfg: TrainConfig, rt: Runtime, loader, sampler: Resu
             if cfg.flips:
                 images, masks = random_flips(images, masks, cfg.seed, epoch, batch_in_epoch, rt.rank)
             terms = stage.train_step(images, masks)
+            if not all(math.isfinite(v) for v in terms.values()):
+                raise FloatingPointError(
+                    f"[{stage.name}] a loss is not finite at epoch {epoch + 1}, iteration {iteration + 1}: "
+                    + ", ".join(f"{k}={v:.4g}" for k, v in terms.items())
+                    + "; lower the learning rate (or use --amp=off) and resume from the last good checkpoint")
             for key, value in terms.items():
                 total = meters.setdefault(key, [0.0, 0.0])
                 total[0] += value
@@ -163,7 +168,7 @@ def run_stage(stage: Stage, cfg: TrainConfig, rt: Runtime, loader, sampler: Resu
                                               dtype=torch.float64))
         row: dict = {"epoch": epoch + 1, "iteration": iteration}
         row.update({k: sums[i].item() / max(sums[len(keys) + i].item(), 1) for i, k in enumerate(keys)})
-        row.update({f"lr_{role}": s.current_lr() for role, s in stage.schedulers.items()})
+        row.update({f"lr_{role}": s.last_lr for role, s in stage.schedulers.items()})
         for module in stage.trained:
             rt.broadcast_buffers(module)
         row.update(stage.evaluate())

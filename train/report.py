@@ -54,18 +54,19 @@ def _pyplot():
 
 
 def plot_curves(rows: Sequence[dict], path: str | Path, title: str = "") -> None:
-    """Three panels over epochs: training losses, validation metrics, learning rate."""
+    """Panels over epochs: training losses, critic terms (if any), validation metrics, learning rates."""
     plt = _pyplot()
     if plt is None or not rows:
         return
     epochs = [r["epoch"] for r in rows]
     panels = {
-        "training losses": [k for k in rows[-1] if k.startswith(("loss", "d_", "rec"))],
+        "training losses": [k for k in rows[-1] if k.startswith("loss")],
+        "critic (WGAN-GP)": [k for k in rows[-1] if k.startswith("d_")],
         "validation": [k for k in rows[-1] if k.startswith("val_")],
         "learning rate": [k for k in rows[-1] if k.startswith("lr")],
     }
     panels = {name: keys for name, keys in panels.items() if keys}
-    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 3.6), squeeze=False)
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.5 * len(panels), 3.6), squeeze=False)
     for ax, (name, keys) in zip(axes[0], panels.items()):
         for key in keys:
             ys = [r.get(key, math.nan) for r in rows]
@@ -74,7 +75,7 @@ def plot_curves(rows: Sequence[dict], path: str | Path, title: str = "") -> None
         ax.set_xlabel("epoch")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
-        if name == "learning rate":
+        if name == "learning rate" and all(float(r.get(k) or 0) > 0 for r in rows for k in keys):
             ax.set_yscale("log")
     if title:
         fig.suptitle(title)
@@ -98,8 +99,7 @@ def _tint(rgb: np.ndarray, mask: np.ndarray, color: tuple[int, int, int], alpha:
     return out.astype(np.uint8)
 
 
-def save_overlays(images: torch.Tensor, masks: torch.Tensor, preds: torch.Tensor, path: str | Path,
-                  title: str = "") -> None:
+def save_overlays(images: torch.Tensor, masks: torch.Tensor, preds: torch.Tensor, path: str | Path) -> None:
     """A grid with one row per patch: the image, the ground truth (green) and the prediction (red) on it.
 
     Any class other than 0 counts as foreground, so multi-class masks still show where the network fires.
@@ -109,7 +109,9 @@ def save_overlays(images: torch.Tensor, masks: torch.Tensor, preds: torch.Tensor
         rgb = _to_rgb(image)
         gt = _tint(rgb, mask.cpu().numpy() > 0, (0, 200, 0))
         pr = _tint(rgb, pred.cpu().numpy() > 0, (220, 0, 0))
-        rows.append(np.concatenate([rgb, gt, pr], axis=1))
+        row = np.concatenate([rgb, gt, pr], axis=1)
+        zoom = max(1, 160 // rgb.shape[0])  # small demo patches are enlarged (nearest) to stay readable
+        rows.append(row.repeat(zoom, axis=0).repeat(zoom, axis=1))
     if not rows:
         return
     sep = np.full((4, rows[0].shape[1], 3), 255, np.uint8)
@@ -119,8 +121,8 @@ def save_overlays(images: torch.Tensor, masks: torch.Tensor, preds: torch.Tensor
     canvas.paste(Image.fromarray(grid), (0, header))
     w = rows[0].shape[1] // 3
     draw = ImageDraw.Draw(canvas)
-    for i, label in enumerate(("image", "ground truth", "prediction")):
-        draw.text((i * w + 4, 3), label + (f"  {title}" if i == 2 and title else ""), fill="black")
+    for i, label in enumerate(("image", "ground truth (green)", "prediction (red)")):
+        draw.text((i * w + 4, 3), label, fill="black")
     with atomic_path(path) as tmp:
         canvas.save(tmp, format="PNG")
 

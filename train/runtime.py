@@ -6,6 +6,7 @@ process group (nccl on CUDA, gloo on CPU); as a plain `python` process it is a w
 from __future__ import annotations
 
 import contextlib
+import inspect
 import os
 import random
 from dataclasses import dataclass
@@ -45,12 +46,20 @@ class Runtime:
         # Only fp16 needs loss scaling; a disabled scaler is a pass-through with the same interface.
         return torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
 
-    def wrap(self, module: nn.Module, **ddp_kwargs) -> nn.Module:
-        """DDP for a module this stage trains; a frozen network is never passed here."""
+    def wrap(self, module: nn.Module, sync_buffers_each_forward: bool = True) -> nn.Module:
+        """DDP for a module this stage trains; a frozen network is never passed here.
+
+        Buffers are always synced from rank 0 once at wrapping; `sync_buffers_each_forward=False` skips the
+        per-forward broadcast too (torch renamed that switch from broadcast_buffers to forward_sync_buffers).
+        """
         if not self.distributed:
             return module
         ids = [self.device.index] if self.device.type == "cuda" else None
-        return nn.parallel.DistributedDataParallel(module, device_ids=ids, **ddp_kwargs)
+        kwargs = {}
+        if not sync_buffers_each_forward:
+            params = inspect.signature(nn.parallel.DistributedDataParallel.__init__).parameters
+            kwargs = {"forward_sync_buffers" if "forward_sync_buffers" in params else "broadcast_buffers": False}
+        return nn.parallel.DistributedDataParallel(module, device_ids=ids, **kwargs)
 
     def all_reduce_sum(self, values: torch.Tensor) -> torch.Tensor:
         if self.distributed:

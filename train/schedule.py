@@ -38,12 +38,13 @@ class IterationLR:
         self.kw = dict(total_iters=total_iters, iters_per_epoch=iters_per_epoch, kind=kind, power=power,
                        step_epochs=step_epochs, step_gamma=step_gamma)
         self.iteration = 0
+        self.last_lr = self.current_lr()  # the rate of the most recent step, for logs
 
     def current_lr(self) -> float:
         return self.base_lr * lr_factor(self.iteration, **self.kw)
 
     def apply(self) -> float:
-        lr = self.current_lr()
+        lr = self.last_lr = self.current_lr()
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         return lr
@@ -56,3 +57,4 @@ class IterationLR:
 
     def load_state_dict(self, state: dict) -> None:
         self.iteration = int(state["iteration"])
+        self.last_lr = self.base_lr * lr_factor(max(self.iteration - 1, 0), **self.kw)

@@ -1,0 +1,132 @@
+"""Training-step time: student alone vs student + CoCo + AdvD, with and without the teacher's forward pass,
+and the share of the step spent in the CoCo loss.
+
+It times cocofast.train.stages.StudentStep, the exact code the student stage runs (critic step + student
+step), on random inputs. "cached teacher" replays precomputed teacher outputs, the cost when teacher features
+are stored ahead of time. The CoCo share is the CoCo loss's forward + backward alone on tensors of the tap
+shapes, divided by the full step.
+
+    python bench/bench_train.py                     # CPU: reduced widths at 128x128
+    python bench/bench_train.py --size 512 --teacher_width 1 --student_width 1     # the paper's nets
+Writes bench/results/train.csv and prints a markdown table.
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+from cocofast.models import create_model
+from cocofast.similarity import coco_loss
+from cocofast.train.config import TrainConfig
+from cocofast.train.runtime import Runtime, _amp_dtype
+from cocofast.train.schedule import IterationLR
+from cocofast.train.stages import StudentStep, frozen, paraphraser_kwargs, seg_kwargs
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import environment, write_csv  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parent / "results" / "train.csv"
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def timed(fn, device, warmup: int, steps: int) -> float:
+    """Median milliseconds per call."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(steps):
+        sync(device)
+        start = time.perf_counter()
+        fn()
+        sync(device)
+        times.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(times)
+
+
+def build_step(cfg: TrainConfig, rt: Runtime, teacher, paraphrasers) -> StudentStep:
+    student = create_model(cfg.student_model, **seg_kwargs(cfg, "student")).to(rt.device)
+    optimizer = torch.optim.Adam(student.parameters(), lr=cfg.student_lr, weight_decay=cfg.weight_decay)
+    schedule = IterationLR(optimizer, cfg.student_lr, total_iters=10**9, iters_per_epoch=10**6)
+    critic = critic_opt = critic_schedule = None
+    if cfg.adversarial:
+        critic = create_model("discriminator", in_channels=cfg.num_classes + cfg.in_channels,
+                              width=cfg.disc_width).to(rt.device)
+        critic_opt = torch.optim.Adam(critic.parameters(), lr=cfg.disc_lr, betas=(cfg.disc_beta1, cfg.disc_beta2))
+        critic_schedule = IterationLR(critic_opt, cfg.disc_lr, total_iters=10**9, iters_per_epoch=10**6)
+    uses_teacher = cfg.distill != "none" or cfg.adversarial
+    return StudentStep(cfg, rt, student, optimizer, schedule, rt.grad_scaler(),
+                       teacher=teacher if uses_teacher else None,
+                       paraphrasers=paraphrasers if cfg.distill != "none" else None, critic=critic,
+                       critic_opt=critic_opt, critic_schedule=critic_schedule)
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    cuda = torch.cuda.is_available()
+    parser.add_argument("--size", type=int, default=512 if cuda else 128)
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--teacher_width", type=float, default=1.0 if cuda else 0.25)
+    parser.add_argument("--student_width", type=float, default=1.0 if cuda else 0.5)
+    parser.add_argument("--disc_width", type=float, default=1.0 if cuda else 0.25)
+    parser.add_argument("--amp", default="auto", choices=("auto", "bf16", "fp16", "off"))
+    parser.add_argument("--steps", type=int, default=10 if cuda else 4)
+    parser.add_argument("--warmup", type=int, default=3 if cuda else 1)
+    args = parser.parse_args(argv)
+
+    device = torch.device("cuda" if cuda else "cpu")
+    rt = Runtime(0, 1, 0, device, _amp_dtype(args.amp, device))
+    cfg = TrainConfig(image_size=args.size, batch_size=args.batch, teacher_width=args.teacher_width,
+                      student_width=args.student_width, disc_width=args.disc_width, amp=args.amp,
+                      distill="coco", adversarial=True, use_paraphraser=True)
+    torch.manual_seed(0)
+    teacher = frozen(create_model(cfg.teacher_model, **seg_kwargs(cfg, "teacher")).to(device))
+    paraphrasers = frozen(torch.nn.ModuleList(
+        create_model("paraphraser", **kw) for kw in paraphraser_kwargs(cfg, teacher)).to(device))
+    images = torch.rand(args.batch, cfg.in_channels, args.size, args.size, device=device)
+    masks = (images.mean(dim=1) > 0.5).long()
+
+    alone = build_step(replace(cfg, distill="none", adversarial=False), rt, teacher, paraphrasers)
+    coco = build_step(cfg, rt, teacher, paraphrasers)
+    cached = coco.teacher_outputs(images)
+    with torch.no_grad(), rt.autocast():
+        out_s = coco.student(images)
+    taps_s = [t.float().detach().requires_grad_(True) for t in (out_s.shallow, out_s.deep)]
+
+    def coco_only():
+        coco_loss([cached[1]], [tuple(taps_s)], backend=cfg.similarity_backend).backward()
+
+    runs = [
+        ("student alone (CE)", lambda: alone(images, masks)),
+        ("student + CoCo + AdvD, teacher forward", lambda: coco(images, masks)),
+        ("student + CoCo + AdvD, cached teacher", lambda: coco(images, masks, teacher_out=cached)),
+        ("CoCo loss forward + backward only", coco_only),
+    ]
+    ms = {name: timed(fn, device, args.warmup, args.steps) for name, fn in runs}
+    full = ms["student + CoCo + AdvD, teacher forward"]
+    info = environment()
+    setting = (f"{cfg.teacher_model} x{cfg.teacher_width:g} -> {cfg.student_model} x{cfg.student_width:g}, "
+               f"batch {args.batch}, {args.size}x{args.size}, amp {args.amp}, {torch.get_num_threads()} threads")
+    rows = [{"setting": setting, "step": name, "ms_per_step": round(value, 2),
+             "share_of_full_step": round(value / full, 4)} for name, value in ms.items()]
+    write_csv(RESULTS, rows, info)
+    print(f"training step ({setting}; {info['device']}; torch {info['torch']}, triton {info['triton']}, "
+          f"commit {info['commit']})\n")
+    print("| step | ms / step | share of full CoCo + AdvD step |")
+    print("|---|---:|---:|")
+    for row in rows:
+        print(f"| {row['step']} | {row['ms_per_step']:.1f} | {row['share_of_full_step']:.1%} |")
+    return rows
+
+
+if __name__ == "__main__":
+    main()

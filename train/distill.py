@@ -1,0 +1,81 @@
+"""Train CoCo DistillNet: teacher -> paraphrasers -> student with a critic -> evaluation.
+
+    torchrun --nproc_per_node=K train/distill.py --config configs/paper.yaml [--key=value ...]
+    python train/distill.py --config configs/demo.yaml --stage teacher
+    python -m cocofast.train.distill --config configs/tiny.yaml --run_dir=runs/tiny
+
+--stage picks one stage or 'all' (the default) in order:
+    teacher      train the teacher with cross-entropy                       -> RUN_DIR/teacher/
+    paraphraser  one paraphraser per teacher tap, teacher frozen            -> RUN_DIR/paraphraser/
+    student      alternate critic and student steps (--distill, --adversarial, --kd_weight switch the
+                 loss terms; --student_name names the folder, one per ablation row)  -> RUN_DIR/STUDENT_NAME/
+    eval         teacher and students on the test split                     -> RUN_DIR/eval.csv, eval.json
+Each stage folder holds last.pt, best.pt (by validation mIoU; lowest reconstruction error for paraphrasers),
+config.yaml (the resolved configuration), summary.csv, curves.png and overlays_*.png. --resume continues
+every unfinished stage exactly where its last.pt left it and skips finished ones.
+
+Exit status: 0 done, 2 configuration or checkpoint error, 3 stopped by --stop_after_iters,
+4 a loss became NaN or infinite.
+
+Configuration keys (defaults are the paper's; YAML < --key=value):
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+if __name__ == "__main__":
+    # Run as a script, Python puts train/ itself first on sys.path, where config.py or report.py could shadow
+    # an unrelated top-level module; everything here is imported through the cocofast.train package instead.
+    _here = Path(__file__).resolve().parent
+    sys.path = [p for p in sys.path if Path(p or ".").resolve() != _here]
+
+from cocofast.train.checkpoint import CheckpointError
+from cocofast.train.config import ConfigError, describe, parse_args
+from cocofast.train.loop import IterationBudget, TrainingInterrupted
+from cocofast.train.runtime import configure_determinism, init_runtime, shutdown
+from cocofast.train.stages import evaluate_all, train_paraphrasers, train_student, train_teacher
+
+ORDER = ("teacher", "paraphraser", "student", "eval")
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if "-h" in argv or "--help" in argv:
+        print(__doc__ + describe())
+        return 0
+    try:
+        cfg = parse_args(argv)
+        rt = init_runtime(cfg)
+    except ConfigError as err:
+        print(f"distill.py: error: {err}", file=sys.stderr)
+        return 2
+    configure_determinism(cfg)
+    budget = IterationBudget(cfg.stop_after_iters)
+    try:
+        for stage in ORDER if cfg.stage == "all" else (cfg.stage,):
+            if stage == "teacher":
+                train_teacher(cfg, rt, budget)
+            elif stage == "paraphraser":
+                train_paraphrasers(cfg, rt, budget)
+            elif stage == "student":
+                train_student(cfg, rt, budget)
+            else:
+                evaluate_all(cfg, rt)
+        return 0
+    except (ConfigError, CheckpointError) as err:
+        print(f"distill.py: error: {err}", file=sys.stderr)
+        return 2
+    except FloatingPointError as err:
+        print(f"distill.py: error: {err}", file=sys.stderr)
+        return 4
+    except TrainingInterrupted as err:
+        if rt.is_main:
+            print(f"distill.py: {err}", file=sys.stderr)
+        return 3
+    finally:
+        shutdown(rt)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,473 @@
+"""The four stages of CoCo DistillNet training (SPEC §3), each feeding the next through its best.pt:
+
+    teacher      the big network, trained with cross-entropy
+    paraphraser  one auto-encoder per teacher tap, trained on the frozen teacher's features (L_rec = MSE)
+    student      per iteration: one critic step (WGAN-GP), then one student step with
+                 L = CE + lambda * L_distill + beta * L_g (+ kd_weight * logit KD)
+    eval         teacher and students scored on the held-out test split (ACC, mIoU, mDice, params, GMACs)
+
+The frozen teacher and paraphrasers run under no_grad and are never wrapped in DDP. Networks run under
+autocast; the losses between them (distillation, critic, KD) are computed in fp32 on `.float()` copies.
+"""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from cocofast.data import SyntheticPathology
+from cocofast.losses.kd import pixel_kl
+from cocofast.metrics import ConfusionMatrix
+from cocofast.models import create_model
+from cocofast.similarity import coco_loss, similarity_distance
+
+from . import report
+from .checkpoint import CheckpointError, check_model, load_checkpoint, load_weights, model_spec, unwrap
+from .config import ConfigError, TrainConfig
+from .loop import IterationBudget, Stage, run_stage
+from .runtime import Runtime, eval_loader, seed_everything, train_loader
+from .schedule import IterationLR
+from cocofast.io import atomic_write_text
+
+
+# --- data ------------------------------------------------------------------------------------------------
+def build_dataset(cfg: TrainConfig, split: str):
+    """split: 'train', 'val' or 'test'. Synthetic splits use disjoint seeds; folder splits are sub-folders."""
+    if cfg.dataset == "synthetic":
+        length = cfg.train_samples if split == "train" else cfg.val_samples
+        offset = {"train": 0, "val": 1_000_003, "test": 2_000_003}[split]
+        return SyntheticPathology(length, size=cfg.image_size, seed=cfg.seed + offset,
+                                  in_channels=cfg.in_channels, flips=False)
+    from cocofast.data import FolderDataset
+
+    root = Path(cfg.data_root)
+    folder = root / split
+    if split == "test" and not folder.is_dir():
+        folder = root / "val"  # no separate test split: report on validation, as many public sets do
+    if not folder.is_dir():
+        raise ConfigError(f"config key 'data_root': expected a '{split}' sub-folder in {root}")
+    try:
+        return FolderDataset(folder, mask_values=cfg.mask_mapping(), num_classes=cfg.num_classes,
+                             in_channels=cfg.in_channels, patch_size=cfg.patch_size or None,
+                             stride=cfg.patch_stride or None, resize=cfg.image_size)
+    except ValueError as err:  # the dataset lists every bad file; say which split and key it came from
+        raise ConfigError(f"config key 'data_root': the {split} split in {folder} is not usable: {err}") from None
+
+
+# --- networks --------------------------------------------------------------------------------------------
+def seg_kwargs(cfg: TrainConfig, role: str) -> dict:
+    width = cfg.teacher_width if role == "teacher" else cfg.student_width
+    return {"in_channels": cfg.in_channels, "num_classes": cfg.num_classes, "width": width}
+
+
+def frozen(module: nn.Module) -> nn.Module:
+    module.eval()
+    module.requires_grad_(False)
+    return module
+
+
+def teacher_path(cfg: TrainConfig) -> Path:
+    return Path(cfg.teacher_checkpoint or Path(cfg.run_dir) / "teacher" / "best.pt")
+
+
+def paraphraser_path(cfg: TrainConfig) -> Path:
+    return Path(cfg.paraphraser_checkpoint or Path(cfg.run_dir) / "paraphraser" / "best.pt")
+
+
+def load_teacher(cfg: TrainConfig, rt: Runtime) -> nn.Module:
+    path = teacher_path(cfg)
+    if not path.is_file():
+        raise CheckpointError(f"teacher checkpoint not found: {path}; run --stage teacher first "
+                              f"or set --teacher_checkpoint")
+    ckpt = load_checkpoint(path)
+    spec = check_model(ckpt, "teacher", path, cfg.teacher_model, seg_kwargs(cfg, "teacher"))
+    teacher = create_model(spec["model_name"], **spec["model_kwargs"])
+    load_weights(teacher, spec, "teacher", path)
+    return frozen(teacher.to(rt.device))
+
+
+def paraphraser_kwargs(cfg: TrainConfig, teacher: nn.Module) -> list[dict]:
+    """One paraphraser per teacher tap, k = the student's channels at the matching tap."""
+    student = create_model(cfg.student_model, **seg_kwargs(cfg, "student"))
+    return [{"in_channels": c_t, "k": c_s} for c_t, c_s in zip(teacher.tap_channels, student.tap_channels)]
+
+
+def load_paraphrasers(cfg: TrainConfig, rt: Runtime, teacher: nn.Module) -> nn.ModuleList:
+    path = paraphraser_path(cfg)
+    if not path.is_file():
+        raise CheckpointError(f"paraphraser checkpoint not found: {path}; run --stage paraphraser first, "
+                              f"set --paraphraser_checkpoint, or pass --use_paraphraser=false")
+    ckpt = load_checkpoint(path)
+    paras = nn.ModuleList()
+    for i, kwargs in enumerate(paraphraser_kwargs(cfg, teacher)):
+        spec = check_model(ckpt, f"paraphraser{i}", path, "paraphraser", kwargs)
+        para = create_model("paraphraser", **kwargs)
+        load_weights(para, spec, f"paraphraser{i}", path)
+        paras.append(para)
+    return frozen(paras.to(rt.device))
+
+
+class ParaphraserPair(nn.Module):
+    """Both taps' paraphrasers as one module, so one DDP wrapper and one optimiser cover them."""
+
+    def __init__(self, paraphrasers: list[nn.Module]):
+        super().__init__()
+        self.paraphrasers = nn.ModuleList(paraphrasers)
+
+    def forward(self, taps: tuple[torch.Tensor, ...]) -> list[torch.Tensor]:
+        return [p(t) for p, t in zip(self.paraphrasers, taps)]
+
+
+# --- losses between networks (fp32) ----------------------------------------------------------------------
+def distillation_loss(kind: str, teacher_taps, student_taps, backend: str) -> torch.Tensor:
+    """SS / CMSS: mean over the two taps of ||M_T - M_S||^2 / N^2; CoCo: (phi_T - phi_S)^2 (SPEC §2)."""
+    if kind == "coco":
+        return coco_loss([tuple(teacher_taps)], [tuple(student_taps)], backend=backend)
+    mix = kind == "cmss"
+    terms = [similarity_distance(t, s, channel_mix=mix, backend=backend) for t, s in zip(teacher_taps, student_taps)]
+    return torch.stack(terms).mean()
+
+
+def logit_kd(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Hinton KD per pixel: KL(softmax(t/T) || softmax(s/T)) * T^2, averaged over pixels and images."""
+    return pixel_kl(student_logits, teacher_logits, temperature) * temperature**2
+
+
+def critic_input(logits: torch.Tensor, images: torch.Tensor, kind: str) -> torch.Tensor:
+    if kind == "logits":
+        return logits
+    return torch.cat([logits.softmax(dim=1), images.float()], dim=1)
+
+
+def critic_loss(critic: nn.Module, real: torch.Tensor, fake: torch.Tensor, gp_weight: float):
+    """WGAN-GP: -E[D(real)] + E[D(fake)] + gp_weight * E[(||grad D(interp)|| - 1)^2].
+
+    Real, fake and interpolated inputs go through the critic in one batch: one forward (one DDP call) per step.
+    """
+    eps = torch.rand(real.shape[0], 1, 1, 1, device=real.device)
+    interp = (eps * real + (1 - eps) * fake).requires_grad_(True)
+    scores = critic(torch.cat([real, fake, interp]))
+    score_real, score_fake, score_interp = scores.chunk(3)
+    (grad,) = torch.autograd.grad(score_interp.sum(), interp, create_graph=True)
+    grad_norm = torch.sqrt(grad.flatten(1).pow(2).sum(dim=1) + 1e-12)
+    gp = (grad_norm - 1).pow(2).mean()
+    wasserstein = score_real.mean() - score_fake.mean()
+    loss = -wasserstein + gp_weight * gp
+    return loss, {"d_loss": loss.item(), "d_wasserstein": wasserstein.item(), "d_gp": gp.item()}
+
+
+# --- evaluation ------------------------------------------------------------------------------------------
+@torch.no_grad()
+def evaluate_segmentation(model: nn.Module, loader, cfg: TrainConfig, rt: Runtime, prefix: str = "val_"):
+    model = unwrap(model)
+    was_training = model.training
+    model.eval()
+    matrix = ConfusionMatrix(cfg.num_classes, device=rt.device)  # on the device: nccl reduces CUDA tensors
+    for images, masks in loader:
+        images, masks = images.to(rt.device), masks.to(rt.device)
+        with rt.autocast():
+            logits = model(images).logits
+        matrix.update(logits.argmax(dim=1), masks)
+    matrix.all_reduce()
+    result = matrix.compute()
+    model.train(was_training)
+    return {f"{prefix}acc": float(result["acc"]), f"{prefix}miou": float(result["miou"]),
+            f"{prefix}mdice": float(result["mdice"])}
+
+
+def overlay_drawer(model: nn.Module, dataset, cfg: TrainConfig, rt: Runtime):
+    """Rank 0 draws predictions on the first few validation patches (the same patches every epoch)."""
+    count = min(cfg.num_overlays, len(dataset))
+
+    @torch.no_grad()
+    def draw(path: Path) -> None:
+        net = unwrap(model)
+        was_training = net.training
+        net.eval()
+        images, masks = zip(*(dataset[i] for i in range(count)))
+        images, masks = torch.stack(images), torch.stack(masks)
+        with rt.autocast():
+            preds = net(images.to(rt.device)).logits.argmax(dim=1).cpu()
+        net.train(was_training)
+        report.save_overlays(images, masks, preds, path)
+
+    return draw
+
+
+def _schedule(cfg: TrainConfig, optimizer, lr: float, epochs: int, iters_per_epoch: int,
+              kind: str | None = None) -> IterationLR:
+    return IterationLR(optimizer, lr, total_iters=epochs * iters_per_epoch, iters_per_epoch=iters_per_epoch,
+                       kind=kind or cfg.lr_schedule, power=cfg.lr_power, step_epochs=cfg.lr_step_epochs,
+                       step_gamma=cfg.lr_step_gamma)
+
+
+def _iters_per_epoch(sampler, cfg: TrainConfig, rt: Runtime) -> int:
+    return sampler.num_samples // (cfg.batch_size // rt.world_size)
+
+
+# --- stage 0: teacher ------------------------------------------------------------------------------------
+def train_teacher(cfg: TrainConfig, rt: Runtime, budget: IterationBudget) -> None:
+    seed_everything(cfg.seed)
+    train_set, val_set = build_dataset(cfg, "train"), build_dataset(cfg, "val")
+    kwargs = seg_kwargs(cfg, "teacher")
+    teacher = create_model(cfg.teacher_model, **kwargs).to(rt.device)
+    model = rt.wrap(teacher)
+    optimizer = torch.optim.Adam(teacher.parameters(), lr=cfg.teacher_lr, weight_decay=cfg.weight_decay)
+    loader, sampler = train_loader(train_set, cfg, rt)
+    schedule = _schedule(cfg, optimizer, cfg.teacher_lr, cfg.teacher_epochs, _iters_per_epoch(sampler, cfg, rt))
+    scaler = rt.grad_scaler()
+    val_loader = eval_loader(val_set, cfg, rt)
+    seed_everything(cfg.seed + 1 + rt.rank)  # dropout differs per rank, as it would on separate GPUs
+
+    def step(images: torch.Tensor, masks: torch.Tensor) -> dict[str, float]:
+        schedule.apply()
+        with rt.autocast():
+            logits = model(images).logits
+        loss = F.cross_entropy(logits.float(), masks)
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        schedule.advance()
+        return {"loss_ce": loss.item()}
+
+    run_stage(Stage(
+        name="teacher", out_dir=Path(cfg.run_dir) / "teacher", epochs=cfg.teacher_epochs,
+        models={"teacher": (cfg.teacher_model, kwargs, teacher)}, trained=[teacher],
+        optimizers={"teacher": optimizer}, schedulers={"teacher": schedule}, scaler=scaler, train_step=step,
+        evaluate=lambda: evaluate_segmentation(teacher, val_loader, cfg, rt), score_key="val_miou",
+        config_groups=("all", "teacher"), draw_overlays=overlay_drawer(teacher, val_set, cfg, rt),
+    ), cfg, rt, loader, sampler, budget)
+
+
+# --- stage 1: paraphrasers -------------------------------------------------------------------------------
+def train_paraphrasers(cfg: TrainConfig, rt: Runtime, budget: IterationBudget) -> None:
+    seed_everything(cfg.seed)
+    train_set, val_set = build_dataset(cfg, "train"), build_dataset(cfg, "val")
+    teacher = load_teacher(cfg, rt)
+    all_kwargs = paraphraser_kwargs(cfg, teacher)
+    pair = ParaphraserPair([create_model("paraphraser", **kw) for kw in all_kwargs]).to(rt.device)
+    model = rt.wrap(pair)
+    optimizer = torch.optim.SGD(pair.parameters(), lr=cfg.paraphraser_lr, momentum=cfg.paraphraser_momentum,
+                                weight_decay=cfg.weight_decay)
+    loader, sampler = train_loader(train_set, cfg, rt)
+    schedule = _schedule(cfg, optimizer, cfg.paraphraser_lr, cfg.paraphraser_epochs,
+                         _iters_per_epoch(sampler, cfg, rt))
+    scaler = rt.grad_scaler()
+    val_loader = eval_loader(val_set, cfg, rt)
+    seed_everything(cfg.seed + 1 + rt.rank)
+
+    def teacher_taps(images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        with torch.no_grad(), rt.autocast():
+            out = teacher(images)
+        return out.shallow.float(), out.deep.float()
+
+    def step(images: torch.Tensor, masks: torch.Tensor) -> dict[str, float]:
+        schedule.apply()
+        taps = teacher_taps(images)
+        with rt.autocast():
+            recons = model(taps)
+        losses = [F.mse_loss(r.float(), t) for r, t in zip(recons, taps)]
+        loss = sum(losses)
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        schedule.advance()
+        return {f"loss_rec{i}": l.item() for i, l in enumerate(losses)}
+
+    @torch.no_grad()
+    def evaluate() -> dict[str, float]:
+        pair.eval()
+        sums = torch.zeros(3, dtype=torch.float64)
+        for images, _ in val_loader:
+            taps = teacher_taps(images.to(rt.device))
+            with rt.autocast():
+                recons = pair(taps)
+            for i, (r, t) in enumerate(zip(recons, taps)):
+                sums[i] += F.mse_loss(r.float(), t, reduction="sum").item() / t[0].numel()
+            sums[2] += images.shape[0]
+        pair.train()
+        sums = rt.all_reduce_sum(sums)
+        rec = [(sums[i] / sums[2]).item() for i in range(2)]
+        return {"val_rec0": rec[0], "val_rec1": rec[1], "val_rec": sum(rec) / 2}
+
+    run_stage(Stage(
+        name="paraphraser", out_dir=Path(cfg.run_dir) / "paraphraser", epochs=cfg.paraphraser_epochs,
+        models={f"paraphraser{i}": ("paraphraser", kw, p) for i, (kw, p) in
+                enumerate(zip(all_kwargs, pair.paraphrasers))},
+        trained=[pair], optimizers={"paraphrasers": optimizer}, schedulers={"paraphrasers": schedule},
+        scaler=scaler, train_step=step, evaluate=evaluate, score_key="val_rec", higher_is_better=False,
+        config_groups=("all", "paraphraser"),
+        extra={"teacher": {"model_name": cfg.teacher_model, "model_kwargs": seg_kwargs(cfg, "teacher")}},
+    ), cfg, rt, loader, sampler, budget)
+
+
+class StudentStep:
+    """One student iteration: frozen teacher forward, one critic step, one student step.
+
+    A class rather than a closure so bench/bench_train.py times exactly this code; `teacher_out` lets it
+    replay precomputed teacher outputs to measure the step without the teacher's forward.
+    """
+
+    def __init__(self, cfg: TrainConfig, rt: Runtime, student: nn.Module, optimizer, schedule, scaler, *,
+                 teacher=None, paraphrasers=None, critic=None, critic_ddp=None, critic_opt=None,
+                 critic_schedule=None):
+        self.cfg, self.rt, self.student, self.optimizer, self.schedule, self.scaler = (
+            cfg, rt, student, optimizer, schedule, scaler)
+        self.teacher, self.paraphrasers = teacher, paraphrasers
+        self.critic, self.critic_ddp, self.critic_opt, self.critic_schedule = (
+            critic, critic_ddp or critic, critic_opt, critic_schedule)
+
+    @torch.no_grad()
+    def teacher_outputs(self, images: torch.Tensor):
+        """(logits, (shallow', deep')) in fp32; taps paraphrased when paraphrasers are given."""
+        with self.rt.autocast():
+            out = self.teacher(images)
+            taps = (out.shallow, out.deep)
+            if self.paraphrasers is not None:
+                taps = tuple(p.encode(t) for p, t in zip(self.paraphrasers, taps))
+        return out.logits.float(), tuple(t.float() for t in taps)
+
+    def __call__(self, images: torch.Tensor, masks: torch.Tensor, teacher_out=None) -> dict[str, float]:
+        cfg, rt = self.cfg, self.rt
+        self.schedule.apply()
+        terms: dict[str, float] = {}
+        if teacher_out is None and self.teacher is not None:
+            teacher_out = self.teacher_outputs(images)
+        logits_t, taps_t = teacher_out if teacher_out is not None else (None, None)
+        with rt.autocast():
+            out_s = self.student(images)
+        logits_s = out_s.logits.float()
+
+        if self.critic is not None:  # critic step on this iteration's (detached) student predictions
+            self.critic_schedule.apply()
+            self.critic.requires_grad_(True)
+            real = critic_input(logits_t, images, cfg.disc_input)
+            fake = critic_input(logits_s.detach(), images, cfg.disc_input)
+            d_loss, d_terms = critic_loss(self.critic_ddp, real, fake, cfg.gp_weight)
+            self.critic_opt.zero_grad(set_to_none=True)
+            d_loss.backward()
+            self.critic_opt.step()
+            self.critic_schedule.advance()
+            terms.update(d_terms)
+
+        loss_ce = F.cross_entropy(logits_s, masks)
+        loss = loss_ce
+        terms["loss_ce"] = loss_ce.item()
+        if cfg.distill != "none":
+            taps_s = (out_s.shallow.float(), out_s.deep.float())
+            loss_distill = distillation_loss(cfg.distill, taps_t, taps_s, cfg.similarity_backend)
+            loss = loss + cfg.distill_weight * loss_distill
+            terms[f"loss_{cfg.distill}"] = loss_distill.item()
+        if self.critic is not None:
+            # The critic is fixed for this term: no parameter gradients, and no DDP call on it.
+            self.critic.requires_grad_(False)
+            loss_g = -self.critic(critic_input(logits_s, images, cfg.disc_input)).mean()
+            loss = loss + cfg.adv_weight * loss_g
+            terms["loss_adv_g"] = loss_g.item()
+        if cfg.kd_weight > 0:
+            loss_kd = logit_kd(logits_s, logits_t, cfg.kd_temperature)
+            loss = loss + cfg.kd_weight * loss_kd
+            terms["loss_kd"] = loss_kd.item()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.schedule.advance()
+        terms["loss_total"] = loss.item()
+        return terms
+
+
+# --- stage 2: student (+ critic) -------------------------------------------------------------------------
+def train_student(cfg: TrainConfig, rt: Runtime, budget: IterationBudget) -> None:
+    seed_everything(cfg.seed)
+    train_set, val_set = build_dataset(cfg, "train"), build_dataset(cfg, "val")
+    needs_teacher = cfg.distill != "none" or cfg.adversarial or cfg.kd_weight > 0
+    teacher = load_teacher(cfg, rt) if needs_teacher else None
+    paraphrase = cfg.distill != "none" and cfg.use_paraphraser
+    paraphrasers = load_paraphrasers(cfg, rt, teacher) if paraphrase else None
+
+    kwargs = seg_kwargs(cfg, "student")
+    student = create_model(cfg.student_model, **kwargs).to(rt.device)
+    model = rt.wrap(student)
+    optimizer = torch.optim.Adam(student.parameters(), lr=cfg.student_lr, weight_decay=cfg.weight_decay)
+    loader, sampler = train_loader(train_set, cfg, rt)
+    per_epoch = _iters_per_epoch(sampler, cfg, rt)
+    schedule = _schedule(cfg, optimizer, cfg.student_lr, cfg.student_epochs, per_epoch)
+    models = {"student": (cfg.student_model, kwargs, student)}
+    optimizers, schedulers = {"student": optimizer}, {"student": schedule}
+
+    critic = critic_ddp = critic_opt = critic_schedule = None
+    if cfg.adversarial:
+        image_channels = 0 if cfg.disc_input == "logits" else cfg.in_channels
+        d_kwargs = {"in_channels": cfg.num_classes + image_channels, "width": cfg.disc_width}
+        critic = create_model("discriminator", **d_kwargs).to(rt.device)
+        # Spectral-norm power-iteration vectors are buffers; every rank computes the same ones from the same
+        # weights, and broadcasting them mid-step would clash with the critic's several uses per iteration.
+        critic_ddp = rt.wrap(critic, sync_buffers_each_forward=False)
+        critic_opt = torch.optim.Adam(critic.parameters(), lr=cfg.disc_lr, betas=(cfg.disc_beta1, cfg.disc_beta2),
+                                      weight_decay=cfg.weight_decay)
+        # The critic follows plain poly decay (the authors' code), without the student's steps.
+        critic_schedule = _schedule(cfg, critic_opt, cfg.disc_lr, cfg.student_epochs, per_epoch,
+                                    kind="constant" if cfg.lr_schedule == "constant" else "poly")
+        models["discriminator"] = ("discriminator", d_kwargs, critic)
+        optimizers["discriminator"], schedulers["discriminator"] = critic_opt, critic_schedule
+    scaler = rt.grad_scaler()
+    val_loader = eval_loader(val_set, cfg, rt)
+    seed_everything(cfg.seed + 1 + rt.rank)
+
+    step = StudentStep(cfg, rt, model, optimizer, schedule, scaler, teacher=teacher, paraphrasers=paraphrasers,
+                       critic=critic, critic_ddp=critic_ddp, critic_opt=critic_opt, critic_schedule=critic_schedule)
+    trained = [student] + ([critic] if critic is not None else [])
+    run_stage(Stage(
+        name=f"student ({cfg.student_name})", out_dir=Path(cfg.run_dir) / cfg.student_name,
+        epochs=cfg.student_epochs, models=models, trained=trained, optimizers=optimizers, schedulers=schedulers,
+        scaler=scaler, train_step=step, evaluate=lambda: evaluate_segmentation(student, val_loader, cfg, rt),
+        score_key="val_miou", config_groups=("all", "paraphraser", "student"),
+        draw_overlays=overlay_drawer(student, val_set, cfg, rt),
+    ), cfg, rt, loader, sampler, budget)
+
+
+# --- stage 3: evaluation ---------------------------------------------------------------------------------
+def evaluate_all(cfg: TrainConfig, rt: Runtime) -> list[dict]:
+    """Score the teacher and the listed students on the test split; print and save one table (eval.csv)."""
+    test_set = build_dataset(cfg, "test")
+    loader = eval_loader(test_set, cfg, rt)
+    entries = [("teacher", teacher_path(cfg), "teacher")]
+    entries += [(name, Path(cfg.run_dir) / name / "best.pt", "student") for name in cfg.students_to_eval()]
+    rows = []
+    for name, path, role in entries:
+        if not path.is_file():
+            if rt.is_main:
+                print(f"[eval] {name}: no checkpoint at {path}; skipped", flush=True)
+            continue
+        spec = model_spec(load_checkpoint(path), role, path)
+        net = create_model(spec["model_name"], **spec["model_kwargs"])
+        load_weights(net, spec, role, path)
+        metrics = evaluate_segmentation(net.to(rt.device), loader, cfg, rt, prefix="")
+        with torch.device("meta"):  # shapes only: counting a full-size teacher costs no compute
+            shadow = create_model(spec["model_name"], **spec["model_kwargs"])
+        size = (1, cfg.in_channels, cfg.image_size, cfg.image_size)
+        rows.append({"name": name, "model": spec["model_name"], "width": spec["model_kwargs"].get("width", 1.0),
+                     "params": report.count_params(net), f"gmacs@{cfg.image_size}": report.count_gmacs(shadow, size),
+                     **metrics, "checkpoint": str(path)})
+    if rt.is_main and rows:
+        out = Path(cfg.run_dir)
+        report.write_summary(rows, out / "eval.csv")
+        atomic_write_text(json.dumps(rows, indent=2), out / "eval.json")
+        print(format_table(rows, cfg.image_size), flush=True)
+    return rows
+
+
+def format_table(rows: list[dict], image_size: int) -> str:
+    head = f"| model | network | params | GMACs @{image_size}² | ACC | mIoU | mDice |"
+    lines = [head, "|---|---|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        lines.append(f"| {r['name']} | {r['model']} x{r['width']:g} | {r['params']:,} | "
+                     f"{r[f'gmacs@{image_size}']:.3f} | {r['acc']:.4f} | {r['miou']:.4f} | {r['mdice']:.4f} |")
+    return "\n".join(lines)
