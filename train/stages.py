@@ -425,7 +425,7 @@ def train_student(cfg: TrainConfig, rt: Runtime, budget: IterationBudget) -> Non
                        critic=critic, critic_ddp=critic_ddp, critic_opt=critic_opt, critic_schedule=critic_schedule)
     trained = [student] + ([critic] if critic is not None else [])
     run_stage(Stage(
-        name=f"student ({cfg.student_name})", out_dir=Path(cfg.run_dir) / cfg.student_name,
+        name="student" if cfg.student_name == "student" else f"student ({cfg.student_name})", out_dir=Path(cfg.run_dir) / cfg.student_name,
         epochs=cfg.student_epochs, models=models, trained=trained, optimizers=optimizers, schedulers=schedulers,
         scaler=scaler, train_step=step, evaluate=lambda: evaluate_segmentation(student, val_loader, cfg, rt),
         score_key="val_miou", config_groups=("all", "paraphraser", "student"),
@@ -456,7 +456,10 @@ def evaluate_all(cfg: TrainConfig, rt: Runtime) -> list[dict]:
         rows.append({"name": name, "model": spec["model_name"], "width": spec["model_kwargs"].get("width", 1.0),
                      "params": report.count_params(net), f"gmacs@{cfg.image_size}": report.count_gmacs(shadow, size),
                      **metrics, "checkpoint": str(path)})
-    if rt.is_main and rows:
+    if not rows:
+        raise CheckpointError(f"nothing to evaluate: no teacher or student best.pt under {cfg.run_dir} "
+                              f"(students looked for: {', '.join(cfg.students_to_eval())})")
+    if rt.is_main:
         out = Path(cfg.run_dir)
         report.write_summary(rows, out / "eval.csv")
         atomic_write_text(json.dumps(rows, indent=2), out / "eval.json")
