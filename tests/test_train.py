@@ -112,6 +112,37 @@ def test_cli_reports_config_errors_with_exit_status_2(capsys):
     assert "unknown config key 'image_sise'" in capsys.readouterr().err
 
 
+def test_image_size_the_networks_cannot_take_is_refused_before_training(tmp_path, capsys):
+    assert run(tmp_path, "--stage=teacher", "--teacher_model=mobile_unet", "--image_size=48") == 2
+    assert "config key 'image_size'" in capsys.readouterr().err
+    assert not (tmp_path / "teacher" / "last.pt").exists()
+
+
+def test_folder_dataset_trains_and_bad_folders_are_named(tmp_path, capsys):
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for split, count in (("train", 8), ("val", 4)):
+        (tmp_path / "data" / split / "images").mkdir(parents=True)
+        (tmp_path / "data" / split / "masks").mkdir(parents=True)
+        for i in range(count):
+            mask = np.zeros((80, 80), np.uint8)
+            mask[10:50, 20:70] = 255
+            image = rng.integers(0, 120, (80, 80, 3), dtype=np.uint8)
+            image[mask > 0] += 100
+            Image.fromarray(image).save(tmp_path / "data" / split / "images" / f"p{i}.png")
+            Image.fromarray(mask).save(tmp_path / "data" / split / "masks" / f"p{i}.png")
+    folder = ["--dataset=folder", f"--data_root={tmp_path / 'data'}", "--mask_values=0:0,255:1"]
+    assert run(tmp_path / "run", *folder, "--stage=teacher", "--teacher_epochs=1") == 0
+    assert run(tmp_path / "run", *folder, "--stage=eval") == 0  # no test/ split: scored on val/
+    assert (tmp_path / "run" / "eval.csv").is_file()
+    # A mask value outside the declared mapping is named with its file and the key.
+    assert run(tmp_path / "bad", "--dataset=folder", f"--data_root={tmp_path / 'data'}", "--stage=teacher") == 2
+    err = capsys.readouterr().err
+    assert "config key 'data_root'" in err and "p0.png" in err and "255" in err
+
+
 # --- schedule and checkpoint pieces ----------------------------------------------------------------------
 def test_poly_and_stepped_schedules():
     kw = dict(total_iters=1000, iters_per_epoch=10)

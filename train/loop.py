@@ -86,7 +86,7 @@ def run_stage(stage: Stage, cfg: TrainConfig, rt: Runtime, loader, sampler: Resu
         if not cfg.resume:
             raise ConfigError(f"{last_path} exists: pass --resume to continue that run or --overwrite to "
                               f"start the {stage.name} stage afresh")
-        ckpt = load_checkpoint(last_path, map_location=rt.device)
+        ckpt = load_checkpoint(last_path)  # on CPU: RNG states must stay CPU tensors; weights are copied over
         check_config(ckpt["config"], wanted_config, last_path)
         if ckpt.get("finished"):
             _log(rt, f"[{stage.name}] already finished ({last_path}); skipping")

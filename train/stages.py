@@ -19,7 +19,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from cocofast.data import SyntheticPathology
+from cocofast.data import FolderDataset, SyntheticPathology
+from cocofast.io import atomic_write_text
 from cocofast.losses.kd import pixel_kl
 from cocofast.metrics import ConfusionMatrix
 from cocofast.models import create_model
@@ -31,7 +32,6 @@ from .config import ConfigError, TrainConfig
 from .loop import IterationBudget, Stage, run_stage
 from .runtime import Runtime, eval_loader, seed_everything, train_loader
 from .schedule import IterationLR
-from cocofast.io import atomic_write_text
 
 
 # --- data ------------------------------------------------------------------------------------------------
@@ -42,8 +42,6 @@ def build_dataset(cfg: TrainConfig, split: str):
         offset = {"train": 0, "val": 1_000_003, "test": 2_000_003}[split]
         return SyntheticPathology(length, size=cfg.image_size, seed=cfg.seed + offset,
                                   in_channels=cfg.in_channels, flips=False)
-    from cocofast.data import FolderDataset
-
     root = Path(cfg.data_root)
     folder = root / split
     if split == "test" and not folder.is_dir():
@@ -62,6 +60,16 @@ def build_dataset(cfg: TrainConfig, split: str):
 def seg_kwargs(cfg: TrainConfig, role: str) -> dict:
     width = cfg.teacher_width if role == "teacher" else cfg.student_width
     return {"in_channels": cfg.in_channels, "num_classes": cfg.num_classes, "width": width}
+
+
+def check_image_size(cfg: TrainConfig, model: nn.Module, role: str) -> None:
+    """Fail before training, naming the key, rather than at the first forward pass."""
+    divisor = getattr(model, "input_divisor", 1)
+    minimum = getattr(model, "min_size", 1)
+    if cfg.image_size % divisor or cfg.image_size < minimum:
+        raise ConfigError(f"config key 'image_size': the {role} ({type(model).__name__}) needs sides divisible by "
+                          f"{divisor}" + (f" and at least {minimum}" if minimum > 1 else "")
+                          + f", got {cfg.image_size}")
 
 
 def frozen(module: nn.Module) -> nn.Module:
@@ -215,6 +223,7 @@ def train_teacher(cfg: TrainConfig, rt: Runtime, budget: IterationBudget) -> Non
     train_set, val_set = build_dataset(cfg, "train"), build_dataset(cfg, "val")
     kwargs = seg_kwargs(cfg, "teacher")
     teacher = create_model(cfg.teacher_model, **kwargs).to(rt.device)
+    check_image_size(cfg, teacher, "teacher")
     model = rt.wrap(teacher)
     optimizer = torch.optim.Adam(teacher.parameters(), lr=cfg.teacher_lr, weight_decay=cfg.weight_decay)
     loader, sampler = train_loader(train_set, cfg, rt)
@@ -394,6 +403,7 @@ def train_student(cfg: TrainConfig, rt: Runtime, budget: IterationBudget) -> Non
 
     kwargs = seg_kwargs(cfg, "student")
     student = create_model(cfg.student_model, **kwargs).to(rt.device)
+    check_image_size(cfg, student, "student")
     model = rt.wrap(student)
     optimizer = torch.optim.Adam(student.parameters(), lr=cfg.student_lr, weight_decay=cfg.weight_decay)
     loader, sampler = train_loader(train_set, cfg, rt)
@@ -407,6 +417,7 @@ def train_student(cfg: TrainConfig, rt: Runtime, budget: IterationBudget) -> Non
         image_channels = 0 if cfg.disc_input == "logits" else cfg.in_channels
         d_kwargs = {"in_channels": cfg.num_classes + image_channels, "width": cfg.disc_width}
         critic = create_model("discriminator", **d_kwargs).to(rt.device)
+        check_image_size(cfg, critic, "discriminator")
         # Spectral-norm power-iteration vectors are buffers; every rank computes the same ones from the same
         # weights, and broadcasting them mid-step would clash with the critic's several uses per iteration.
         critic_ddp = rt.wrap(critic, sync_buffers_each_forward=False)
