@@ -12,17 +12,14 @@ small probe run).
 from __future__ import annotations
 
 import argparse
-import json
 import math
-import os
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from common import environment, write_csv  # noqa: E402
+from common import environment, free_bytes, has_cuda, run_child, write_csv
 
 # (teacher channels, student channels): FANet's taps against each student's (SPEC §4).
 PAIRS = {"FANet 256 → Mobile U-Net 24": (256, 24), "FANet 256 → ENet/ERFNet 64": (256, 64)}
@@ -85,35 +82,7 @@ def _vm_hwm() -> int:
 
 
 def child(args: dict, timeout: float) -> dict:
-    code = ("import json, sys; sys.path.insert(0, %r); from bench_pixel_relation import run_case; "
-            "print(json.dumps(run_case(**json.loads(sys.argv[1]))))" % str(HERE))
-    env = dict(os.environ)
-    if args["backend"] == "triton" and not _has_cuda():
-        env["TRITON_INTERPRET"] = "1"
-    try:
-        out = subprocess.run([sys.executable, "-c", code, json.dumps(args)], capture_output=True, text=True,
-                             env=env, timeout=timeout)
-    except subprocess.TimeoutExpired:
-        return {"error": f"over the {timeout:.0f} s budget"}
-    if out.returncode != 0:
-        return {"error": out.stderr.strip().splitlines()[-1][:160] if out.stderr.strip() else "failed"}
-    return json.loads(out.stdout.strip().splitlines()[-1])
-
-
-def _has_cuda() -> bool:
-    import torch
-
-    return torch.cuda.is_available()
-
-
-def _free_bytes() -> int:
-    import torch
-
-    if torch.cuda.is_available():
-        return torch.cuda.mem_get_info()[0]
-    from cocofast.similarity import _available_host_memory
-
-    return _available_host_memory()
+    return run_child("bench_pixel_relation", args, timeout, interpret=args["backend"] == "triton" and not has_cuda())
 
 
 def main(argv=None) -> list[dict]:
@@ -124,7 +93,7 @@ def main(argv=None) -> list[dict]:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--quick", action="store_true", help="only N=4,096 (a smoke run)")
     args = ap.parse_args(argv)
-    cuda = _has_cuda()
+    cuda = has_cuda()
     interpreted = not cuda
     env = environment()
     # Probes: how fast this machine runs each backend, per pair, to estimate the cases not run.
@@ -148,9 +117,9 @@ def main(argv=None) -> list[dict]:
                     est = flops(backend, batch, n, c_t, c_s) / rate if rate else math.inf
                     need = NAIVE_MATRICES * batch * n * n * 4
                     budget = args.interpreter_budget_s if backend == "triton" and interpreted else args.budget_s
-                    if backend == "naive" and need > _free_bytes():
+                    if backend == "naive" and need > free_bytes():
                         row["note"] = (f"not run: the N×N matrices need ≈{need / 2**30:,.0f} GiB "
-                                       f"({_free_bytes() / 2**30:,.0f} GiB free)")
+                                       f"({free_bytes() / 2**30:,.0f} GiB free)")
                     elif est > budget:
                         where = " in the Triton CPU interpreter" if backend == "triton" and interpreted else ""
                         row["note"] = f"not run: ≈{_duration(est)} per step{where} (budget {budget:.0f} s)"

@@ -10,16 +10,13 @@ longer than the budget (the Triton interpreter on CPU) are not run: the table sa
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from common import environment, write_csv  # noqa: E402
+from common import environment, free_bytes, has_cuda, run_child, write_csv
 
 PAIRS = {"FANet teacher 256/256": 256, "ENet/ERFNet 64/64": 64, "Mobile U-Net 24/24": 24}
 SIZES = {"256² input (N=4,096)": 64, "1024² at H/4 (N=65,536)": 256, "1024² at H/2 (N=262,144)": 512}
@@ -82,35 +79,7 @@ def _vm_hwm() -> int:
 
 
 def child(args: dict, timeout: float) -> dict:
-    code = ("import json, sys; sys.path.insert(0, %r); from bench_similarity import run_case; "
-            "print(json.dumps(run_case(**json.loads(sys.argv[1]))))" % str(HERE))
-    env = dict(os.environ)
-    if args["backend"] in ("triton", "tiled") and not _has_cuda():
-        env["TRITON_INTERPRET"] = "1"
-    try:
-        out = subprocess.run([sys.executable, "-c", code, json.dumps(args)], capture_output=True, text=True,
-                             env=env, timeout=timeout)
-    except subprocess.TimeoutExpired:
-        return {"error": f"over the {timeout:.0f} s budget"}
-    if out.returncode != 0:
-        return {"error": out.stderr.strip().splitlines()[-1][:160] if out.stderr.strip() else "failed"}
-    return json.loads(out.stdout.strip().splitlines()[-1])
-
-
-def _has_cuda() -> bool:
-    import torch
-
-    return torch.cuda.is_available()
-
-
-def _free_bytes() -> int:
-    import torch
-
-    if torch.cuda.is_available():
-        return torch.cuda.mem_get_info()[0]
-    from cocofast.similarity import _available_host_memory
-
-    return _available_host_memory()
+    return run_child("bench_similarity", args, timeout, interpret=args["backend"] in ("triton", "tiled") and not has_cuda())
 
 
 def main(argv=None) -> list[dict]:
@@ -121,7 +90,7 @@ def main(argv=None) -> list[dict]:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--quick", action="store_true", help="only N=4,096 (a smoke run)")
     args = ap.parse_args(argv)
-    cuda = _has_cuda()
+    cuda = has_cuda()
     interp_budget = min(args.interpreter_budget_s, args.budget_s)
     env = environment()
     rows = []
@@ -143,7 +112,7 @@ def main(argv=None) -> list[dict]:
                     work = flops(backend, batch, n, channels)
                     est = work / rates[backend] if backend in rates else float("inf")
                     need = 6 * batch * n * n * 4
-                    if backend == "naive" and need > _free_bytes():
+                    if backend == "naive" and need > free_bytes():
                         row["note"] = f"not run: needs ≈{need / 2**30:,.0f} GiB for the N×N matrices"
                     elif est > (budget := interp_budget if backend in ("triton", "tiled") and not cuda
                                 else args.budget_s):

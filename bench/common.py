@@ -2,9 +2,11 @@
 from __future__ import annotations
 
 import csv
+import json
 import os
 import platform
 import subprocess
+import sys
 from pathlib import Path
 
 
@@ -35,3 +37,38 @@ def write_csv(path: Path, rows: list[dict], env: dict) -> None:
         for row in rows:
             writer.writerow({**env, **row})
     os.replace(tmp, path)
+
+
+def has_cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def free_bytes() -> int:
+    """Free memory on the device the bench runs on (GPU if present, else host MemAvailable)."""
+    import torch
+
+    if torch.cuda.is_available():
+        return torch.cuda.mem_get_info()[0]
+    from cocofast.similarity import _available_host_memory
+
+    return _available_host_memory()
+
+
+def run_child(module: str, args: dict, timeout: float, interpret: bool = False) -> dict:
+    """`module.run_case(**args)` in a fresh process (clean peak memory); its JSON result, or {"error": ...}."""
+    here = str(Path(__file__).resolve().parent)
+    code = (f"import json, sys; sys.path.insert(0, {here!r}); from {module} import run_case; "
+            "print(json.dumps(run_case(**json.loads(sys.argv[1]))))")
+    env = dict(os.environ)
+    if interpret:
+        env["TRITON_INTERPRET"] = "1"
+    try:
+        out = subprocess.run([sys.executable, "-c", code, json.dumps(args)], capture_output=True, text=True,
+                             env=env, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return {"error": f"over the {timeout:.0f} s budget"}
+    if out.returncode != 0:
+        return {"error": out.stderr.strip().splitlines()[-1][:160] if out.stderr.strip() else "failed"}
+    return json.loads(out.stdout.strip().splitlines()[-1])

@@ -50,23 +50,17 @@ from ._launch import (
     tl_dtype,
 )
 from .cmss_rows import MixedRows, chain_backward
+from .tiled import similarity_tile
 
 
 @triton.jit
 def _relation_tile(f_b, w_b, norm_b, stride_c, stride_h, stride_w, width, n_pix, n_chan, ri, rj, eps, inv_tau,
                    BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_C: tl.constexpr,
                    ACC: tl.constexpr, PRECISION: tl.constexpr):
-    """R[ri, rj] = Â[ri] · Â[rj]ᵀ / τ, reduced over channel tiles (out-of-range rows give 0)."""
-    inv_i = load_inv_norm(norm_b, ri, n_pix, eps)
-    inv_j = load_inv_norm(norm_b, rj, n_pix, eps)
-    r = tl.zeros((BLOCK_I, BLOCK_J), dtype=ACC)
-    for c0 in range(0, n_chan, BLOCK_C):
-        chans = c0 + tl.arange(0, BLOCK_C)
-        ai = load_mixed_tile(f_b, w_b, stride_c, stride_h, stride_w, width, n_pix, n_chan, ri, chans, ACC)
-        aj = load_mixed_tile(f_b, w_b, stride_c, stride_h, stride_w, width, n_pix, n_chan, rj, chans, ACC)
-        r += tl.dot(ai * inv_i[:, None], tl.trans(aj * inv_j[:, None]), input_precision=PRECISION,
-                    out_dtype=ACC)
-    return r * inv_tau
+    """R[ri, rj] = Â[ri] · Â[rj]ᵀ / τ (out-of-range rows give 0): the CoCo similarity tile, scaled."""
+    m = similarity_tile(f_b, w_b, norm_b, stride_c, stride_h, stride_w, width, n_pix, n_chan, ri, rj, eps,
+                        BLOCK_I, BLOCK_J, BLOCK_C, ACC, PRECISION)
+    return m * inv_tau
 
 
 @triton.jit

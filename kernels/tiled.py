@@ -36,7 +36,7 @@ from .cmss_rows import MixedRows, chain_backward
 
 
 @triton.jit
-def _similarity_tile(f_b, w_b, norm_b, stride_c, stride_h, stride_w, width, n_pix, n_chan, ri, rj, eps,
+def similarity_tile(f_b, w_b, norm_b, stride_c, stride_h, stride_w, width, n_pix, n_chan, ri, rj, eps,
                      BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_C: tl.constexpr,
                      ACC: tl.constexpr, PRECISION: tl.constexpr):
     """M[ri, rj] = Â[ri] · Â[rj]ᵀ, reduced over channel tiles."""
@@ -72,9 +72,9 @@ def tiled_forward_kernel(
     d = tl.zeros((BLOCK_I, BLOCK_J), dtype=ACC)
     for j0 in range(0, n_pix, BLOCK_J):
         rj = j0 + tl.arange(0, BLOCK_J)
-        m1 = _similarity_tile(f1_b, w1_b, n1_b, a_stride_c, a_stride_h, a_stride_w, a_width, n_pix, n_chan_1,
+        m1 = similarity_tile(f1_b, w1_b, n1_b, a_stride_c, a_stride_h, a_stride_w, a_width, n_pix, n_chan_1,
                               ri, rj, eps, BLOCK_I, BLOCK_J, BLOCK_C, ACC, PRECISION)
-        m2 = _similarity_tile(f2_b, w2_b, n2_b, b_stride_c, b_stride_h, b_stride_w, b_width, n_pix, n_chan_2,
+        m2 = similarity_tile(f2_b, w2_b, n2_b, b_stride_c, b_stride_h, b_stride_w, b_width, n_pix, n_chan_2,
                               ri, rj, eps, BLOCK_I, BLOCK_J, BLOCK_C, ACC, PRECISION)
         k += m1 * m2
         p += m1 * m1
@@ -106,9 +106,9 @@ def tiled_backward_kernel(
     acc = tl.zeros((BLOCK_I, BLOCK_C), dtype=ACC)
     for j0 in range(0, n_pix, BLOCK_J):
         rj = j0 + tl.arange(0, BLOCK_J)
-        m_self = _similarity_tile(fs_b, ws_b, ns_b, s_stride_c, s_stride_h, s_stride_w, s_width, n_pix, n_chan_s,
+        m_self = similarity_tile(fs_b, ws_b, ns_b, s_stride_c, s_stride_h, s_stride_w, s_width, n_pix, n_chan_s,
                                   ri, rj, eps, BLOCK_I, BLOCK_J, BLOCK_C, ACC, PRECISION)
-        m_other = _similarity_tile(fo_b, wo_b, no_b, o_stride_c, o_stride_h, o_stride_w, o_width, n_pix,
+        m_other = similarity_tile(fo_b, wo_b, no_b, o_stride_c, o_stride_h, o_stride_w, o_width, n_pix,
                                    n_chan_o, ri, rj, eps, BLOCK_I, BLOCK_J, BLOCK_C, ACC, PRECISION)
         g = alpha * m_other + beta * m_self
         aj = load_mixed_tile(fs_b, ws_b, s_stride_c, s_stride_h, s_stride_w, s_width, n_pix, n_chan_s, rj, cout,

@@ -12,7 +12,6 @@ autocast; the losses between them (distillation, critic, KD) are computed in fp3
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 
 import torch
