@@ -19,7 +19,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from common import environment, free_bytes, has_cuda, run_child, write_csv
+from common import environment, free_bytes, has_cuda, run_child, vm_hwm, write_csv
 
 # (teacher channels, student channels): FANet's taps against each student's (SPEC §4).
 PAIRS = {"FANet 256 → Mobile U-Net 24": (256, 24), "FANet 256 → ENet/ERFNet 64": (256, 64)}
@@ -54,7 +54,7 @@ def run_case(backend: str, batch: int, side: int, c_t: int, c_s: int, repeats: i
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
     else:
-        base = _vm_hwm()
+        base = vm_hwm()
     times, value = [], None
     for _ in range(repeats):
         fs.grad = None
@@ -67,18 +67,10 @@ def run_case(backend: str, batch: int, side: int, c_t: int, c_s: int, repeats: i
             torch.cuda.synchronize()
         times.append(time.perf_counter() - t0)
         value = loss.item()
-    peak = (torch.cuda.max_memory_allocated() if dev == "cuda" else _vm_hwm()) - base
+    peak = (torch.cuda.max_memory_allocated() if dev == "cuda" else vm_hwm()) - base
     times.sort()
     return {"median_s": times[len(times) // 2], "peak_extra_bytes": peak, "input_bytes": input_bytes,
             "loss": value, "device": torch.cuda.get_device_name() if dev == "cuda" else "cpu"}
-
-
-def _vm_hwm() -> int:
-    with open("/proc/self/status") as fh:
-        for line in fh:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    return 0
 
 
 def child(args: dict, timeout: float) -> dict:

@@ -16,7 +16,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from common import environment, free_bytes, has_cuda, run_child, write_csv
+from common import environment, free_bytes, has_cuda, run_child, vm_hwm, write_csv
 
 PAIRS = {"FANet teacher 256/256": 256, "ENet/ERFNet 64/64": 64, "Mobile U-Net 24/24": 24}
 SIZES = {"256² input (N=4,096)": 64, "1024² at H/4 (N=65,536)": 256, "1024² at H/2 (N=262,144)": 512}
@@ -52,7 +52,7 @@ def run_case(backend: str, batch: int, side: int, channels: int, repeats: int) -
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
     else:
-        base = _vm_hwm()
+        base = vm_hwm()
     times = []
     for _ in range(repeats):
         f1.grad = f2.grad = None
@@ -64,18 +64,10 @@ def run_case(backend: str, batch: int, side: int, channels: int, repeats: int) -
         if dev == "cuda":
             torch.cuda.synchronize()
         times.append(time.perf_counter() - t0)
-    peak = (torch.cuda.max_memory_allocated() if dev == "cuda" else _vm_hwm()) - base
+    peak = (torch.cuda.max_memory_allocated() if dev == "cuda" else vm_hwm()) - base
     times.sort()
     return {"median_s": times[len(times) // 2], "peak_extra_bytes": peak, "input_bytes": input_bytes,
             "device": torch.cuda.get_device_name() if dev == "cuda" else "cpu"}
-
-
-def _vm_hwm() -> int:
-    with open("/proc/self/status") as fh:
-        for line in fh:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    return 0
 
 
 def child(args: dict, timeout: float) -> dict:

@@ -72,3 +72,12 @@ def run_child(module: str, args: dict, timeout: float, interpret: bool = False) 
     if out.returncode != 0:
         return {"error": out.stderr.strip().splitlines()[-1][:160] if out.stderr.strip() else "failed"}
     return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def vm_hwm() -> int:
+    """Peak resident memory of this process so far (Linux VmHWM), in bytes."""
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    return 0

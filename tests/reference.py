@@ -1,5 +1,8 @@
 """An independent float64 reference for SPEC §2, in numpy, built from sums of squares."""
 import numpy as np
+import torch
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def rows(f: np.ndarray, channel_mix: bool = True, eps: float = 1e-6) -> np.ndarray:
@@ -34,3 +37,12 @@ def phi(f1, f2):
 def distance(ft, fs, channel_mix=True):
     n = ft.shape[2] * ft.shape[3]
     return float(stats(ft, fs, channel_mix)[:, 3].mean() / (n * n))
+
+
+def features(seed, batch, channels, h, w, dtype, relu=False, scale=1.0):
+    """Reproducible test maps (B, C, H, W) on the test device: drawn in fp64, then cast to `dtype`."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(batch, channels, h, w, generator=g, dtype=torch.float64) * scale
+    if relu:
+        x = x.clamp_min(0)
+    return x.to(dtype).to(DEVICE)

@@ -10,6 +10,7 @@ import torch
 import cocofast.pixel_relation as pr
 from cocofast.kernels.pixel_relation import pixel_relation_rows
 from reference import rows as ref_rows
+from reference import DEVICE, features
 
 @pytest.fixture(scope="module", autouse=True)
 def gpu_compile_job():
@@ -25,18 +26,9 @@ def gpu_compile_job():
         job.communicate()
 
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 BACKENDS = ["naive", "triton"]
 # Values and gradients (norm-wise), relative: fp32 inputs 1e-5, half-precision inputs 1e-2.
 TOL = {torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 1e-2, torch.float64: 1e-10}
-
-
-def features(seed, batch, channels, h, w, dtype, relu=False, scale=1.0):
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(batch, channels, h, w, generator=g, dtype=torch.float64) * scale
-    if relu:
-        x = x.clamp_min(0)
-    return x.to(dtype).to(DEVICE)
 
 
 def ref_kl_rows(ft, fs, tau=1.0, channel_mix=False):

@@ -9,21 +9,13 @@ import cocofast
 from reference import distance as ref_distance
 from reference import phi as ref_phi
 from reference import stats as ref_stats
+from reference import DEVICE, features
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 BACKENDS = ["naive", "gram", "triton", "tiled"]
 CHANNELS = [3, 24, 40, 96, 320]
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 # fp32 inputs: values 1e-5, gradients 1e-4 (norm-wise); half-precision inputs: 1e-2 (SPEC contract).
 TOL = {torch.float32: (1e-5, 1e-4), torch.float16: (1e-2, 1e-2), torch.bfloat16: (1e-2, 1e-2)}
-
-
-def features(seed, batch, channels, h, w, dtype, relu=False, scale=1.0):
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(batch, channels, h, w, generator=g, dtype=torch.float64) * scale
-    if relu:
-        x = x.clamp_min(0)
-    return x.to(dtype).to(DEVICE)
 
 
 def rel(a, b):
