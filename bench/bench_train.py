@@ -26,7 +26,8 @@ from cocofast.similarity import coco_loss
 from cocofast.train.config import TrainConfig
 from cocofast.train.runtime import Runtime, _amp_dtype
 from cocofast.train.schedule import IterationLR
-from cocofast.train.stages import StudentStep, frozen, paraphraser_kwargs, seg_kwargs
+from cocofast.train.stages import frozen, paraphraser_kwargs, seg_kwargs
+from cocofast.train.student import StudentStep, build_losses
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import environment, write_csv  # noqa: E402
@@ -63,10 +64,10 @@ def build_step(cfg: TrainConfig, rt: Runtime, teacher, paraphrasers) -> StudentS
                               width=cfg.disc_width).to(rt.device)
         critic_opt = torch.optim.Adam(critic.parameters(), lr=cfg.disc_lr, betas=(cfg.disc_beta1, cfg.disc_beta2))
         critic_schedule = IterationLR(critic_opt, cfg.disc_lr, total_iters=10**9, iters_per_epoch=10**6)
-    uses_teacher = cfg.distill != "none" or cfg.adversarial
-    return StudentStep(cfg, rt, student, optimizer, schedule, rt.grad_scaler(),
-                       teacher=teacher if uses_teacher else None,
-                       paraphrasers=paraphrasers if cfg.distill != "none" else None, critic=critic,
+    losses = build_losses(cfg)
+    return StudentStep(cfg, rt, student, optimizer, schedule, rt.grad_scaler(), losses=losses,
+                       teacher=teacher if losses or cfg.adversarial else None,
+                       paraphrasers=paraphrasers if losses else None, critic=critic,
                        critic_opt=critic_opt, critic_schedule=critic_schedule)
 
 
@@ -87,7 +88,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     rt = Runtime(0, 1, 0, device, _amp_dtype(args.amp, device))
     cfg = TrainConfig(image_size=args.size, batch_size=args.batch, teacher_width=args.teacher_width,
                       student_width=args.student_width, disc_width=args.disc_width, amp=args.amp,
-                      distill="coco", adversarial=True, use_paraphraser=True)
+                      losses="coco", adversarial=True, use_paraphraser=True)
     torch.manual_seed(0)
     teacher = frozen(create_model(cfg.teacher_model, **seg_kwargs(cfg, "teacher")).to(device))
     paraphrasers = frozen(torch.nn.ModuleList(
@@ -95,7 +96,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     images = torch.rand(args.batch, cfg.in_channels, args.size, args.size, device=device)
     masks = (images.mean(dim=1) > 0.5).long()
 
-    alone = build_step(replace(cfg, distill="none", adversarial=False), rt, teacher, paraphrasers)
+    alone = build_step(replace(cfg, losses="none", adversarial=False), rt, teacher, paraphrasers)
     coco = build_step(cfg, rt, teacher, paraphrasers)
     cached = coco.teacher_outputs(images)
     with torch.no_grad(), rt.autocast():
@@ -103,7 +104,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     taps_s = [t.float().detach().requires_grad_(True) for t in (out_s.shallow, out_s.deep)]
 
     def coco_only():
-        coco_loss([cached[1]], [tuple(taps_s)], backend=cfg.similarity_backend).backward()
+        coco_loss([cached.feats], [tuple(taps_s)], backend=cfg.similarity_backend).backward()
 
     runs = [
         ("student alone (CE)", lambda: alone(images, masks)),

@@ -29,9 +29,9 @@ RUN_DIR = REPO / "runs" / "demo"
 STEPS = [
     ("teacher", ["--stage=teacher"]),
     ("paraphrasers", ["--stage=paraphraser"]),
-    ("student alone", ["--stage=student", "--student_name=student_alone", "--distill=none",
+    ("student alone", ["--stage=student", "--student_name=student_alone", "--losses=none",
                        "--adversarial=false"]),
-    ("student + CoCo + AdvD", ["--stage=student", "--student_name=student_coco", "--distill=coco",
+    ("student + CoCo + AdvD", ["--stage=student", "--student_name=student_coco", "--losses=coco",
                                "--adversarial=true"]),
     ("evaluation", ["--stage=eval", "--eval_students=student_alone,student_coco"]),
 ]

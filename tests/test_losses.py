@@ -8,10 +8,11 @@ import torch
 from cocofast.losses import LOSSES, DistillLoss, get_loss, list_losses
 from cocofast.models.base import SegOutput
 
-ALL = ["at", "cmss", "coco", "fsp", "ifvd", "kd", "skd_pairwise", "skd_pixel"]
+ALL = ["at", "cmss", "coco", "cpkd", "emkd", "fsp", "graph_flow", "ifvd", "kd", "skd_pairwise", "skd_pixel"]
 # Which student fields each loss reads (the others must receive no gradient).
 READS = {"kd": ("logits",), "skd_pixel": ("logits",), "at": ("shallow", "deep"), "fsp": ("shallow", "deep"),
-         "coco": ("shallow", "deep"), "skd_pairwise": ("deep",), "cmss": ("deep",), "ifvd": ("deep",)}
+         "coco": ("shallow", "deep"), "skd_pairwise": ("deep",), "cmss": ("deep",), "ifvd": ("deep",), "cpkd": ("deep",),
+         "emkd": ("logits", "shallow", "deep"), "graph_flow": ()}
 B, K, H = 2, 3, 24  # batch, classes, input size; taps at H/4 = 6
 
 
@@ -268,20 +269,33 @@ def _inputs(name, requires_grad):
     teacher = seg(21, 4, 6, requires_grad=requires_grad)
     g = torch.Generator().manual_seed(22)
     feats = tuple(torch.randn(B, c, 6, 6, generator=g).requires_grad_(requires_grad) for c in (4, 6))
-    return student, teacher, labels_for(23), feats if name in ("fsp", "coco") else None
+    return student, teacher, labels_for(23), feats if name in ("fsp", "coco", "cpkd") else None
+
+
+def _graph(name, requires_grad):
+    """Three-tap chains for losses that read them (graph_flow), else no taps."""
+    if not LOSSES[name].needs_taps:
+        return {}
+    g = torch.Generator().manual_seed(24)
+    chain = lambda channels: [torch.randn(B, c, 6, 6, generator=g).requires_grad_(requires_grad)  # noqa: E731
+                              for c in channels]
+    return {"student_taps": chain((3, 4, 5)), "teacher_taps": chain((6, 7, 8))}
 
 
 @pytest.mark.parametrize("name", ALL)
 def test_gradient_reaches_the_student_only(name):
     student, teacher, labels, feats = _inputs(name, requires_grad=True)
-    loss = get_loss(name)(student, teacher, labels, teacher_feats=feats)
+    taps = _graph(name, requires_grad=True)
+    loss = get_loss(name)(student, teacher, labels, teacher_feats=feats, **taps)
     loss.backward()
     for field, t in zip(SegOutput._fields, student):
         if field in READS[name]:
             assert t.grad is not None and torch.isfinite(t.grad).all() and t.grad.abs().sum() > 0, field
         else:
             assert t.grad is None, field
-    for t in list(teacher) + list(feats or ()):
+    for t in taps.get("student_taps", []):
+        assert t.grad is not None and t.grad.abs().sum() > 0
+    for t in list(teacher) + list(feats or ()) + taps.get("teacher_taps", []):
         assert t.grad is None
 
 
@@ -290,13 +304,15 @@ def test_bf16_autocast_computes_in_fp32(name):
     student, teacher, labels, feats = _inputs(name, requires_grad=False)
     half = lambda ts: tuple(t.bfloat16() for t in ts) if ts is not None else None  # noqa: E731
     s16, t16, f16 = SegOutput(*half(student)), SegOutput(*half(teacher)), half(feats)
+    taps16 = {k: half(v) for k, v in _graph(name, requires_grad=False).items()}
     loss = get_loss(name)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        value = loss(s16, t16, labels, teacher_feats=f16)
+        value = loss(s16, t16, labels, teacher_feats=f16, **taps16)
     assert value.dtype == torch.float32 and torch.isfinite(value)
     # The same bf16 values, widened outside autocast: equal only if nothing inside ran in bf16.
     wide = lambda ts: tuple(t.float() for t in ts) if ts is not None else None  # noqa: E731
-    expected = loss(SegOutput(*wide(s16)), SegOutput(*wide(t16)), labels, teacher_feats=wide(f16))
+    expected = loss(SegOutput(*wide(s16)), SegOutput(*wide(t16)), labels, teacher_feats=wide(f16),
+                    **{k: wide(v) for k, v in taps16.items()})
     torch.testing.assert_close(value, expected, rtol=1e-6, atol=1e-9)
 
 

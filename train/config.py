@@ -22,7 +22,7 @@ from typing import Any, Sequence
 
 import yaml
 
-STAGES = ("teacher", "paraphraser", "student", "eval", "all")
+STAGES = ("teacher", "paraphraser", "student", "eval")  # in the order 'all' runs them
 
 
 class ConfigError(ValueError):
@@ -38,8 +38,8 @@ def _f(default, group: str, help: str, choices: Sequence[str] | None = None):
 @dataclass
 class TrainConfig:
     # --- what to run, where ---
-    stage: str = _f("all", "run", "which stage to run; 'all' runs teacher, paraphraser, student, eval in order",
-                    STAGES)
+    stage: str = _f("all", "run", "which stage(s) to run: one of teacher, paraphraser, student, eval, a "
+                                  "comma-separated list of them (e.g. 'student,eval'), or 'all' (every one, in order)")
     run_dir: str = _f("runs/default", "run", "folder for checkpoints, summary.csv, plots and the resolved config")
     resume: bool = _f(False, "run", "continue each stage from its last.pt; finished stages are skipped")
     overwrite: bool = _f(False, "run", "start a stage afresh even if its last.pt exists")
@@ -58,6 +58,8 @@ class TrainConfig:
 
     # --- data ---
     seed: int = _f(0, "all", "seeds weights, data order and augmentation; data order is a function of (seed, epoch)")
+    data_seed: int = _f(0, "all", "seeds the synthetic data set and the labelled subset, so runs with different "
+                                  "`seed` train and test on the same patches")
     dataset: str = _f("synthetic", "all", "'synthetic' (built-in generated patches) or 'folder' (images + masks)",
                       ("synthetic", "folder"))
     data_root: str = _f("", "all", "folder dataset: root holding train/, val/ (and optionally test/), each with "
@@ -105,23 +107,39 @@ class TrainConfig:
     disc_beta2: float = _f(0.99, "student", "discriminator Adam beta2")
     disc_width: float = _f(1.0, "student", "discriminator channel-width multiplier (1.0 = 64..512 channels)")
 
-    # --- distillation switches (paper Table I: none / ss / cmss / coco, each with or without adversarial) ---
-    distill: str = _f("coco", "student", "'none' (student alone), 'ss', 'cmss' or 'coco'",
-                      ("none", "ss", "cmss", "coco"))
-    use_paraphraser: bool = _f(True, "student", "pass teacher taps through the paraphraser encoders first")
-    distill_weight: float = _f(1.0, "student", "lambda: weight of the ss / cmss / coco term")
+    # --- distillation: any registered losses with weights, the critic, and the supervised term ---
+    losses: str = _f("coco", "student", "distillation losses as 'name[:weight],...' from cocofast.losses "
+                                        "(e.g. 'coco', 'kd:1,at', 'graph_flow,kd'; weight defaults to the "
+                                        "loss's SPEC §6 weight); 'none' trains the student alone")
+    supervised_loss: str = _f("ce", "student", "'ce' (cross-entropy) or 'focal_dice' (0.5 focal + 0.5 dice, "
+                                               "EMKD's)", ("ce", "focal_dice"))
+    use_paraphraser: bool = _f(True, "student", "losses that read taps see the paraphraser encodings of the "
+                                                "teacher's taps (FSP and CPKD need them: equal channels)")
+    labelled_fraction: float = _f(1.0, "student", "semi-supervised: the fraction of training patches whose masks "
+                                                  "the student may use; below 1, each batch is half labelled, "
+                                                  "half unlabelled, and CE sees only the labelled half")
     adversarial: bool = _f(True, "student", "adversarial distillation with a WGAN-GP discriminator")
     adv_weight: float = _f(0.1, "student", "beta: weight of the student's adversarial term L_g")
     gp_weight: float = _f(10.0, "student", "gradient-penalty weight in the discriminator loss")
     disc_input: str = _f("probs_image", "student", "'probs_image' ([softmax, image], paper) or 'logits' "
                                                    "(authors' code)", ("probs_image", "logits"))
-    kd_weight: float = _f(0.0, "student", "weight of plain logit KD (0: off; the Graph Flow code uses 1)")
-    kd_temperature: float = _f(4.0, "student", "logit KD temperature")
     similarity_backend: str = _f("auto", "student", "backend of the cocofast similarity losses",
                                  ("auto", "naive", "gram", "triton", "tiled"))
 
     # ---------------------------------------------------------------------------------------------------
+    def stages(self) -> list[str]:
+        """The stages to run, in the order they must run."""
+        if self.stage.strip() == "all":
+            return list(STAGES)
+        names = [s.strip() for s in self.stage.split(",") if s.strip()]
+        bad = [n for n in names if n not in STAGES]
+        if bad or not names:
+            raise ConfigError(f"config key 'stage': {self.stage!r} is not 'all' or a comma-separated list of "
+                              f"{', '.join(STAGES)}")
+        return sorted(set(names), key=STAGES.index)
+
     def validate(self) -> "TrainConfig":
+        self.stages()
         for f in dataclasses.fields(self):
             choices = f.metadata.get("choices")
             value = getattr(self, f.name)
@@ -141,6 +159,9 @@ class TrainConfig:
         if self.dataset == "folder" and not self.data_root:
             raise ConfigError("config key 'data_root': required when dataset is 'folder'")
         self.mask_mapping()  # raises on a malformed mapping
+        self.loss_weights()  # raises on an unknown loss or a malformed weight
+        if not 0 < self.labelled_fraction <= 1:
+            raise ConfigError(f"config key 'labelled_fraction': must be in (0, 1], got {self.labelled_fraction}")
         if self.resume and self.overwrite:
             raise ConfigError("config keys 'resume' and 'overwrite' exclude each other")
         return self
@@ -161,6 +182,36 @@ class TrainConfig:
         except ValueError:
             raise ConfigError(f"config key 'mask_values': expected 'VALUE:CLASS,...' such as '0:0,255:1', "
                               f"got {self.mask_values!r}") from None
+
+    def loss_weights(self) -> list[tuple[str, float | None]]:
+        """`losses` parsed: [(registered name, weight or None for the loss's default)], in the order given."""
+        from cocofast.losses import list_losses
+
+        text = self.losses.strip()
+        if text.lower() in ("", "none"):
+            return []
+        parsed: list[tuple[str, float | None]] = []
+        for item in text.split(","):
+            name, colon, weight = item.strip().partition(":")
+            name = name.strip()
+            if name not in list_losses():
+                import difflib
+
+                near = difflib.get_close_matches(name, list_losses(), n=2)
+                raise ConfigError(f"config key 'losses': unknown loss {name!r}"
+                                  + (f" (did you mean {', '.join(near)}?)" if near else "")
+                                  + f"; known losses: {', '.join(list_losses())}, or 'none'")
+            if any(name == seen for seen, _ in parsed):
+                raise ConfigError(f"config key 'losses': {name!r} is listed twice in {self.losses!r}")
+            value = None
+            if colon:
+                try:
+                    value = float(weight)
+                except ValueError:
+                    raise ConfigError(f"config key 'losses': weight of {name!r} must be a number, got "
+                                      f"{weight.strip()!r} (write 'name:weight', e.g. 'kd:0.5')") from None
+            parsed.append((name, value))
+        return parsed
 
     def students_to_eval(self) -> list[str]:
         names = [s.strip() for s in self.eval_students.split(",") if s.strip()]

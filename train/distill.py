@@ -4,11 +4,12 @@
     python train/distill.py --config configs/demo.yaml --stage teacher
     python -m cocofast.train.distill --config configs/tiny.yaml --run_dir=runs/tiny
 
---stage picks one stage or 'all' (the default) in order:
+--stage picks stages (one, a comma-separated list such as 'student,eval', or 'all', the default); they run
+in this order:
     teacher      train the teacher with cross-entropy                       -> RUN_DIR/teacher/
     paraphraser  one paraphraser per teacher tap, teacher frozen            -> RUN_DIR/paraphraser/
-    student      alternate critic and student steps (--distill, --adversarial, --kd_weight switch the
-                 loss terms; --student_name names the folder, one per ablation row)  -> RUN_DIR/STUDENT_NAME/
+    student      alternate critic and student steps (--losses, --adversarial, --supervised_loss and
+                 --labelled_fraction choose the loss terms; --student_name names the folder)  -> RUN_DIR/STUDENT_NAME/
     eval         teacher and students on the test split                     -> RUN_DIR/eval.csv, eval.json
 Each stage folder holds last.pt, best.pt (by validation mIoU; lowest reconstruction error for paraphrasers),
 config.yaml (the resolved configuration), summary.csv, curves.png and overlays_*.png. --resume continues
@@ -36,8 +37,6 @@ from cocofast.train.loop import IterationBudget, TrainingInterrupted
 from cocofast.train.runtime import configure_determinism, init_runtime, shutdown
 from cocofast.train.stages import evaluate_all, train_paraphrasers, train_student, train_teacher
 
-ORDER = ("teacher", "paraphraser", "student", "eval")
-
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
@@ -53,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
     configure_determinism(cfg)
     budget = IterationBudget(cfg.stop_after_iters)
     try:
-        for stage in ORDER if cfg.stage == "all" else (cfg.stage,):
+        for stage in cfg.stages():
             if stage == "teacher":
                 train_teacher(cfg, rt, budget)
             elif stage == "paraphraser":

@@ -180,11 +180,12 @@ class ShardSampler(Sampler[int]):
         return len(self.indices)
 
 
-def train_loader(dataset: Dataset, cfg: TrainConfig, rt: Runtime) -> tuple[DataLoader, ResumableSampler]:
+def train_loader(dataset: Dataset, cfg: TrainConfig, rt: Runtime, sampler=None):
+    """(loader, sampler); the sampler defaults to a ResumableSampler over the whole set."""
     per_rank = cfg.batch_size // rt.world_size
     if len(dataset) < cfg.batch_size:
         raise ConfigError(f"training set has {len(dataset)} samples, fewer than batch_size={cfg.batch_size}")
-    sampler = ResumableSampler(dataset, rt, cfg.seed)
+    sampler = sampler or ResumableSampler(dataset, rt, cfg.seed)
     # The loader gets its own generator: otherwise creating each epoch's iterator draws from the global torch
     # RNG, and a run resumed mid-epoch would draw at a different moment than the uninterrupted one.
     loader = DataLoader(dataset, batch_size=per_rank, sampler=sampler, drop_last=True,

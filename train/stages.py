@@ -3,11 +3,11 @@
     teacher      the big network, trained with cross-entropy
     paraphraser  one auto-encoder per teacher tap, trained on the frozen teacher's features (L_rec = MSE)
     student      per iteration: one critic step (WGAN-GP), then one student step with
-                 L = CE + lambda * L_distill + beta * L_g (+ kd_weight * logit KD)
+                 L = CE + sum_i w_i * L_i + beta * L_g   (train/student.py)
     eval         teacher and students scored on the held-out test split (ACC, mIoU, mDice, params, GMACs)
 
 The frozen teacher and paraphrasers run under no_grad and are never wrapped in DDP. Networks run under
-autocast; the losses between them (distillation, critic, KD) are computed in fp32 on `.float()` copies.
+autocast; the losses between them (distillation, critic) are computed in fp32.
 """
 from __future__ import annotations
 
@@ -20,10 +20,8 @@ import torch.nn.functional as F
 
 from cocofast.data import FolderDataset, SyntheticPathology
 from cocofast.io import atomic_write_text
-from cocofast.losses.kd import pixel_kl
 from cocofast.metrics import ConfusionMatrix
 from cocofast.models import create_model
-from cocofast.similarity import coco_loss, similarity_distance
 
 from . import report
 from .checkpoint import CheckpointError, check_model, load_checkpoint, load_weights, model_spec, unwrap
@@ -31,6 +29,8 @@ from .config import ConfigError, TrainConfig
 from .loop import IterationBudget, Stage, run_stage
 from .runtime import Runtime, eval_loader, seed_everything, train_loader
 from .schedule import IterationLR
+from .semi import HalfLabelledSampler, PartlyLabelled, check_fraction, labelled_indices
+from .student import StudentStep, build_losses, reads_taps
 
 
 # --- data ------------------------------------------------------------------------------------------------
@@ -39,7 +39,7 @@ def build_dataset(cfg: TrainConfig, split: str):
     if cfg.dataset == "synthetic":
         length = cfg.train_samples if split == "train" else cfg.val_samples
         offset = {"train": 0, "val": 1_000_003, "test": 2_000_003}[split]
-        return SyntheticPathology(length, size=cfg.image_size, seed=cfg.seed + offset,
+        return SyntheticPathology(length, size=cfg.image_size, seed=cfg.data_seed + offset,
                                   in_channels=cfg.in_channels, flips=False)
     root = Path(cfg.data_root)
     folder = root / split
@@ -127,44 +127,6 @@ class ParaphraserPair(nn.Module):
 
     def forward(self, taps: tuple[torch.Tensor, ...]) -> list[torch.Tensor]:
         return [p(t) for p, t in zip(self.paraphrasers, taps)]
-
-
-# --- losses between networks (fp32) ----------------------------------------------------------------------
-def distillation_loss(kind: str, teacher_taps, student_taps, backend: str) -> torch.Tensor:
-    """SS / CMSS: mean over the two taps of ||M_T - M_S||^2 / N^2; CoCo: (phi_T - phi_S)^2 (SPEC §2)."""
-    if kind == "coco":
-        return coco_loss([tuple(teacher_taps)], [tuple(student_taps)], backend=backend)
-    mix = kind == "cmss"
-    terms = [similarity_distance(t, s, channel_mix=mix, backend=backend) for t, s in zip(teacher_taps, student_taps)]
-    return torch.stack(terms).mean()
-
-
-def logit_kd(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
-    """Hinton KD per pixel: KL(softmax(t/T) || softmax(s/T)) * T^2, averaged over pixels and images."""
-    return pixel_kl(student_logits, teacher_logits, temperature) * temperature**2
-
-
-def critic_input(logits: torch.Tensor, images: torch.Tensor, kind: str) -> torch.Tensor:
-    if kind == "logits":
-        return logits
-    return torch.cat([logits.softmax(dim=1), images.float()], dim=1)
-
-
-def critic_loss(critic: nn.Module, real: torch.Tensor, fake: torch.Tensor, gp_weight: float):
-    """WGAN-GP: -E[D(real)] + E[D(fake)] + gp_weight * E[(||grad D(interp)|| - 1)^2].
-
-    Real, fake and interpolated inputs go through the critic in one batch: one forward (one DDP call) per step.
-    """
-    eps = torch.rand(real.shape[0], 1, 1, 1, device=real.device)
-    interp = (eps * real + (1 - eps) * fake).requires_grad_(True)
-    scores = critic(torch.cat([real, fake, interp]))
-    score_real, score_fake, score_interp = scores.chunk(3)
-    (grad,) = torch.autograd.grad(score_interp.sum(), interp, create_graph=True)
-    grad_norm = torch.sqrt(grad.flatten(1).pow(2).sum(dim=1) + 1e-12)
-    gp = (grad_norm - 1).pow(2).mean()
-    wasserstein = score_real.mean() - score_fake.mean()
-    loss = -wasserstein + gp_weight * gp
-    return loss, {"d_loss": loss.item(), "d_wasserstein": wasserstein.item(), "d_gp": gp.item()}
 
 
 # --- evaluation ------------------------------------------------------------------------------------------
@@ -315,89 +277,31 @@ def train_paraphrasers(cfg: TrainConfig, rt: Runtime, budget: IterationBudget) -
     ), cfg, rt, loader, sampler, budget)
 
 
-class StudentStep:
-    """One student iteration: frozen teacher forward, one critic step, one student step.
-
-    A class rather than a closure so bench/bench_train.py times exactly this code; `teacher_out` lets it
-    replay precomputed teacher outputs to measure the step without the teacher's forward.
-    """
-
-    def __init__(self, cfg: TrainConfig, rt: Runtime, student: nn.Module, optimizer, schedule, scaler, *,
-                 teacher=None, paraphrasers=None, critic=None, critic_ddp=None, critic_opt=None,
-                 critic_schedule=None):
-        self.cfg, self.rt, self.student, self.optimizer, self.schedule, self.scaler = (
-            cfg, rt, student, optimizer, schedule, scaler)
-        self.teacher, self.paraphrasers = teacher, paraphrasers
-        self.critic, self.critic_ddp, self.critic_opt, self.critic_schedule = (
-            critic, critic_ddp or critic, critic_opt, critic_schedule)
-
-    @torch.no_grad()
-    def teacher_outputs(self, images: torch.Tensor):
-        """(logits, (shallow', deep')) in fp32; taps paraphrased when paraphrasers are given."""
-        with self.rt.autocast():
-            out = self.teacher(images)
-            taps = (out.shallow, out.deep)
-            if self.paraphrasers is not None:
-                taps = tuple(p.encode(t) for p, t in zip(self.paraphrasers, taps))
-        return out.logits.float(), tuple(t.float() for t in taps)
-
-    def __call__(self, images: torch.Tensor, masks: torch.Tensor, teacher_out=None) -> dict[str, float]:
-        cfg, rt = self.cfg, self.rt
-        self.schedule.apply()
-        terms: dict[str, float] = {}
-        if teacher_out is None and self.teacher is not None:
-            teacher_out = self.teacher_outputs(images)
-        logits_t, taps_t = teacher_out if teacher_out is not None else (None, None)
-        with rt.autocast():
-            out_s = self.student(images)
-        logits_s = out_s.logits.float()
-
-        if self.critic is not None:  # critic step on this iteration's (detached) student predictions
-            self.critic_schedule.apply()
-            self.critic.requires_grad_(True)
-            real = critic_input(logits_t, images, cfg.disc_input)
-            fake = critic_input(logits_s.detach(), images, cfg.disc_input)
-            d_loss, d_terms = critic_loss(self.critic_ddp, real, fake, cfg.gp_weight)
-            self.critic_opt.zero_grad(set_to_none=True)
-            d_loss.backward()
-            self.critic_opt.step()
-            self.critic_schedule.advance()
-            terms.update(d_terms)
-
-        loss_ce = F.cross_entropy(logits_s, masks)
-        loss = loss_ce
-        terms["loss_ce"] = loss_ce.item()
-        if cfg.distill != "none":
-            taps_s = (out_s.shallow.float(), out_s.deep.float())
-            loss_distill = distillation_loss(cfg.distill, taps_t, taps_s, cfg.similarity_backend)
-            loss = loss + cfg.distill_weight * loss_distill
-            terms[f"loss_{cfg.distill}"] = loss_distill.item()
-        if self.critic is not None:
-            # The critic is fixed for this term: no parameter gradients, and no DDP call on it.
-            self.critic.requires_grad_(False)
-            loss_g = -self.critic(critic_input(logits_s, images, cfg.disc_input)).mean()
-            loss = loss + cfg.adv_weight * loss_g
-            terms["loss_adv_g"] = loss_g.item()
-        if cfg.kd_weight > 0:
-            loss_kd = logit_kd(logits_s, logits_t, cfg.kd_temperature)
-            loss = loss + cfg.kd_weight * loss_kd
-            terms["loss_kd"] = loss_kd.item()
-        self.optimizer.zero_grad(set_to_none=True)
-        self.scaler.scale(loss).backward()
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
-        self.schedule.advance()
-        terms["loss_total"] = loss.item()
-        return terms
-
-
 # --- stage 2: student (+ critic) -------------------------------------------------------------------------
+def student_loader(train_set, cfg: TrainConfig, rt: Runtime):
+    """The usual shuffled loader, or, with labelled_fraction < 1, half-labelled batches (train/semi.py)."""
+    if cfg.labelled_fraction >= 1:
+        return train_loader(train_set, cfg, rt)
+    try:
+        check_fraction(len(train_set), cfg.labelled_fraction)
+        labelled = labelled_indices(len(train_set), cfg.labelled_fraction, cfg.data_seed)
+        sampler = HalfLabelledSampler(labelled, len(train_set), rt.world_size, rt.rank, cfg.seed,
+                                      cfg.batch_size // rt.world_size, cfg.batch_size)
+    except ValueError as err:
+        raise ConfigError(f"config key 'labelled_fraction': {err}") from None
+    if rt.is_main:
+        print(f"[student] semi-supervised: {len(labelled)} of {len(train_set)} training patches labelled "
+              f"({cfg.labelled_fraction:g})", flush=True)
+    loader, _ = train_loader(PartlyLabelled(train_set, labelled), cfg, rt, sampler=sampler)
+    return loader, sampler
+
+
 def train_student(cfg: TrainConfig, rt: Runtime, budget: IterationBudget) -> None:
     seed_everything(cfg.seed)
     train_set, val_set = build_dataset(cfg, "train"), build_dataset(cfg, "val")
-    needs_teacher = cfg.distill != "none" or cfg.adversarial or cfg.kd_weight > 0
-    teacher = load_teacher(cfg, rt) if needs_teacher else None
-    paraphrase = cfg.distill != "none" and cfg.use_paraphraser
+    losses = build_losses(cfg)
+    teacher = load_teacher(cfg, rt) if losses or cfg.adversarial else None
+    paraphrase = reads_taps(losses) and cfg.use_paraphraser
     paraphrasers = load_paraphrasers(cfg, rt, teacher) if paraphrase else None
 
     kwargs = seg_kwargs(cfg, "student")
@@ -405,7 +309,7 @@ def train_student(cfg: TrainConfig, rt: Runtime, budget: IterationBudget) -> Non
     check_image_size(cfg, student, "student")
     model = rt.wrap(student)
     optimizer = torch.optim.Adam(student.parameters(), lr=cfg.student_lr, weight_decay=cfg.weight_decay)
-    loader, sampler = train_loader(train_set, cfg, rt)
+    loader, sampler = student_loader(train_set, cfg, rt)
     per_epoch = _iters_per_epoch(sampler, cfg, rt)
     schedule = _schedule(cfg, optimizer, cfg.student_lr, cfg.student_epochs, per_epoch)
     models = {"student": (cfg.student_model, kwargs, student)}
@@ -431,8 +335,8 @@ def train_student(cfg: TrainConfig, rt: Runtime, budget: IterationBudget) -> Non
     val_loader = eval_loader(val_set, cfg, rt)
     seed_everything(cfg.seed + 1 + rt.rank)
 
-    step = StudentStep(cfg, rt, model, optimizer, schedule, scaler, teacher=teacher, paraphrasers=paraphrasers,
-                       critic=critic, critic_ddp=critic_ddp, critic_opt=critic_opt, critic_schedule=critic_schedule)
+    step = StudentStep(cfg, rt, model, optimizer, schedule, scaler, losses=losses, teacher=teacher,
+                       paraphrasers=paraphrasers, critic=critic, critic_ddp=critic_ddp, critic_opt=critic_opt, critic_schedule=critic_schedule)
     trained = [student] + ([critic] if critic is not None else [])
     run_stage(Stage(
         name="student" if cfg.student_name == "student" else f"student ({cfg.student_name})", out_dir=Path(cfg.run_dir) / cfg.student_name,

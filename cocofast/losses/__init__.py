@@ -16,6 +16,9 @@ computes in fp32 with autocast off and treats the teacher as a constant. Default
     cmss          channel-mixed pairwise similarity (the paper's CMSS ablation), as skd_pairwise otherwise
     ifvd          IFVD class-prototype cosine maps on the deep tap, weight 200
     coco          CoCo cross-layer correlation loss, weight 1 (λ)
+    emkd          EMKD: pixel-map KD (T = 4), importance maps (F⁴), region affinity; 0.1 / 0.9 / 0.9; labels
+    graph_flow    Graph Flow: CMSS vertices and φ edges over each network's `graph_tap_paths` chain
+    cpkd          CPKD: C×C channel correlations + pixel-relation KL (flash-style kernel), teacher paraphrased
 
 Adding a loss: a module here with a DistillLoss subclass, then its import and one entry in LOSSES.
 """
@@ -27,7 +30,10 @@ from cocofast.losses.at import ATLoss
 from cocofast.losses.base import DistillLoss
 from cocofast.losses.cmss import CMSSLoss
 from cocofast.losses.coco import CoCoLoss
+from cocofast.losses.cpkd import CPKDLoss
+from cocofast.losses.emkd import EMKDLoss
 from cocofast.losses.fsp import FSPLoss
+from cocofast.losses.graph_flow import GraphFlowLoss
 from cocofast.losses.ifvd import IFVDLoss
 from cocofast.losses.kd import KDLoss
 from cocofast.losses.skd_pairwise import SKDPairwiseLoss
@@ -42,6 +48,9 @@ LOSSES: dict[str, type[DistillLoss]] = {
     "cmss": CMSSLoss,
     "ifvd": IFVDLoss,
     "coco": CoCoLoss,
+    "emkd": EMKDLoss,
+    "graph_flow": GraphFlowLoss,
+    "cpkd": CPKDLoss,
 }
 
 
@@ -62,5 +71,6 @@ def get_loss(name: str, **kwargs) -> DistillLoss:
     return cls(**kwargs)
 
 
-__all__ = ["ATLoss", "CMSSLoss", "CoCoLoss", "DistillLoss", "FSPLoss", "IFVDLoss", "KDLoss", "LOSSES",
+__all__ = ["ATLoss", "CMSSLoss", "CoCoLoss", "CPKDLoss", "DistillLoss", "EMKDLoss", "FSPLoss", "GraphFlowLoss",
+           "IFVDLoss", "KDLoss", "LOSSES",
            "SKDPairwiseLoss", "SKDPixelLoss", "get_loss", "list_losses"]

@@ -6,6 +6,9 @@
 `student` and `teacher` are `SegOutput(logits, shallow, deep)` (or any 3-tuple in that order): logits
 (B, K, H, W), taps (B, C, h, w). `teacher_feats`, when given, is a (shallow, deep) pair that replaces the
 teacher's taps, e.g. the paraphraser encodings whose channel counts match the student's.
+
+Losses over more than two taps per network (`needs_taps`, e.g. Graph Flow) also take `student_taps` and
+`teacher_taps`: equally long sequences of (B, C, h, w) maps, ordered shallow to deep.
 """
 from __future__ import annotations
 
@@ -61,6 +64,10 @@ class DistillLoss(nn.Module):
     needs_labels: ClassVar[bool] = False
     # True where the teacher's taps must first be brought to the student's channel counts (teacher_feats).
     needs_teacher_feats: ClassVar[bool] = False
+    # True where the loss reads a chain of taps per network (student_taps / teacher_taps), not just the pair.
+    needs_taps: ClassVar[bool] = False
+    # False for losses on logits alone: the trainer then skips paraphrasing the teacher's taps for them.
+    reads_taps: ClassVar[bool] = True
 
     def __init__(self, weight: float | None = None):
         super().__init__()
@@ -72,7 +79,29 @@ class DistillLoss(nn.Module):
     def compute(self, student: SegOutput, teacher: SegOutput, labels: torch.Tensor | None) -> torch.Tensor:
         raise NotImplementedError
 
-    def forward(self, student, teacher, labels: torch.Tensor | None = None, *, teacher_feats=None) -> torch.Tensor:
+    def compute_taps(self, student: SegOutput, teacher: SegOutput, labels: torch.Tensor | None,
+                     student_taps: list[torch.Tensor], teacher_taps: list[torch.Tensor]) -> torch.Tensor:
+        """For `needs_taps` losses, in place of `compute`: taps already fp32, teacher ones detached."""
+        raise NotImplementedError
+
+    def _check_taps(self, student_taps, teacher_taps, batch: int) -> None:
+        name = type(self).__name__
+        for role, taps in (("student_taps", student_taps), ("teacher_taps", teacher_taps)):
+            if not isinstance(taps, (tuple, list)) or len(taps) < 2:
+                raise ValueError(f"{name} needs `{role}`: a sequence of at least two (B, C, h, w) maps, got "
+                                 f"{type(taps).__name__}" + (f" of length {len(taps)}" if
+                                                             isinstance(taps, (tuple, list)) else ""))
+            for i, t in enumerate(taps):
+                _check_map(name, f"{role}[{i}]", t)
+                if t.shape[0] != batch:
+                    raise ValueError(f"{name}: `{role}[{i}]` {shape_str(t)} has batch size {t.shape[0]}, "
+                                     f"the logits have {batch}")
+        if len(student_taps) != len(teacher_taps):
+            raise ValueError(f"{name}: `student_taps` and `teacher_taps` must be equally long, got "
+                             f"{len(student_taps)} and {len(teacher_taps)}")
+
+    def forward(self, student, teacher, labels: torch.Tensor | None = None, *, teacher_feats=None,
+                student_taps=None, teacher_taps=None) -> torch.Tensor:
         name = type(self).__name__
         student = _as_output(name, "student", student)
         teacher = _as_output(name, "teacher", teacher)
@@ -90,9 +119,15 @@ class DistillLoss(nn.Module):
                              ", ".join(f"{f} {shape_str(t)}" for f, t in zip(SegOutput._fields, teacher)))
         if self.needs_labels and labels is None:
             raise ValueError(f"{name} needs `labels` (B, H, W) of class indices; got None")
+        if self.needs_taps:
+            self._check_taps(student_taps, teacher_taps, student.logits.shape[0])
         with torch.autocast(student.logits.device.type, enabled=False):
             s = SegOutput(*(t.float() for t in student))
             t = SegOutput(*(x.detach().float() for x in teacher))
+            if self.needs_taps:
+                s_taps = [x.float() for x in student_taps]
+                t_taps = [x.detach().float() for x in teacher_taps]
+                return self.weight * self.compute_taps(s, t, labels, s_taps, t_taps)
             return self.weight * self.compute(s, t, labels)
 
     def extra_repr(self) -> str:

@@ -18,6 +18,7 @@ class KDLoss(DistillLoss):
     """T² keeps the gradient's scale independent of the temperature (Hinton et al. 2015)."""
 
     default_weight = 1.0
+    reads_taps = False
 
     def __init__(self, weight: float | None = None, temperature: float = 4.0):
         super().__init__(weight)

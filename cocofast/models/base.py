@@ -41,6 +41,8 @@ class SegmentationNet(nn.Module):
     """
 
     tap_paths: ClassVar[tuple[str, str]]
+    # Graph Flow's chain of taps, shallow to deep; built-in nets keep all at H/4 so their graphs never pool.
+    graph_tap_paths: ClassVar[tuple[str, ...]]
     input_divisor: int
     in_channels: int
     num_classes: int

@@ -108,6 +108,7 @@ class ENet(SegmentationNet):
     at H/4 for width=1."""
 
     tap_paths = ("regular1_4", "regular4_2")
+    graph_tap_paths = ("regular1_1", "regular1_4", "upsample4_0", "regular4_2")
 
     def __init__(self, in_channels: int = 3, num_classes: int = 2, width: float = 1.0):
         super().__init__()

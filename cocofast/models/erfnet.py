@@ -110,6 +110,7 @@ class ERFNet(SegmentationNet):
     residual block), both 64 channels at H/4 for width=1."""
 
     tap_paths = ("encoder.layers.0", "decoder.layers.2")
+    graph_tap_paths = ("encoder.layers.0", "encoder.layers.5", "decoder.layers.0", "decoder.layers.2")
 
     def __init__(self, in_channels: int = 3, num_classes: int = 2, width: float = 1.0):
         super().__init__()

@@ -116,6 +116,7 @@ class FANet(SegmentationNet):
     both 256 channels at H/4 for width=1."""
 
     tap_paths = ("conv3", "up7")
+    graph_tap_paths = ("conv3.conv.0", "conv3", "up7", "pam1")
 
     def __init__(self, in_channels: int = 3, num_classes: int = 2, width: float = 1.0):
         super().__init__()

@@ -73,6 +73,7 @@ class MobileUNet(SegmentationNet):
     code."""
 
     tap_paths = ("backbone.features.3", "invres3")
+    graph_tap_paths = ("backbone.features.2", "backbone.features.3", "dconv3", "invres3")
 
     def __init__(self, in_channels: int = 3, num_classes: int = 2, width: float = 1.0):
         super().__init__()
