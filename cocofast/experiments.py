@@ -229,6 +229,18 @@ def grouped(records: list[dict]) -> list[tuple[str, list[dict]]]:
     return list(order.items())
 
 
+def source_version() -> str:
+    """The commit the runs came from, marked when the working tree had uncommitted changes."""
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True,
+                              check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO,
+                               capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown (not a git checkout)"
+    return head + (" with uncommitted changes" if dirty else "")
+
+
 def markdown(name: str, records: list[dict], command: str, config: Path, seconds: float) -> str:
     title, _ = TABLES[name]
     seeds = sorted({r["seed"] for r in records if r["id"] != "teacher"})
@@ -240,7 +252,7 @@ def markdown(name: str, records: list[dict], command: str, config: Path, seconds
         per_seed = ", ".join(f"{r['miou']:.4f}" for r in rs)
         lines.append(f"| {label} | {rs[0]['network']} | {rs[0]['params']:,} | {rs[0]['gmacs']:.3f} | "
                      f"{mean_std([r['acc'] for r in rs])} | {mean_std([r['miou'] for r in rs])} | {per_seed} |")
-    lines += ["", "Produced by:", "", "```", command, "```", "",
+    lines += ["", f"Produced at commit {source_version()} by:", "", "```", command, "```", "",
               f"Base configuration: `{config.relative_to(REPO) if config.is_relative_to(REPO) else config}`; "
               f"wall time of this invocation {seconds / 60:.1f} min (runs shared with other tables are counted "
               f"where they were first trained)."]
