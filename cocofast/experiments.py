@@ -13,8 +13,10 @@ What is shared, and what varies:
 - seed s varies the student's initialisation, data order, augmentation and critic; the data themselves are
   fixed by `data_seed` (the same training, validation and test patches for every run);
 - a row is a (student network, method) pair with a fixed id: rows that appear in several tables (the plain
-  student, CoCo) are trained once per seed and reused. Finished runs are found by their eval.json and
-  skipped, so an interrupted invocation continues where it stopped.
+  student, CoCo) are trained once per seed and reused. A finished run (its eval.json, and an
+  experiment.json recording the command and base configuration that made it) is skipped when the same
+  command would make it again, so an interrupted invocation continues where it stopped; changed settings
+  make the training program refuse the old checkpoint (delete the run folder, or use another --work).
 
 Outputs in --out, per table T: T.csv (one line per row and seed: ACC, mIoU, mDice, params, GMACs),
 T.md (mean ± std over seeds, the command, the configuration, the wall time) and T.png (the mIoU and ACC of
@@ -166,16 +168,23 @@ class Runner:
     def row(self, row: Row, seed: int) -> dict:
         """Train and score one (row, seed); returns the eval.json entries {name: metrics}."""
         run_dir = self.work / row.student / row.id / f"seed{seed}"
-        result = run_dir / "eval.json"
-        if not result.is_file():
-            teacher = self.teacher()
-            args = ["--stage=student,eval", f"--run_dir={run_dir}", f"--seed={seed}", f"--teacher_checkpoint={teacher}",
-                    "--student_name=student", "--resume", *row.args()]
-            if dict(row.settings).get("losses", "none") != "none":
-                args.append(f"--paraphraser_checkpoint={self.paraphraser(row.student)}")
+        result, record = run_dir / "eval.json", run_dir / "experiment.json"
+        args = ["--stage=student,eval", f"--run_dir={run_dir}", f"--seed={seed}",
+                f"--teacher_checkpoint={self.work / 'teacher' / 'teacher' / 'best.pt'}", "--student_name=student",
+                "--resume", *row.args()]
+        if dict(row.settings).get("losses", "none") != "none":
+            args.append(f"--paraphraser_checkpoint={self.work / f'paraphraser_{row.student}' / 'paraphraser' / 'best.pt'}")
+        # A finished run is reused only if it was made by the same command from the same base configuration;
+        # otherwise the training program runs, and its --resume refuses a checkpoint with other settings.
+        made_by = {"args": args + self.extra, "config": self.config.read_text()}
+        if not (result.is_file() and record.is_file() and json.loads(record.read_text()) == made_by):
+            self.teacher()
+            if "--paraphraser_checkpoint" in args[-1]:
+                self.paraphraser(row.student)
             self._call(args, f"{row.label} ({row.student}), seed {seed}")
             if self.dry_run:
                 return {}
+            atomic_write_text(json.dumps(made_by, indent=1), record)
         return {entry["name"]: entry for entry in json.loads(result.read_text())}
 
 
