@@ -12,6 +12,8 @@ What is shared, and what varies:
   rows differ only in how the student is trained;
 - seed s varies the student's initialisation, data order, augmentation and critic; the data themselves are
   fixed by `data_seed` (the same training, validation and test patches for every run);
+- each method reads the teacher features its paper uses: AT, IFVD and EMKD the raw teacher taps, FSP and
+  CPKD (which match channels one to one), SS, CMSS and CoCo the paraphraser encodings, KD only logits;
 - a row is a (student network, method) pair with a fixed id: rows that appear in several tables (the plain
   student, CoCo) are trained once per seed and reused. A finished run (its eval.json, and an
   experiment.json recording the command and base configuration that made it) is skipped when the same
@@ -74,9 +76,9 @@ TABLES: dict[str, tuple[str, list]] = {
     "II": ("Distillation baselines (paper Table II), Mobile U-Net student", [
         _row("alone", "student alone", **ALONE),
         _row("kd", "KD", losses="kd", adversarial=False),
-        _row("at", "AT", losses="at", adversarial=False),
+        _row("at", "AT", losses="at", adversarial=False, use_paraphraser=False),
         _row("fsp", "FSP", losses="fsp", adversarial=False),
-        _row("ifvd", "IFVD", losses="ifvd", adversarial=False),
+        _row("ifvd", "IFVD", losses="ifvd", adversarial=False, use_paraphraser=False),
         _row("coco", "CoCo DistillNet", **COCO),
     ]),
     "III": ("Students with and without CoCo DistillNet (paper Table III)", [
@@ -92,7 +94,7 @@ TABLES: dict[str, tuple[str, list]] = {
         _row("alone", "student alone", **ALONE),
         _row("coco", "CoCo DistillNet", **COCO),
         _row("emkd", "EMKD (PMD + IMD + RAD, focal + dice)", losses="emkd", supervised_loss="focal_dice",
-             adversarial=False),
+             adversarial=False, use_paraphraser=False),
     ]),
     "graph_flow": ("Graph Flow (Zou, Sun et al. 2023) against CoCo, Mobile U-Net student", [
         _row("alone", "student alone", **ALONE),
