@@ -37,7 +37,7 @@ def test_the_issue_tables_list_the_methods_they_promise():
 
 def test_bad_arguments_are_refused(capsys):
     for argv, words in [(["IV"], "unknown table"), (["I", "--seeds=a"], "--seeds"),
-                        (["I", "stray"], "unexpected argument"), (["I", "--config=/nope.yaml"], "not found")]:
+                        (["I", "--student_epochs"], "unexpected argument"), (["I", "stray"], "unknown table"), (["I", "--config=/nope.yaml"], "not found")]:
         with pytest.raises(SystemExit):
             experiments.main(argv)
         assert words in capsys.readouterr().err
