@@ -2,6 +2,8 @@
 no unlabelled sample reaches the supervised loss or a loss that reads labels."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -117,3 +119,24 @@ def test_unlabelled_rows_never_reach_the_supervised_loss_or_label_losses(monkeyp
     assert seen["ifvd"].shape[0] == 2 and (seen["ifvd"] != UNLABELLED).all()
     assert seen["kd_batch"] == 4  # label-free distillation sees the whole batch
     assert {"loss_ce", "loss_ifvd", "loss_kd"} <= set(terms)
+
+
+def test_the_student_starts_from_the_same_weights_whatever_the_losses(tmp_path):
+    """Loading a teacher and paraphrasers must not shift the student's initialisation at a given seed."""
+    from cocofast.train import distill
+    from cocofast.train.checkpoint import load_checkpoint
+
+    tiny = str(Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml")
+    common = ["--config", tiny, f"--run_dir={tmp_path}", "--stage=student", "--student_epochs=1",
+              "--stop_after_iters=0", "--save_every_iters=0"]
+    assert distill.main(["--config", tiny, f"--run_dir={tmp_path}", "--stage=teacher,paraphraser",
+                         "--teacher_epochs=1"]) == 0
+    firsts = {}
+    for name, losses, adv in (("alone", "none", "false"), ("coco", "coco", "true"), ("kd", "kd", "false")):
+        assert distill.main([*common, f"--student_name={name}", f"--losses={losses}", f"--adversarial={adv}",
+                             "--student_lr=0", "--disc_lr=0"]) == 0
+        firsts[name] = load_checkpoint(tmp_path / name / "last.pt")["models"]["student"]["state_dict"]
+    for name in ("coco", "kd"):
+        for key, value in firsts["alone"].items():
+            if value.is_floating_point() and "running" not in key:
+                assert torch.equal(value, firsts[name][key]), (name, key)

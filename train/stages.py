@@ -305,6 +305,9 @@ def train_student(cfg: TrainConfig, rt: Runtime, budget: IterationBudget) -> Non
     paraphrasers = load_paraphrasers(cfg, rt, teacher) if paraphrase else None
 
     kwargs = seg_kwargs(cfg, "student")
+    # Re-seeded here so the student starts from the same weights whatever the losses loaded before it
+    # (teacher, paraphrasers): methods compared at one seed differ only in how the student is trained.
+    seed_everything(cfg.seed)
     student = create_model(cfg.student_model, **kwargs).to(rt.device)
     check_image_size(cfg, student, "student")
     model = rt.wrap(student)
