@@ -1,4 +1,4 @@
-"""CPKD pixel-relation KL, forward+backward, up to 1024×1024 patches: naive (N×N) beside the flash kernel.
+"""CPKD pixel-relation KL, forward+backward, up to 1024×1024 patches: naive (N×N), row blocks, flash kernel.
 
 One case = (teacher/student channels, N, batch, backend): the loss of two random maps, then the backward to
 the student. Each case runs in its own subprocess so that peak memory is clean: on CPU the VmHWM delta over
@@ -24,7 +24,7 @@ from common import environment, free_bytes, has_cuda, run_child, vm_hwm, write_c
 # (teacher channels, student channels): FANet's taps against each student's (SPEC §4).
 PAIRS = {"FANet 256 → Mobile U-Net 24": (256, 24), "FANet 256 → ENet/ERFNet 64": (256, 64)}
 SIZES = {"256² input (N=4,096)": 64, "512² input (N=16,384)": 128, "1024² input (N=65,536)": 256}
-BACKENDS = ("naive", "triton")
+BACKENDS = ("naive", "chunked", "triton")
 NAIVE_MATRICES = 6  # N×N buffers the naive backend holds at its peak (cocofast/pixel_relation.py)
 PROBE_SIDE = 32     # N = 1,024: four 256-pixel interpreter tiles a side, so tiles are full as at large N
 
@@ -32,8 +32,11 @@ PROBE_SIDE = 32     # N = 1,024: four 256-pixel interpreter tiles a side, so til
 def flops(backend: str, batch: int, n: int, c_t: int, c_s: int) -> float:
     """2 × multiply-adds of the forward+backward, by each backend's own algorithm (exps not counted)."""
     relations = 2 * batch * n * n * (c_t + c_s)           # R_T and R_S once
+    grad_products = 2 * (2 * batch * n * n * c_s)          # dÂ_S = (G + Gᵀ)Â_S as two N×N×C_S products
     if backend == "naive":
-        return relations + 2 * (2 * batch * n * n * c_s)   # dÂ_S = (G + Gᵀ)Â_S as two N×N×C_S products
+        return relations + grad_products
+    if backend == "chunked":                               # the backward rebuilds each block's relations
+        return relations * 2 + grad_products
     # Flash: the backward rebuilds both relation tiles (once per 64-channel block of the student on a GPU).
     return relations * 2 + 2 * batch * n * n * c_s
 

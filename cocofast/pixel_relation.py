@@ -9,17 +9,19 @@ L2-normalised exactly as `cocofast.cmss` does (optionally after CoCo's channel m
 Teacher and student need the same N (H·W) and batch, not the same channels or (H, W). The teacher is a
 constant: no gradient reaches it. Unlike CoCo's similarity losses, the softmax stops the Gram identity from
 removing N×N, so the fast path is a flash-style kernel (cocofast.kernels.pixel_relation) that streams the
-relation tiles with online softmaxes.
+relation tiles with online softmaxes, and the CPU path (cocofast.pixel_relation_torch) takes whole rows a
+block at a time.
 
 τ defaults to 1.0: R is then the plain cosine similarity in [−1, 1], and no temperature from the CPKD paper
 is public. Smaller τ sharpens each pixel's distribution towards its most similar pixels; since every logit
 lies in [−1/τ, 1/τ], any τ > 0 is numerically safe in the kernel (online max subtraction).
 
 Backends:
-    naive  materialises R, P for both networks (the reference); refuses, before allocating, when they would
-           not fit.
-    triton the flash-style kernels, forward and backward; O(N) memory beyond the inputs.
-    auto   triton for CUDA tensors, naive otherwise.
+    naive    materialises R, P for both networks (the reference); refuses, before allocating, when they would
+             not fit.
+    chunked  plain torch, a block of rows at a time (about 64 MiB each), forward and backward; exact.
+    triton   the flash-style kernels, forward and backward; O(N) memory beyond the inputs.
+    auto     triton for CUDA tensors, chunked otherwise.
 """
 from __future__ import annotations
 
@@ -27,9 +29,10 @@ import math
 
 import torch
 
+from cocofast.pixel_relation_torch import chunked_rows
 from cocofast.similarity import NaiveTooLargeError, _available_host_memory, _check_pair, cmss
 
-BACKENDS = ("naive", "triton", "auto")
+BACKENDS = ("naive", "chunked", "triton", "auto")
 # N×N buffers the naive backend holds at its peak: R and log P per network, P_T and the KL summand.
 _NAIVE_MATRICES = 6
 
@@ -38,7 +41,7 @@ def _resolve(backend: str, t: torch.Tensor) -> str:
     if backend not in BACKENDS:
         raise ValueError(f"pixel_relation_kl: backend must be one of {', '.join(BACKENDS)}; got {backend!r}")
     if backend == "auto":
-        return "triton" if t.is_cuda else "naive"
+        return "triton" if t.is_cuda else "chunked"
     return backend
 
 
@@ -49,7 +52,7 @@ def _naive_guard(batch: int, n_pix: int, element_bytes: int, device: torch.devic
         raise NaiveTooLargeError(
             f"pixel_relation_kl(backend='naive') would materialise {_NAIVE_MATRICES} sets of B={batch} N×N "
             f"matrices with N={n_pix} (about {need / 2**30:.1f} GiB) but only {avail / 2**30:.1f} GiB is available "
-            f"on {device}; use backend='triton', which never stores N×N")
+            f"on {device}; use backend='chunked' or 'triton', which never store N×N")
 
 
 def naive_rows(f_teacher: torch.Tensor, f_student: torch.Tensor, tau: float, channel_mix: bool,
@@ -83,6 +86,10 @@ def pixel_relation_kl(f_teacher: torch.Tensor, f_student: torch.Tensor, *, tau: 
     backend = _resolve(backend, f_student)
     if backend == "naive":
         rows = naive_rows(f_teacher, f_student, float(tau), channel_mix, float(eps))
+    elif backend == "chunked":
+        acc = torch.float64 if torch.float64 in (f_teacher.dtype, f_student.dtype) else torch.float32
+        a_t = cmss(f_teacher.detach(), channel_mix=channel_mix, eps=eps).to(acc)
+        rows = chunked_rows(a_t, cmss(f_student, channel_mix=channel_mix, eps=eps).to(acc), float(tau))
     else:
         from cocofast.kernels.pixel_relation import pixel_relation_rows
 

@@ -1,4 +1,4 @@
-"""CPKD pixel-relation KL: both backends against an independent float64 reference, and the kernels' GPU compile."""
+"""CPKD pixel-relation KL: every backend against an independent float64 reference, and the kernels' GPU compile."""
 import json
 import subprocess
 import sys
@@ -9,6 +9,8 @@ import torch
 
 import cocofast.pixel_relation as pr
 from cocofast.kernels.pixel_relation import pixel_relation_rows
+from cocofast.pixel_relation_torch import chunked_rows, rows_per_block
+from cocofast.similarity import cmss
 from reference import rows as ref_rows
 from reference import DEVICE, features
 
@@ -26,7 +28,7 @@ def gpu_compile_job():
         job.communicate()
 
 
-BACKENDS = ["naive", "triton"]
+BACKENDS = ["naive", "chunked", "triton"]
 # Values and gradients (norm-wise), relative: fp32 inputs 1e-5, half-precision inputs 1e-2.
 TOL = {torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 1e-2, torch.float64: 1e-10}
 
@@ -89,6 +91,13 @@ def test_values_and_gradients_match_float64_reference(case):
     weights = torch.linspace(0.5, 1.5, want_rows.size, device=DEVICE).reshape(want_rows.shape)
     want_grad = grad_of(lambda x: (pr.naive_rows(ft.double(), x, tau, mix) * weights.double()).sum(), fs.double())
     got_grad = grad_of(lambda x: (pixel_relation_rows(ft, x, tau, mix, block=tile) * weights).sum(), fs)
+    assert got_grad.dtype == dtype and rel(got_grad, want_grad) < tol
+    # The row-block path, 7 rows a block: several blocks per image, the last one ragged for most shapes.
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    a_t = cmss(ft, channel_mix=mix).to(acc)
+    chunked = lambda x: chunked_rows(a_t, cmss(x, channel_mix=mix).to(acc), tau, block=7)  # noqa: E731
+    assert rel(chunked(fs), want_rows) < tol
+    got_grad = grad_of(lambda x: (chunked(x) * weights.to(acc)).sum(), fs)
     assert got_grad.dtype == dtype and rel(got_grad, want_grad) < tol
     # The public function: the mean, with the kernel at its default tile, and the naive backend.
     want_mean_grad = grad_of(lambda x: pr.naive_rows(ft.double(), x, tau, mix).mean(), fs.double())
@@ -168,7 +177,7 @@ def test_kernel_runs_are_bit_identical():
 
 def test_auto_backend_picks_by_device():
     ft, fs = features(61, 2, 24, 4, 4, torch.float32), features(62, 2, 40, 4, 4, torch.float32)
-    other = "naive" if DEVICE == "cpu" else "triton"
+    other = "chunked" if DEVICE == "cpu" else "triton"
     assert torch.equal(pr.pixel_relation_kl(ft, fs), pr.pixel_relation_kl(ft, fs, backend=other))
 
 
@@ -195,6 +204,15 @@ def test_bad_inputs_raise_value_errors_naming_argument_and_shapes(backend):
         loss(good, good, "tiled")
     with pytest.raises(ValueError, match="power of two"):
         pixel_relation_rows(good, good, block=24)
+
+
+def test_row_blocks_stay_near_64_mib_and_cover_small_maps_whole():
+    assert rows_per_block(35) == 35 and rows_per_block(4096) == 4096
+    for n, item in ((65536, 4), (262144, 4), (65536, 8)):
+        assert rows_per_block(n, item) * n * item == 64 * 2**20
+    assert rows_per_block(2**30) == 1
+    with pytest.raises(ValueError, match="block"):
+        chunked_rows(torch.randn(1, 4, 3), torch.randn(1, 4, 3), 1.0, block=0)
 
 
 def test_naive_refuses_before_allocating():
