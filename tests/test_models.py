@@ -337,6 +337,19 @@ def test_paraphraser_encode_decode_and_size():
         para.encode(torch.randn(2, 16, 8, 8))
 
 
+@pytest.mark.parametrize("c, k", [(64, 24), (64, 64), (256, 24)])
+def test_paraphraser_keeps_the_signal_scale_at_initialisation(c, k):
+    # A zero-mean tap (FANet's up_7) must come out of a fresh paraphraser at a comparable scale, or SGD stalls
+    # at the all-zero reconstruction; torch's default init returns about 2 % of the input's std here.
+    torch.manual_seed(0)
+    para = create_model("paraphraser", in_channels=c, k=k)
+    x = torch.randn(4, c, 16, 16)
+    with torch.no_grad():
+        assert 0.3 < para.encode(x).std().item() < 3
+        assert 0.3 < para(x).std().item() < 3
+    assert all(not layer.bias.any() for layer in (para.conv0, para.deconv2))
+
+
 def test_paraphraser_matches_a_float64_reference():
     para = create_model("paraphraser", in_channels=6, k=3).double()
     x = torch.randn(1, 6, 5, 7, dtype=torch.float64)

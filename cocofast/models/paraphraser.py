@@ -28,6 +28,14 @@ class Paraphraser(nn.Module):
         self.deconv0 = nn.ConvTranspose2d(k, k, 3, padding=1)
         self.deconv1 = nn.ConvTranspose2d(k, in_channels, 3, padding=1)
         self.deconv2 = nn.ConvTranspose2d(in_channels, in_channels, 3, padding=1)
+        # He initialisation for LeakyReLU keeps the signal's scale through the six un-normalised layers; torch's
+        # default shrinks it some 50× by the output, and on a zero-mean tap (FANet's up_7) SGD then stalls at
+        # the trivial all-zero reconstruction. A transposed conv's weight is (in, out, kh, kw), so its true
+        # fan-in is what torch calls fan_out.
+        for layer in (self.conv0, self.conv1, self.conv2, self.deconv0, self.deconv1, self.deconv2):
+            mode = "fan_out" if isinstance(layer, nn.ConvTranspose2d) else "fan_in"
+            nn.init.kaiming_normal_(layer.weight, a=self.negative_slope, mode=mode, nonlinearity="leaky_relu")
+            nn.init.zeros_(layer.bias)
 
     def _check(self, x: torch.Tensor, channels: int, what: str) -> None:
         if x.dim() != 4 or x.shape[1] != channels:
