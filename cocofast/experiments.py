@@ -240,19 +240,24 @@ def grouped(records: list[dict]) -> list[tuple[str, list[dict]]]:
     return list(order.items())
 
 
-def source_version() -> str:
-    """The commit the runs came from, marked when the working tree had uncommitted changes."""
+def source_version(repo: Path = REPO, outputs: Path | None = None) -> str:
+    """The commit the runs came from, marked when the working tree had uncommitted changes.
+
+    Tracked files under `outputs` do not count: they are this runner's own tables, rewritten as it goes.
+    """
+    status = ["git", "status", "--porcelain", "--untracked-files=no", "--", "."]
+    if outputs is not None and outputs.resolve().is_relative_to(repo.resolve()):
+        status.append(f":(exclude){outputs.resolve().relative_to(repo.resolve()).as_posix()}")
     try:
-        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True,
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=repo, capture_output=True, text=True,
                               check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO,
-                               capture_output=True, text=True, check=True).stdout.strip()
+        dirty = subprocess.run(status, cwd=repo, capture_output=True, text=True, check=True).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return "unknown (not a git checkout)"
     return head + (" with uncommitted changes" if dirty else "")
 
 
-def markdown(name: str, records: list[dict], command: str, config: Path, seconds: float) -> str:
+def markdown(name: str, records: list[dict], command: str, config: Path, seconds: float, version: str) -> str:
     title, _ = TABLES[name]
     seeds = sorted({r["seed"] for r in records if r["id"] != "teacher"})
     lines = [f"# Table {name}: {title}", "",
@@ -263,7 +268,7 @@ def markdown(name: str, records: list[dict], command: str, config: Path, seconds
         per_seed = ", ".join(f"{r['miou']:.4f}" for r in rs)
         lines.append(f"| {label} | {rs[0]['network']} | {rs[0]['params']:,} | {rs[0]['gmacs']:.3f} | "
                      f"{mean_std([r['acc'] for r in rs])} | {mean_std([r['miou'] for r in rs])} | {per_seed} |")
-    lines += ["", f"Produced at commit {source_version()} by:", "", "```", command, "```", "",
+    lines += ["", f"Produced at commit {version} by:", "", "```", command, "```", "",
               f"Base configuration: `{config.relative_to(REPO) if config.is_relative_to(REPO) else config}`; "
               f"wall time of this invocation {seconds / 60:.1f} min (runs shared with other tables are counted "
               f"where they were first trained)."]
@@ -326,6 +331,7 @@ def main(argv: list[str] | None = None) -> int:
     out, work = Path(args.out).resolve(), Path(args.work).resolve()
     runner = Runner(config, work, extra, args.dry_run)
     command = "python -m cocofast.experiments " + " ".join(shlex.quote(a) for a in argv)
+    version = source_version(REPO, out)  # before training: the runs are built from the tree as it is now
     for name in names:
         started = time.perf_counter()
         try:
@@ -337,7 +343,7 @@ def main(argv: list[str] | None = None) -> int:
             continue
         out.mkdir(parents=True, exist_ok=True)
         write_csv(records, out / f"{name}.csv")
-        text = markdown(name, records, command, config, time.perf_counter() - started)
+        text = markdown(name, records, command, config, time.perf_counter() - started, version)
         atomic_write_text(text, out / f"{name}.md")
         plot(name, records, out / f"{name}.png")
         print("\n" + text, flush=True)

@@ -66,3 +66,26 @@ def test_a_small_table_end_to_end(tmp_path, monkeypatch, capsys):
     capsys.readouterr()
     assert experiments.main(argv) == 0
     assert ", seed " not in capsys.readouterr().out
+
+
+def test_the_recorded_commit_ignores_the_runners_own_tables(tmp_path):
+    import subprocess
+
+    def git(*args):
+        subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *args], cwd=tmp_path, check=True,
+                       capture_output=True)
+
+    git("init", "-q")
+    (tmp_path / "code.py").write_text("x = 1\n")
+    (tmp_path / "results").mkdir()
+    (tmp_path / "results" / "I.md").write_text("old table\n")
+    git("add", ".")
+    git("commit", "-q", "-m", "first")
+    head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=tmp_path, capture_output=True,
+                          text=True).stdout.strip()
+    assert experiments.source_version(tmp_path, tmp_path / "results") == head
+    (tmp_path / "results" / "I.md").write_text("new table\n")
+    assert experiments.source_version(tmp_path, tmp_path / "results") == head
+    assert experiments.source_version(tmp_path) == f"{head} with uncommitted changes"
+    (tmp_path / "code.py").write_text("x = 2\n")
+    assert experiments.source_version(tmp_path, tmp_path / "results") == f"{head} with uncommitted changes"
