@@ -92,6 +92,8 @@ TABLES: dict[str, tuple[str, list]] = {
     ]),
     "emkd": ("EMKD (Qin et al. 2021) against CoCo, Mobile U-Net student", [
         _row("alone", "student alone", **ALONE),
+        # EMKD trains on focal + dice, not cross-entropy: this row separates that change from the distillation.
+        _row("alone_focal_dice", "student alone, focal + dice", supervised_loss="focal_dice", **ALONE),
         _row("coco", "CoCo DistillNet", **COCO),
         _row("emkd", "EMKD (PMD + IMD + RAD, focal + dice)", losses="emkd", supervised_loss="focal_dice",
              adversarial=False, use_paraphraser=False),
