@@ -249,7 +249,9 @@ def source_version(repo: Path = REPO, outputs: Path | None = None) -> str:
     """
     status = ["git", "status", "--porcelain", "--untracked-files=no", "--", "."]
     if outputs is not None and outputs.resolve().is_relative_to(repo.resolve()):
-        status.append(f":(exclude){outputs.resolve().relative_to(repo.resolve()).as_posix()}")
+        inside = outputs.resolve().relative_to(repo.resolve()).as_posix()
+        if inside != ".":  # tables written to the repository root would otherwise hide every change
+            status.append(f":(exclude){inside}")
     try:
         head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=repo, capture_output=True, text=True,
                               check=True).stdout.strip()

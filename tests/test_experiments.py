@@ -89,3 +89,4 @@ def test_the_recorded_commit_ignores_the_runners_own_tables(tmp_path):
     assert experiments.source_version(tmp_path) == f"{head} with uncommitted changes"
     (tmp_path / "code.py").write_text("x = 2\n")
     assert experiments.source_version(tmp_path, tmp_path / "results") == f"{head} with uncommitted changes"
+    assert experiments.source_version(tmp_path, tmp_path) == f"{head} with uncommitted changes"
