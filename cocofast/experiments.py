@@ -248,10 +248,10 @@ def source_version(repo: Path = REPO, outputs: Path | None = None) -> str:
     Tracked files under `outputs` do not count: they are this runner's own tables, rewritten as it goes.
     """
     status = ["git", "status", "--porcelain", "--untracked-files=no", "--", "."]
-    if outputs is not None and outputs.resolve().is_relative_to(repo.resolve()):
-        inside = outputs.resolve().relative_to(repo.resolve()).as_posix()
-        if inside != ".":  # tables written to the repository root would otherwise hide every change
-            status.append(f":(exclude){inside}")
+    root = repo.resolve()
+    # Tables written to the repository root itself would otherwise hide every change.
+    if outputs is not None and outputs.resolve() != root and outputs.resolve().is_relative_to(root):
+        status.append(f":(exclude){outputs.resolve().relative_to(root).as_posix()}")
     try:
         head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=repo, capture_output=True, text=True,
                               check=True).stdout.strip()

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import csv
 import statistics
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -69,8 +70,6 @@ def test_a_small_table_end_to_end(tmp_path, monkeypatch, capsys):
 
 
 def test_the_recorded_commit_ignores_the_runners_own_tables(tmp_path):
-    import subprocess
-
     def git(*args):
         subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *args], cwd=tmp_path, check=True,
                        capture_output=True)
