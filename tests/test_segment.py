@@ -5,8 +5,8 @@ import tifffile
 import torch
 from PIL import Image
 
-from cocofast.data.slides import (ArrayReader, DownscaledReader, PILReader, PngRowWriter, TiffReader, TiffRowWriter,
-                                  open_reader)
+from cocofast.data.slides import ArrayReader, DownscaledReader, PILReader, TiffReader, open_reader
+from cocofast.data.writers import PngRowWriter, TiffRowWriter
 from cocofast.segment import (blended_bands, gaussian_importance, main, sliding_window_scores,
                               sliding_window_segment)
 
@@ -133,7 +133,8 @@ def test_readers_for_png_levels_downscale_and_missing_codecs(tmp_path):
     assert np.array_equal(reader.read(2, 3, 4, 5)[..., 0], image[2:6, 3:8])
     small = DownscaledReader(ArrayReader(image), 4)
     assert (small.height, small.width) == (5, 8)
-    assert np.allclose(small.read(1, 2, 1, 1)[0, 0, 0], image[4:8, 8:12].mean() / 255)
+    assert np.allclose(small.read(1, 2, 1, 1)[0, 0, 0], image[4:8, 8:12].mean())  # block means in stored units
+    assert small.stored_dtype == np.uint8
     assert small.read(0, 7, 5, 1).shape == (5, 1, 1)  # the last column block is edge-padded 2 -> 4
     with pytest.raises(FileNotFoundError, match="nothere.tif"):
         open_reader(tmp_path / "nothere.tif")

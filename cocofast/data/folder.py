@@ -4,6 +4,11 @@ Layout: ROOT/images/NAME.{png,jpg,jpeg,tif,tiff} and ROOT/masks/NAME.{...}, pair
 or a list file whose lines are `IMAGE MASK` (whitespace- or comma-separated, paths relative to the
 list file, `#` starts a comment). Masks hold class indices, or any values declared in `mask_values`
 (e.g. {0: 0, 255: 1} for 0/255 binary masks).
+
+Images become network input by the rule of `normalise` (the one `cocofast.segment` applies): stored values to
+[0, 1], then crop, resize, augmentation, and last the optional mean/std standardisation. The check before the
+first epoch decodes every pixel band by band (a corrupt tile or IDAT names its file there, not mid-training),
+checks the values against the declared range and, for per-image percentiles, records each image's bounds.
 """
 from __future__ import annotations
 
@@ -17,9 +22,16 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from .imageio import IMAGE_SUFFIXES, load_image, load_mask, read_header
+from .imageio import IMAGE_SUFFIXES, is_tiff, load_mask, read_header
+from .normalise import Normalisation, image_stats, standardise, to_unit_range, values_outside
+from .slides import MAX_PIXELS, ArrayReader, TiffReader, open_reader
 from .tiling import patch_grid, resolve_stride
-from .transforms import random_joint_flip, resize_pair
+from .transforms import Augmentation, augment_pair, resize_pair
+
+# Pixels per band when the check scans an image or mask: bounds its temporaries (bincount's int64 copy).
+CHECK_BAND_PIXELS = 1 << 20
+# Marks a stored mask value the mapping does not name (no class or ignore_index can be this).
+UNMAPPED = np.iinfo(np.int64).min
 
 
 class DatasetError(ValueError):
@@ -37,6 +49,7 @@ class Pair:
     mask: Path
     height: int
     width: int
+    stats: np.ndarray | None = None  # (2, C) per-image percentile bounds, percentile normalisation only
 
 
 class FolderDataset(Dataset):
@@ -53,11 +66,20 @@ class FolderDataset(Dataset):
         patch_size, stride, overlap: cut each image into patches (2048x2048 with patch_size=1024 gives
             four); stride defaults to patch_size; give stride or overlap (= patch_size - stride).
         resize: resize every patch to this size (int or (H, W)); the CoCo paper trains at 512.
-        flips: random horizontal and vertical flips applied to image and mask together.
-        seed: flips are drawn from (seed, epoch, index), so every rank and worker sees the same
+        normalise: a `Normalisation` or its text ('range', 'range:0:4095', 'percentile:1:99',
+            'meanstd:M,M,M:S,S,S'); see `cocofast.data.normalise`.
+        flips: random horizontal and vertical flips applied to image and mask together (shorthand for
+            augment=Augmentation(flips=True)).
+        augment: an `Augmentation` (flips, HED stain jitter, brightness/contrast); default none.
+        seed: augmentation is drawn from (seed, epoch, index), so every rank and worker sees the same
             augmentation for a sample whatever the process layout; call set_epoch each epoch.
         mask_suffix: mask stem = image stem + mask_suffix (e.g. "_mask").
-        check_mask_values: decode every mask on construction to check its values (fast, threaded).
+        check_mask_values: decode every mask on construction to check its values (in bands, threaded).
+            Off, an unmapped value still fails - when its sample is loaded, naming the file.
+        check_pixels: decode every image on construction (corrupt data, values outside the declared range).
+        max_pixels: most pixels one sample may decode at once (PNG/JPEG decode whole images; TIFFs are read
+            by region, so only the patch counts).
+        threads: check this many pairs at once (default: the CPU count, at most 8).
     """
 
     def __init__(self, root: str | os.PathLike | None = None, *, list_file: str | os.PathLike | None = None,
@@ -67,7 +89,9 @@ class FolderDataset(Dataset):
                  in_channels: int = 3, patch_size: int | tuple[int, int] | None = None,
                  stride: int | None = None, overlap: int | None = None,
                  resize: int | tuple[int, int] | None = None, flips: bool = False, seed: int = 0,
-                 mask_suffix: str = "", check_mask_values: bool = True, threads: int = 8):
+                 mask_suffix: str = "", check_mask_values: bool = True, threads: int | None = None,
+                 normalise: Normalisation | str = "range", augment: Augmentation | None = None,
+                 check_pixels: bool = True, max_pixels: int = MAX_PIXELS):
         if sum(x is not None for x in (root, list_file, pairs)) != 1:
             raise ValueError("give exactly one of root (a folder with images/ and masks/), list_file or pairs")
         if in_channels not in (1, 3):
@@ -78,9 +102,13 @@ class FolderDataset(Dataset):
         self.ignore_index = ignore_index
         self.in_channels = in_channels
         self.resize = resize
-        self.flips = flips
+        self.normalise = Normalisation.parse(normalise)
+        self.augment = augment if augment is not None else Augmentation(flips=flips)
+        self.augment.check_channels(in_channels)
         self.seed = seed
-        self.lut = _value_lut(mask_values, num_classes, ignore_index)
+        self.max_pixels = max_pixels
+        self.mapping = _mapping(mask_values, num_classes, ignore_index)
+        self.lut = _value_lut(self.mapping)
         self.mask_values = mask_values
         # Shared memory, so set_epoch reaches DataLoader workers that are already running.
         self._epoch = torch.zeros(1, dtype=torch.int64).share_memory_()
@@ -107,8 +135,9 @@ class FolderDataset(Dataset):
         else:
             self.patch = self.stride = None
 
+        threads = threads if threads is not None else min(8, os.cpu_count() or 1)
         with ThreadPoolExecutor(max_workers=max(1, threads)) as pool:
-            checked = list(pool.map(lambda p: self._check_pair(*p, check_mask_values), pairs))
+            checked = list(pool.map(lambda p: self._check_pair(*p, check_mask_values, check_pixels), pairs))
         self.pairs: list[Pair] = []
         for pair, pair_problems in checked:
             problems.extend(pair_problems)
@@ -125,7 +154,7 @@ class FolderDataset(Dataset):
                 for top, left in patch_grid(pair.height, pair.width, self.patch, self.stride):
                     self.index.append((i, top, left, *self.patch))
 
-    def _check_pair(self, image: Path, mask: Path, check_values: bool):
+    def _check_pair(self, image: Path, mask: Path, check_values: bool, check_pixels: bool):
         problems = []
         try:
             head = read_header(image)
@@ -145,11 +174,23 @@ class FolderDataset(Dataset):
         if self.patch is not None and (head.height < self.patch[0] or head.width < self.patch[1]):
             problems.append((str(image), f"image is {head.width}x{head.height}, smaller than the "
                                          f"{self.patch[1]}x{self.patch[0]} patch size"))
+        sample = self.patch or (head.height, head.width)
+        decoded_whole = (head.height, head.width) if not is_tiff(image) else sample
+        if decoded_whole[0] * decoded_whole[1] > self.max_pixels:
+            problems.append((str(image), f"loading a sample decodes {decoded_whole[1]}x{decoded_whole[0]} pixels, "
+                                         f"more than max_pixels={self.max_pixels:,}; cut it into patches "
+                                         "(patch_size) stored as a tiled TIFF, or raise max_pixels"))
+        stats = None
+        if not problems and (check_pixels or self.normalise.mode == "percentile"):
+            try:
+                stats = self._scan_image(image)
+            except ValueError as err:
+                problems.append((str(image), str(err).removeprefix(f"{image}: ")))
         if check_values and not problems:
             try:
-                bad = _values_outside(load_mask(mask), self.lut)
-            except Exception as err:
-                problems.append((str(mask), f"cannot decode mask ({type(err).__name__}: {err})"))
+                bad = self._scan_mask(mask)
+            except ValueError as err:
+                problems.append((str(mask), f"cannot decode mask ({str(err).removeprefix(f'{mask}: ')})"))
             else:
                 if bad:
                     shown = ", ".join(str(v) for v in bad[:8]) + (" ..." if len(bad) > 8 else "")
@@ -157,7 +198,46 @@ class FolderDataset(Dataset):
                                                 f"{self._mapping_text()}"))
         if problems:
             return None, problems
-        return Pair(image, mask, head.height, head.width), []
+        return Pair(image, mask, head.height, head.width, stats), []
+
+    def _scan_image(self, path: Path) -> np.ndarray | None:
+        """Decode every band of an image; raise on values outside the declared range; percentile bounds."""
+        reader = open_reader(path, max_pixels=self.max_pixels)
+        try:
+            if self.normalise.mode == "percentile":
+                return image_stats(reader, self.normalise, self.in_channels)
+            rows = max(1, CHECK_BAND_PIXELS // reader.width)
+            low, high = np.inf, -np.inf
+            for top in range(0, reader.height, rows):
+                outside = values_outside(reader.read(top, 0, rows, reader.width), self.normalise)
+                if outside is not None:
+                    low, high = min(low, outside[0]), max(high, outside[1])
+                    if np.isnan(outside[0]):
+                        raise ValueError("image holds NaN values")
+            if low <= high:
+                declared = self.normalise.stored_range(reader.dtype)
+                raise ValueError(f"{reader.dtype} values span {low:g}..{high:g}, outside the declared range "
+                                 f"{declared[0]:g}..{declared[1]:g}; declare the stored range (normalise="
+                                 f"'range:LOW:HIGH', e.g. 'range:0:255' for 0-255 floats) or use 'percentile'")
+            return None
+        finally:
+            reader.close()
+
+    def _scan_mask(self, path: Path) -> list[int]:
+        """Stored mask values the mapping does not name, found band by band (bounded temporaries)."""
+        reader = mask_reader(path)
+        try:
+            rows = max(1, CHECK_BAND_PIXELS // reader.width)
+            present: set[int] = set()
+            for top in range(0, reader.height, rows):
+                band = single_channel(reader.read(top, 0, rows, reader.width), path)
+                if band.dtype in (np.uint8, np.uint16):
+                    present.update(np.flatnonzero(np.bincount(band.ravel())).tolist())
+                else:
+                    present.update(np.unique(band).tolist())
+        finally:
+            reader.close()
+        return sorted(int(v) for v in present if int(v) not in self.mapping)
 
     def _mapping_text(self) -> str:
         if self.mask_values is None:
@@ -180,52 +260,87 @@ class FolderDataset(Dataset):
             index += len(self)
         pair_index, top, left, height, width = self.index[index]
         pair = self.pairs[pair_index]
-        image = load_image(pair.image, self.in_channels)[:, top:top + height, left:left + width]
-        raw = load_mask(pair.mask)[top:top + height, left:left + width]
-        mask = self.lut[raw] if raw.dtype in (np.uint8, np.uint16) else _map_slow(raw, self.mask_values)
-        image = torch.from_numpy(np.ascontiguousarray(image))
-        mask = torch.from_numpy(mask.astype(np.int64))
+        reader = open_reader(pair.image, max_pixels=self.max_pixels)
+        try:
+            pixels = reader.read(top, left, height, width)
+        finally:
+            reader.close()
+        image = to_unit_range(pixels, self.in_channels, self.normalise, stats=pair.stats)
+        reader = mask_reader(pair.mask)
+        try:
+            raw = single_channel(reader.read(top, left, height, width), pair.mask)
+        finally:
+            reader.close()
+        mask = self._map(raw, pair.mask)
+        image, mask = torch.from_numpy(image), torch.from_numpy(mask)
         if self.resize is not None:
             image, mask = resize_pair(image, mask, self.resize)
-        if self.flips:
+        if self.augment.active:
             rng = np.random.default_rng((self.seed, self.epoch, index))
-            image, mask = random_joint_flip(image, mask, rng)
-            image, mask = image.contiguous(), mask.contiguous()
-        return image, mask
+            image, mask = augment_pair(image, mask, rng, self.augment)
+        return standardise(image, self.normalise), mask
+
+    def _map(self, raw: np.ndarray, path: Path) -> np.ndarray:
+        """Stored values -> int64 classes; a value the mapping does not name is an error naming the file."""
+        if raw.dtype in (np.uint8, np.uint16):
+            mask = self.lut[raw]
+        else:
+            mask = np.full(raw.shape, UNMAPPED, np.int64)
+            for value, cls in self.mapping.items():
+                mask[raw == value] = cls
+        unmapped = mask == UNMAPPED
+        if unmapped.any():
+            shown = ", ".join(str(v) for v in np.unique(raw[unmapped])[:8].tolist())
+            raise ValueError(f"{path}: mask values {shown} are not in the mapping {self._mapping_text()}")
+        return mask
 
 
-def _value_lut(mask_values, num_classes, ignore_index) -> np.ndarray:
-    """Lookup table over all uint16 values: stored value -> class, or -1 for values not declared."""
-    mapping = {i: i for i in range(num_classes)} if mask_values is None else dict(mask_values)
-    lut = np.full(1 << 16, -1, dtype=np.int64)
-    for value, cls in mapping.items():
+def mask_reader(path: Path):
+    """Masks by region from tiled/striped TIFFs; other formats decode whole (palette indices, not colours)."""
+    if is_tiff(path):
+        return TiffReader(path)
+    try:
+        return ArrayReader(load_mask(path))
+    except Exception as err:  # Pillow raises several types for corrupt data
+        raise ValueError(f"{path}: {type(err).__name__}: {err}") from None
+
+
+def single_channel(region: np.ndarray, path: Path) -> np.ndarray:
+    """(h, w, C) mask region -> (h, w) integers; colour masks only when every channel is equal."""
+    first = region[:, :, 0]
+    if not all(np.array_equal(first, region[:, :, c]) for c in range(1, region.shape[2])):
+        raise ValueError(f"{path}: mask has {region.shape[2]} differing colour channels; expected one channel "
+                         "of class values (grayscale or palette)")
+    if not np.issubdtype(first.dtype, np.integer):
+        if first.dtype == bool:
+            return first.astype(np.uint8)
+        if np.all(np.mod(first, 1) == 0):
+            return first.astype(np.int64)
+        raise ValueError(f"{path}: mask holds non-integer values (dtype {first.dtype})")
+    return first
+
+
+def _mapping(mask_values, num_classes, ignore_index) -> dict[int, int]:
+    """Stored value -> class; by default values are classes (and ignore_index means itself)."""
+    if mask_values is None:
+        mapping = {i: i for i in range(num_classes)}
+        if ignore_index is not None:
+            mapping[ignore_index] = ignore_index
+        return mapping
+    for value, cls in mask_values.items():
         if not (0 <= cls < num_classes or cls == ignore_index):
             raise ValueError(f"mask_values maps {value} to {cls}, outside classes 0..{num_classes - 1}"
                              + (f" and ignore_index {ignore_index}" if ignore_index is not None else ""))
-        if not 0 <= value < (1 << 16):
-            raise ValueError(f"mask_values key {value} is not a stored pixel value in 0..65535")
-        lut[value] = cls
+    return dict(mask_values)
+
+
+def _value_lut(mapping: dict[int, int]) -> np.ndarray:
+    """Lookup table over all uint16 values: stored value -> class, UNMAPPED for values not declared."""
+    lut = np.full(1 << 16, UNMAPPED, dtype=np.int64)
+    for value, cls in mapping.items():
+        if 0 <= value < (1 << 16):
+            lut[value] = cls
     return lut
-
-
-def _values_outside(mask: np.ndarray, lut: np.ndarray) -> list[int]:
-    if mask.dtype in (np.uint8, np.uint16):
-        counts = np.bincount(mask.ravel(), minlength=1)
-        present = np.flatnonzero(counts)
-    else:
-        present = np.unique(mask)
-    outside = (present < 0) | (present >= len(lut))
-    inside = present[~outside]
-    return sorted(int(v) for v in np.concatenate([present[outside], inside[lut[inside] < 0]]))
-
-
-def _map_slow(raw: np.ndarray, mask_values) -> np.ndarray:
-    if mask_values is None:
-        return raw.astype(np.int64)
-    out = np.empty(raw.shape, dtype=np.int64)
-    for value, cls in mask_values.items():
-        out[raw == value] = cls
-    return out
 
 
 def _image_files(folder: Path) -> list[Path]:

@@ -1,7 +1,8 @@
 """Reading images and masks from disk: cheap header checks, full decodes, and uniform arrays.
 
 PNG and JPEG go through Pillow, TIFF through tifffile (first page, i.e. full resolution).
-Images come out as float32 (C, H, W) in [0, 1]; masks as the raw integer values stored in the file.
+Images come out as float32 (C, H, W) in [0, 1] by the rule of `normalise`; masks as the raw integer values
+stored in the file.
 """
 from __future__ import annotations
 
@@ -12,10 +13,13 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from .normalise import Normalisation, to_unit_range
+
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff")
-TIFF_SUFFIXES = (".tif", ".tiff", ".svs")
-# ITU-R 601 luma, the weights Pillow's convert("L") and OpenCV's grayscale reads use.
-LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)
+# TIFF-based slide formats tifffile reads level by level (with imagecodecs for their JPEG/LZW/JPEG 2000 tiles).
+TIFF_SUFFIXES = (".tif", ".tiff", ".svs", ".ndpi", ".scn", ".bif", ".qptiff")
+# Slide formats only OpenSlide reads.
+OPENSLIDE_SUFFIXES = (".mrxs", ".vms", ".vmu", ".svslide")
 
 
 @dataclass(frozen=True)
@@ -105,40 +109,10 @@ def read_array(path: str | os.PathLike, palette_as: str = "indices") -> np.ndarr
         return np.asarray(img)
 
 
-def luma(rgb: np.ndarray) -> np.ndarray:
-    """(..., 3) -> (...) grayscale. Written out instead of `rgb @ LUMA`: a threaded BLAS call on a busy
-    machine can cost a thousand times more than these three multiply-adds."""
-    return rgb[..., 0] * LUMA[0] + rgb[..., 1] * LUMA[1] + rgb[..., 2] * LUMA[2]
-
-
-def to_float_image(array: np.ndarray, in_channels: int) -> np.ndarray:
-    """(H, W[, C]) of any dtype -> float32 (in_channels, H, W) in [0, 1]; RGB -> gray by ITU-R 601 luma."""
-    if np.issubdtype(array.dtype, np.integer):
-        scale = float(np.iinfo(array.dtype).max)
-        image = array.astype(np.float32) / scale
-    elif array.dtype == bool:
-        image = array.astype(np.float32)
-    else:
-        image = np.clip(array.astype(np.float32), 0.0, 1.0)
-    if image.ndim == 2:
-        image = image[:, :, None]
-    if image.shape[2] in (2, 4):  # drop alpha
-        image = image[:, :, :-1]
-    have = image.shape[2]
-    if in_channels == have:
-        pass
-    elif in_channels == 1 and have == 3:
-        image = luma(image)[:, :, None]
-    elif in_channels == 3 and have == 1:
-        image = np.repeat(image, 3, axis=2)
-    else:
-        raise ValueError(f"cannot turn a {have}-channel image into {in_channels} channels")
-    return np.ascontiguousarray(image.transpose(2, 0, 1))
-
-
-def load_image(path: str | os.PathLike, in_channels: int) -> np.ndarray:
-    """Decode an image file to float32 (in_channels, H, W) in [0, 1]."""
-    return to_float_image(read_array(path, palette_as="colours"), in_channels)
+def load_image(path: str | os.PathLike, in_channels: int, norm: Normalisation = Normalisation()) -> np.ndarray:
+    """Decode a whole image file to float32 (in_channels, H, W) in [0, 1] (range modes only: percentile
+    statistics belong to a whole image, see `normalise.image_stats`)."""
+    return to_unit_range(read_array(path, palette_as="colours"), in_channels, norm)
 
 
 def load_mask(path: str | os.PathLike) -> np.ndarray:

@@ -1,22 +1,23 @@
-"""Large images read by region and label images written row by row, so memory never holds a whole slide.
+"""Large images read by region, so memory never holds a whole slide.
 
-Readers share one small interface: `height`, `width`, `channels`, `dtype` and `read(top, left, height,
-width)` -> (h, w, channels) array, clipped to the image. `open_reader(path)` picks one:
-  * PNG, JPEG (and anything else Pillow opens): decoded once, since these formats have no random access;
-  * TIFF / SVS through tifffile, page by page and region by region: uncompressed data are read row
-    ranges straight from the file; tiled or striped data decode only the tiles/strips a region touches
-    (a small LRU cache keeps the ones a band of windows reuses). Codecs tifffile lacks without the
-    optional `imagecodecs` package (JPEG, LZW, JPEG 2000: most SVS files) make it fall back to
-    OpenSlide when `openslide-python` is installed, and otherwise fail with a message naming both.
-Writers take rows in order and keep only a block of them: `PngRowWriter` (a streaming PNG encoder) and
-`TiffRowWriter` (tiled, zlib-compressed TIFF through tifffile, for outputs too large for PNG viewers);
-`open_row_writer` picks one by file suffix.
+Readers share one small interface: `height`, `width`, `channels`, `dtype` (what the file stores),
+`mpp` (µm per pixel of the level read, None when the file does not say) and `read(top, left, height,
+width)` -> (h, w, channels) array in the stored dtype, clipped to the image. `open_reader(path)` picks one:
+  * PNG, JPEG (and anything else Pillow opens): decoded once, since these formats have no random access,
+    so they are refused beyond `max_pixels`; 16-bit and float images keep their stored values;
+  * TIFF, SVS, NDPI, SCN, BIF through tifffile (with imagecodecs for JPEG, LZW, JPEG 2000 tiles), level by
+    level and region by region: uncompressed data are read as row ranges straight from the file; tiled or
+    striped data decode only the tiles/strips a region touches (a small LRU cache keeps the ones a band of
+    windows reuses);
+  * anything tifffile cannot read (MRXS, VMS, unusual SVS) through OpenSlide.
+Failures are ValueErrors that name the file and, in 'auto', what each reader said.
+`level_for_mpp` picks a pyramid level and an integer block-mean factor for a requested µm per pixel.
 """
 from __future__ import annotations
 
 import math
 import os
-import struct
+import re
 import zlib
 from collections import OrderedDict
 from pathlib import Path
@@ -24,11 +25,22 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from .imageio import TIFF_SUFFIXES
+from .imageio import OPENSLIDE_SUFFIXES, TIFF_SUFFIXES
+
+# Pixels a whole-image decode (PNG, JPEG) may hold: 2^28 is 0.75 GiB as RGB uint8.
+MAX_PIXELS = 1 << 28
+# A level whose µm per pixel is within this fraction of the request counts as that request.
+MPP_TOLERANCE = 0.1
+
+
+class LevelError(ValueError):
+    """A pyramid level the file does not have; no other reader would do better."""
 
 
 class ArrayReader:
     """An in-memory (H, W) or (H, W, C) array as a reader."""
+
+    mpp = None
 
     def __init__(self, array: np.ndarray):
         array = np.asarray(array) if not isinstance(array, np.memmap) else array
@@ -37,6 +49,7 @@ class ArrayReader:
             raise ValueError(f"expected an (H, W) or (H, W, C) image, got shape {array.shape}")
         self.height, self.width, self.channels = self.array.shape
         self.dtype = self.array.dtype
+        self.level_shapes = [(self.height, self.width)]
 
     def read(self, top: int, left: int, height: int, width: int) -> np.ndarray:
         return np.asarray(self.array[max(top, 0):top + height, max(left, 0):left + width])
@@ -45,38 +58,86 @@ class ArrayReader:
         pass
 
 
-class PILReader(ArrayReader):
-    """PNG, JPEG and other Pillow formats: decoded once to uint8 gray or RGB."""
+def pil_array(img: Image.Image) -> np.ndarray:
+    """A Pillow image as stored values: gray/RGB(A) uint8, 16-bit gray uint16, 32-bit int32 or float32."""
+    if img.mode.startswith("I;16"):
+        return np.asarray(img).astype(np.uint16)
+    if img.mode in ("I", "F", "L", "RGB", "RGBA", "LA"):
+        return np.asarray(img)
+    if img.mode == "1":
+        return np.asarray(img.convert("L"))
+    return np.asarray(img.convert("RGBA" if img.mode == "P" and "transparency" in img.info else "RGB"))
 
-    def __init__(self, path: str | os.PathLike):
+
+class PILReader(ArrayReader):
+    """PNG, JPEG and other Pillow formats: decoded once, in their stored dtype."""
+
+    def __init__(self, path: str | os.PathLike, max_pixels: int = MAX_PIXELS):
         try:
             with Image.open(path) as img:
-                img = img.convert("L" if img.mode in ("1", "L", "LA", "I", "I;16", "F") else "RGB")
-                super().__init__(np.asarray(img))
-        except (OSError, SyntaxError, ValueError) as err:
-            raise ValueError(f"{path}: cannot decode image ({type(err).__name__}: {err})") from None
+                width, height = img.size
+                if width * height <= max_pixels:
+                    img.load()
+                    array = pil_array(img)
+        except (OSError, SyntaxError, EOFError, ValueError, zlib.error, Image.DecompressionBombError) as err:
+            raise ValueError(f"{path}: cannot decode image with Pillow ({type(err).__name__}: {err})") from None
+        if width * height > max_pixels:
+            raise ValueError(f"{path}: {width}x{height} = {width * height:,} pixels, more than the {max_pixels:,} "
+                             "a whole-image decode may hold; store it as a tiled TIFF (read by region) or raise "
+                             "max_pixels")
+        super().__init__(array)
+
+
+def tiff_mpp(tif, page) -> float | None:
+    """µm per pixel of a TIFF's first page: Aperio's 'MPP = ' description, else X resolution + unit."""
+    found = re.search(r"\bMPP\s*=\s*([0-9.]+)", page.description or "")
+    if found:
+        return float(found.group(1))
+    tags = page.tags
+    if "XResolution" in tags and "ResolutionUnit" in tags:
+        num, den = tags["XResolution"].value
+        unit = int(tags["ResolutionUnit"].value)
+        per_unit = num / den if den else 0.0
+        microns = {2: 25400.0, 3: 10000.0}.get(unit)
+        if microns and per_unit > 0:
+            return microns / per_unit
+    return None
 
 
 class TiffReader:
-    """One page (pyramid level) of a TIFF/SVS file, read by region without decoding the rest."""
+    """One page (pyramid level) of a TIFF/SVS/NDPI file, read by region without decoding the rest."""
 
     def __init__(self, path: str | os.PathLike, level: int = 0, cache_bytes: int = 32 << 20):
         import tifffile
 
         self.path = Path(path)
-        self.tif = tifffile.TiffFile(self.path)
-        levels = self.tif.series[0].levels if self.tif.series else []
+        try:
+            self.tif = tifffile.TiffFile(self.path)
+            levels = self.tif.series[0].levels if self.tif.series else []
+        except Exception as err:  # tifffile raises TiffFileError, struct.error, ValueError... on junk
+            raise ValueError(f"{self.path}: not a readable TIFF ({type(err).__name__}: {err})") from None
         if not levels:
+            self.close()
             raise ValueError(f"{self.path}: no image series in this TIFF")
         if not 0 <= level < len(levels):
-            raise ValueError(f"{self.path}: level {level} requested, file has levels 0..{len(levels) - 1}")
-        page = levels[level].pages[0]
-        self.page = page
+            self.close()
+            raise LevelError(f"{self.path}: level {level} requested, the file has levels 0..{len(levels) - 1}")
+        self.level_shapes = [tuple(lv.pages[0].shape[:2]) for lv in levels]
+        base_mpp = tiff_mpp(self.tif, levels[0].pages[0])
+        page = self.page = levels[level].pages[0]
         axes = dict(zip(page.axes, page.shape))
         if "Y" not in axes or "X" not in axes or set(axes) - {"Y", "X", "S"}:
+            self.close()
             raise ValueError(f"{self.path}: page axes {page.axes!r} are not a 2-D gray/colour image")
         self.height, self.width, self.channels = axes["Y"], axes["X"], axes.get("S", 1)
+        self.mpp = base_mpp * self.level_shapes[0][1] / self.width if base_mpp else None
         self.dtype = page.dtype
+        size = self.path.stat().st_size
+        ends = [o + n for o, n in zip(page.dataoffsets, page.databytecounts) if n]
+        if any(end > size for end in ends):
+            self.close()
+            raise ValueError(f"{self.path}: truncated TIFF (level {level} data run to byte {max(ends)} of a "
+                             f"{size}-byte file)")
         self.separate = page.planarconfig == 2 and self.channels > 1
         self.contiguous = page.is_contiguous and not self.separate and page.compression == 1
         self.seg_h = page.tilelength if page.is_tiled else min(page.rowsperstrip or self.height, self.height)
@@ -87,7 +148,11 @@ class TiffReader:
         self.cache: OrderedDict[int, np.ndarray] = OrderedDict()
         self.cache_items = max(4, cache_bytes // max(seg_bytes, 1))
         if not self.contiguous:
-            self._decode(0)  # fail now, with a clear message, if the codec is missing
+            try:
+                self._decode(0)  # fail now, with a clear message, if the codec is missing
+            except ValueError:
+                self.close()
+                raise
 
     def read(self, top: int, left: int, height: int, width: int) -> np.ndarray:
         y0, y1 = max(top, 0), min(top + height, self.height)
@@ -99,7 +164,7 @@ class TiffReader:
             row_bytes = self.width * self.channels * self.dtype.itemsize
             fh = self.tif.filehandle
             fh.seek(self.page.dataoffsets[0] + y0 * row_bytes)
-            rows = np.frombuffer(fh.read((y1 - y0) * row_bytes), self.dtype)
+            rows = np.frombuffer(fh.read((y1 - y0) * row_bytes), self.page.dtype.newbyteorder(self.tif.byteorder))
             out[:] = rows.reshape(y1 - y0, self.width, self.channels)[:, x0:x1]
             return out
         planes = range(self.channels) if self.separate else [None]
@@ -135,31 +200,39 @@ class TiffReader:
         data = fh.read(page.databytecounts[index])
         try:
             seg, _, shape = page.decode(data, index, jpegtables=page.jpegtables)
-        except (KeyError, ValueError, RuntimeError) as err:
-            raise ValueError(
-                f"{self.path}: cannot decode {page.compression!r} data with tifffile alone ({err}); install "
-                "'imagecodecs', or 'openslide-python' (with the OpenSlide library) for SVS") from None
+        except Exception as err:  # codec errors have library-specific types (imagecodecs.ZlibError, ...)
+            kind = "tile" if page.is_tiled else "strip"
+            raise ValueError(f"{self.path}: cannot decode {kind} {index} ({page.compression.name} data; "
+                             f"{type(err).__name__}: {err})") from None
         if seg is None:  # an empty tile: tifffile's fill value
             seg = np.zeros(shape, self.dtype)
-        seg = np.asarray(seg).reshape(seg.shape[-3], seg.shape[-2], seg.shape[-1])
-        return seg
+        return np.asarray(seg).reshape(seg.shape[-3], seg.shape[-2], seg.shape[-1])
 
     def close(self) -> None:
         self.tif.close()
 
 
 class OpenSlideReader:
-    """OpenSlide-backed reader (optional dependency, imported only when used)."""
+    """OpenSlide-backed reader, for the formats tifffile does not read (MRXS, VMS, ...)."""
 
     def __init__(self, path: str | os.PathLike, level: int = 0):
-        import openslide  # noqa: PLC0415 - optional
-
-        self.slide = openslide.OpenSlide(str(path))
+        try:
+            import openslide
+        except ImportError as err:
+            raise ValueError(f"{path}: openslide-python is not installed ({err})") from None
+        try:
+            self.slide = openslide.OpenSlide(str(path))
+        except Exception as err:  # OpenSlideError, OpenSlideUnsupportedFormatError
+            raise ValueError(f"{path}: OpenSlide cannot open it ({type(err).__name__}: {err})") from None
         if not 0 <= level < self.slide.level_count:
-            raise ValueError(f"{path}: level {level} requested, slide has levels 0..{self.slide.level_count - 1}")
+            self.slide.close()
+            raise LevelError(f"{path}: level {level} requested, the slide has levels 0..{self.slide.level_count - 1}")
         self.level = level
         self.downsample = self.slide.level_downsamples[level]
         self.width, self.height = self.slide.level_dimensions[level]
+        self.level_shapes = [(h, w) for w, h in self.slide.level_dimensions]
+        base = self.slide.properties.get("openslide.mpp-x")
+        self.mpp = float(base) * self.downsample if base else None
         self.channels, self.dtype = 3, np.dtype(np.uint8)
 
     def read(self, top: int, left: int, height: int, width: int) -> np.ndarray:
@@ -176,8 +249,9 @@ class OpenSlideReader:
 
 
 class DownscaledReader:
-    """Reads another reader at 1/factor resolution (block means), e.g. to match a model trained on
-    patches resized from 1024 to 512 pixels (factor 2)."""
+    """Reads another reader at 1/factor resolution as block means, in the stored units of the source
+    (float32; `stored_dtype` says which range they are in), e.g. to match a model trained on patches
+    resized from 1024 to 512 pixels (factor 2)."""
 
     def __init__(self, reader, factor: int):
         if factor < 1:
@@ -185,13 +259,15 @@ class DownscaledReader:
         self.reader, self.factor = reader, factor
         self.height, self.width = math.ceil(reader.height / factor), math.ceil(reader.width / factor)
         self.channels, self.dtype = reader.channels, np.dtype(np.float32)
+        self.stored_dtype = getattr(reader, "stored_dtype", reader.dtype)
+        self.mpp = reader.mpp * factor if getattr(reader, "mpp", None) else None
+        self.level_shapes = [(self.height, self.width)]
 
     def read(self, top: int, left: int, height: int, width: int) -> np.ndarray:
         f = self.factor
         y0, y1 = max(top, 0), min(top + height, self.height)
         x0, x1 = max(left, 0), min(left + width, self.width)
-        src = self.reader.read(y0 * f, x0 * f, (y1 - y0) * f, (x1 - x0) * f)
-        src = src.astype(np.float32) / full_scale(self.reader.dtype)
+        src = self.reader.read(y0 * f, x0 * f, (y1 - y0) * f, (x1 - x0) * f).astype(np.float32)
         h, w = y1 - y0, x1 - x0
         pad = ((0, h * f - src.shape[0]), (0, w * f - src.shape[1]), (0, 0))
         src = np.pad(src, pad, mode="edge") if any(p[1] for p in pad) else src
@@ -206,26 +282,32 @@ def full_scale(dtype) -> float:
     return float(np.iinfo(dtype).max) if np.issubdtype(dtype, np.integer) else 1.0
 
 
-def open_reader(path: str | os.PathLike, kind: str = "auto", level: int = 0):
-    """A reader for `path`; kind is 'auto', 'pil', 'tiff' or 'openslide'."""
+def open_reader(path: str | os.PathLike, kind: str = "auto", level: int = 0, max_pixels: int = MAX_PIXELS):
+    """A reader for `path`; kind is 'auto', 'pil', 'tiff' or 'openslide'.
+
+    'auto': Pillow for PNG/JPEG; tifffile, then OpenSlide, for TIFF-based slides; OpenSlide for the others.
+    """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such image file")
+    suffix = path.suffix.lower()
     if kind == "auto":
-        kind = "tiff" if path.suffix.lower() in TIFF_SUFFIXES else "pil"
-        if kind == "tiff":
-            try:
-                return TiffReader(path, level)
-            except ValueError:
+        if suffix not in TIFF_SUFFIXES + OPENSLIDE_SUFFIXES:
+            kind = "pil"
+        else:
+            tried = []
+            for reader in ((TiffReader,) if suffix in TIFF_SUFFIXES else ()) + (OpenSlideReader,):
                 try:
-                    import openslide  # noqa: F401
-                except ImportError:
+                    return reader(path, level)
+                except LevelError:
                     raise
-                return OpenSlideReader(path, level)
+                except ValueError as err:
+                    tried.append(f"{reader.__name__}: {str(err).removeprefix(f'{path}: ')}")
+            raise ValueError(f"{path}: no reader could open it; " + "; ".join(tried))
     if kind == "pil":
         if level:
-            raise ValueError(f"{path}: levels exist only for TIFF/SVS pyramids, got level {level}")
-        return PILReader(path)
+            raise LevelError(f"{path}: levels exist only in TIFF/SVS pyramids, got level {level}")
+        return PILReader(path, max_pixels)
     if kind == "tiff":
         return TiffReader(path, level)
     if kind == "openslide":
@@ -233,128 +315,27 @@ def open_reader(path: str | os.PathLike, kind: str = "auto", level: int = 0):
     raise ValueError(f"unknown reader kind {kind!r}; expected auto, pil, tiff or openslide")
 
 
-# ---------------------------------------------------------------------------------------------------------
-# writers
+def level_for_mpp(path: str | os.PathLike, mpp: float, kind: str = "auto") -> tuple[int, int, float]:
+    """(level, block-mean factor, resulting µm per pixel) that read `path` at about `mpp` µm per pixel.
 
-class PngRowWriter:
-    """Writes an 8-bit gray or RGB PNG whose rows arrive in order; memory: one block of rows."""
-
-    def __init__(self, path: str | os.PathLike, height: int, width: int, channels: int = 1, level: int = 6):
-        if channels not in (1, 3):
-            raise ValueError(f"PNG rows must have 1 or 3 channels, got {channels}")
-        self.height, self.width, self.channels = height, width, channels
-        fh = self.fh = open(path, "wb")
-        self.rows_written = 0
-        self.zip = zlib.compressobj(level)
-        fh.write(b"\x89PNG\r\n\x1a\n")
-        colour_type = 0 if channels == 1 else 2
-        self._chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, colour_type, 0, 0, 0))
-
-    def write(self, rows: np.ndarray) -> None:
-        rows = np.asarray(rows, dtype=np.uint8).reshape(-1, self.width * self.channels)
-        if self.rows_written + len(rows) > self.height:
-            raise ValueError(f"PNG is {self.height} rows high; got row {self.rows_written + len(rows)}")
-        # Each scanline starts with its filter type; 0 (none) keeps writing a pure copy.
-        lines = np.empty((len(rows), rows.shape[1] + 1), np.uint8)
-        lines[:, 0] = 0
-        lines[:, 1:] = rows
-        data = self.zip.compress(lines.tobytes())
-        if data:
-            self._chunk(b"IDAT", data)
-        self.rows_written += len(rows)
-
-    def close(self) -> None:
-        try:
-            if self.rows_written != self.height:
-                raise ValueError(f"PNG closed after {self.rows_written} of {self.height} rows")
-            self._chunk(b"IDAT", self.zip.flush())
-            self._chunk(b"IEND", b"")
-        finally:
-            self.fh.close()
-
-    def _chunk(self, kind: bytes, data: bytes) -> None:
-        self.fh.write(struct.pack(">I", len(data)) + kind + data)
-        self.fh.write(struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF))
-
-
-def write_tiff_rows(path: str | os.PathLike, row_blocks, height: int, width: int, channels: int = 1,
-                    tile: int = 256) -> None:
-    """Write a zlib-compressed tiled TIFF from blocks of rows (each (n, width[, channels]) uint8) that arrive
-    in order; holds at most one row of tiles plus one block."""
-    import tifffile
-
-    def tiles():
-        pending, have = [], 0
-        for block in row_blocks:
-            block = np.asarray(block, np.uint8).reshape(-1, width, channels)
-            pending.append(block)
-            have += len(block)
-            while have >= tile:
-                rows = np.concatenate(pending)
-                yield from _tile_row(rows[:tile], tile, channels)
-                pending, have = [rows[tile:]], have - tile
-        if have:
-            yield from _tile_row(np.concatenate(pending), tile, channels)
-
-    shape = (height, width, channels) if channels > 1 else (height, width)
-    tifffile.imwrite(path, data=tiles(), shape=shape, dtype=np.uint8, tile=(tile, tile), compression="zlib",
-                     photometric="rgb" if channels == 3 else "minisblack")
-
-
-def _tile_row(rows: np.ndarray, tile: int, channels: int):
-    width = rows.shape[1]
-    for x in range(0, width, tile):
-        out = np.zeros((tile, tile, channels), np.uint8)
-        part = rows[:, x:x + tile]
-        out[:part.shape[0], :part.shape[1]] = part
-        yield out if channels > 1 else out[..., 0]
-
-
-class TiffRowWriter:
-    """Push-style rows into `write_tiff_rows`: tifffile pulls tiles in a helper thread from a short queue,
-    so at most a few blocks wait in memory."""
-
-    _END = object()
-
-    def __init__(self, path: str | os.PathLike, height: int, width: int, channels: int = 1):
-        import queue
-        import threading
-
-        self.queue: queue.Queue = queue.Queue(maxsize=2)
-        self.error: BaseException | None = None
-
-        def blocks():
-            while (item := self.queue.get()) is not self._END:
-                yield item
-
-        def run():
-            try:
-                write_tiff_rows(path, blocks(), height, width, channels)
-            except BaseException as err:  # handed to the writing thread in write()/close()
-                self.error = err
-                while self.queue.get() is not self._END:  # unblock the producer
-                    pass
-
-        self.thread = threading.Thread(target=run, daemon=True)
-        self.thread.start()
-
-    def write(self, rows: np.ndarray) -> None:
-        if self.error is not None:
-            raise self.error
-        self.queue.put(np.asarray(rows, np.uint8))
-
-    def close(self) -> None:
-        self.queue.put(self._END)
-        self.thread.join()
-        if self.error is not None:
-            raise self.error
-
-
-def open_row_writer(path: str | os.PathLike, height: int, width: int, channels: int = 1, suffix: str | None = None):
-    """A PNG or TIFF row writer chosen by suffix (of `path`, or `suffix` when writing to a temp name)."""
-    suffix = (suffix or Path(path).suffix).lower()
-    if suffix == ".png":
-        return PngRowWriter(path, height, width, channels)
-    if suffix in (".tif", ".tiff"):
-        return TiffRowWriter(path, height, width, channels)
-    raise ValueError(f"{path}: cannot write {suffix!r} files; use .png, .tif or .tiff")
+    The coarsest level no coarser than the request (within MPP_TOLERANCE), then the integer factor that
+    comes closest; never upsampled.
+    """
+    if not mpp > 0:
+        raise ValueError(f"µm per pixel must be positive, got {mpp}")
+    base = open_reader(path, kind)
+    try:
+        if base.mpp is None:
+            raise ValueError(f"{path}: the file does not record its pixel size (µm per pixel); choose a level "
+                             "and downscale factor instead")
+        width0 = base.level_shapes[0][1]
+        level_mpps = [base.mpp * width0 / w for _, w in base.level_shapes]
+    finally:
+        base.close()
+    usable = [i for i, m in enumerate(level_mpps) if m <= mpp * (1 + MPP_TOLERANCE)]
+    if not usable:
+        raise ValueError(f"{path}: {mpp} µm per pixel is finer than the full resolution "
+                         f"({level_mpps[0]:.4g} µm per pixel); images are never upsampled")
+    level = max(usable, key=lambda i: level_mpps[i])
+    factor = max(1, round(mpp / level_mpps[level]))
+    return level, factor, level_mpps[level] * factor

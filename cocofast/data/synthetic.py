@@ -27,8 +27,8 @@ import torch
 from scipy import ndimage as ndi
 from torch.utils.data import Dataset
 
-from .imageio import luma
-from .transforms import random_joint_flip
+from .normalise import luma
+from .transforms import Augmentation, augment_pair
 
 # Optical-density directions of hematoxylin and eosin (Macenko's reference H&E stain matrix).
 HEMATOXYLIN = np.array([0.5626, 0.7201, 0.4062], dtype=np.float32)
@@ -39,11 +39,12 @@ class SyntheticPathology(Dataset):
     """`length` synthetic H&E patches: (image float32 (C, size, size) in [0, 1], mask int64 (size, size)).
 
     Mask 0 = normal tissue, 1 = cancer. Sample i is the same for a given seed on every machine and in
-    every process; with flips=True, call set_epoch(e) to redraw flips each epoch (deterministically).
+    every process; with flips=True (or an `augment`), call set_epoch(e) to redraw the augmentation each
+    epoch (deterministically, from (seed, epoch, index)).
     """
 
     def __init__(self, length: int, size: int = 256, seed: int = 0, in_channels: int = 3,
-                 flips: bool = False):
+                 flips: bool = False, augment: Augmentation | None = None):
         if length < 1:
             raise ValueError(f"length must be positive, got {length}")
         if size < 32:
@@ -51,7 +52,9 @@ class SyntheticPathology(Dataset):
         if in_channels not in (1, 3):
             raise ValueError(f"in_channels must be 1 (grayscale) or 3 (RGB), got {in_channels}")
         self.length, self.size, self.seed = length, size, seed
-        self.in_channels, self.flips = in_channels, flips
+        self.in_channels = in_channels
+        self.augment = augment if augment is not None else Augmentation(flips=flips)
+        self.augment.check_channels(in_channels)
         self._epoch = torch.zeros(1, dtype=torch.int64).share_memory_()
 
     def set_epoch(self, epoch: int) -> None:
@@ -69,10 +72,9 @@ class SyntheticPathology(Dataset):
         image = torch.from_numpy(np.ascontiguousarray(
             image[None] if image.ndim == 2 else image.transpose(2, 0, 1)))
         mask = torch.from_numpy(mask.astype(np.int64))
-        if self.flips:
+        if self.augment.active:
             rng = np.random.default_rng((self.seed, int(self._epoch.item()), index, 1))
-            image, mask = random_joint_flip(image, mask, rng)
-            image, mask = image.contiguous(), mask.contiguous()
+            image, mask = augment_pair(image, mask, rng, self.augment)
         return image, mask
 
 
