@@ -1,4 +1,10 @@
-"""Crash-safe file writes: a reader never sees a half-written checkpoint, CSV or image."""
+"""Crash-safe file writes: a reader never sees a half-written checkpoint, CSV or image.
+
+Each file is written to a hidden temporary beside it (".NAME.XXXX.tmp"), flushed to disk, given the mode a
+plain open() would have given it (mkstemp makes 0600 files), and renamed over the target; the folder is then
+synced so the rename itself survives a power cut. A kill can still leave a hidden temporary behind;
+`remove_stale_temporaries` clears them once the writer owns the folder (training holds a run-folder lock).
+"""
 from __future__ import annotations
 
 import contextlib
@@ -9,17 +15,50 @@ from typing import Iterator
 
 import torch
 
+TEMP_SUFFIX = ".tmp"
+
+
+class WriteError(OSError):
+    """A file could not be written (disk full, quota, permissions); the message names the file."""
+
+
+def _umask() -> int:
+    mask = os.umask(0)  # the only portable way to read it is to set it; restored at once
+    os.umask(mask)
+    return mask
+
+
+def _fsync(path: str | os.PathLike, directory: bool = False) -> None:
+    fd = os.open(path, os.O_RDONLY | (os.O_DIRECTORY if directory else 0))
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
 
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary path beside `path`; on success it replaces `path` in one rename."""
+    """Yield a temporary path beside `path`; on success it replaces `path` in one rename.
+
+    An OSError while writing (ENOSPC, EFBIG, EDQUOT, ...) comes out as a WriteError naming `path`.
+    """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TEMP_SUFFIX, dir=path.parent)
+        os.fchmod(fd, 0o666 & ~_umask())
+        os.close(fd)
+    except OSError as err:
+        raise WriteError(f"could not write {path}: {err.strerror or err}") from None
     try:
         yield Path(tmp)
+        _fsync(tmp)
         os.replace(tmp, path)
+        _fsync(path.parent, directory=True)
+    except WriteError:
+        raise
+    except OSError as err:
+        raise WriteError(f"could not write {path} (disk full?): {err.strerror or err}") from None
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
@@ -28,9 +67,25 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
 def atomic_save(obj, path: str | os.PathLike) -> None:
     """torch.save that leaves either the old file or the complete new one, never a torn one."""
     with atomic_path(path) as tmp:
-        torch.save(obj, tmp)
+        try:
+            torch.save(obj, tmp)
+        except RuntimeError as err:
+            # torch's zip writer reports a failed write as RuntimeError ("unexpected pos ...",
+            # "PytorchStreamWriter failed writing file ..."), not as OSError.
+            raise WriteError(f"could not write {path} (disk full?): {err}") from None
 
 
 def atomic_write_text(text: str, path: str | os.PathLike) -> None:
     with atomic_path(path) as tmp:
         tmp.write_text(text)
+
+
+def remove_stale_temporaries(folder: str | os.PathLike) -> list[Path]:
+    """Delete the hidden temporaries a killed writer left in `folder`; only safe while no one else writes there."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    stale = [p for p in folder.glob(f".*{TEMP_SUFFIX}") if p.is_file()]
+    for p in stale:
+        p.unlink(missing_ok=True)
+    return stale

@@ -1,36 +1,35 @@
-"""Checkpoints: one torch.save'd dict, written atomically, loadable with `weights_only=True`.
+"""Training checkpoints: one torch.save'd dict, written atomically, loadable with `weights_only=True`.
 
-Layout (shared with cocofast's segmentation tools, which read only "models"):
+Layout (shared with cocofast's segmentation tools, which read only "models"; cocofast/checkpoint.py reads it):
 
-    {"format": "cocofast-checkpoint", "version": 1, "stage": "student",
+    {"format": "cocofast-checkpoint", "version": 2, "stage": "student", "run_id": str,
      "models": {role: {"model_name": str, "model_kwargs": dict, "state_dict": dict}},
      "optimizers": {role: state_dict}, "schedulers": {role: dict}, "scaler": dict | None,
-     "epoch": int, "batch_in_epoch": int, "iteration": int, "finished": bool,
-     "rng": [per-rank dict of tensors / plain values], "config": dict, "history": [per-epoch dict],
-     "meters": dict, "best_score": float | None}
+     "epoch": int, "batch_in_epoch": int, "iteration": int, "finished": bool, "best_epoch": int | None,
+     "per_rank": [{"rng": dict, "meters": dict}], "config": dict, "history": [per-epoch dict],
+     "best_score": float | None, "sources": {role: network digest}, "checksum": {"algorithm", "digest"}}
 
 Everything in it is a tensor or a plain Python value, because `weights_only=True` loading refuses anything else
-(numpy arrays and the tuples inside RNG states are converted to tensors and lists here).
+(numpy arrays and the tuples inside RNG states are converted to tensors and lists here). "sources" records the
+networks a stage was trained from (the teacher, the paraphrasers), so a resume against different ones is refused.
 """
 from __future__ import annotations
 
 import os
 import random
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 import torch.nn as nn
 
+from cocofast.checkpoint import (FORMAT, VERSION, CheckpointError, model_spec, network_digest, read_checkpoint,
+                                 with_checksum)
 from cocofast.io import atomic_save
 
-FORMAT = "cocofast-checkpoint"
-VERSION = 1
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint that is missing, unreadable, or made for a different network or configuration."""
+__all__ = ["FORMAT", "VERSION", "CheckpointError", "capture_rng", "check_config", "check_model", "check_sources",
+           "load_checkpoint", "load_weights", "model_entry", "model_spec", "restore_rng", "save_checkpoint",
+           "source_digests", "unwrap"]
 
 
 def unwrap(module: nn.Module) -> nn.Module:
@@ -77,26 +76,12 @@ def restore_rng(state: dict[str, Any]) -> None:
 
 # --- save / load -----------------------------------------------------------------------------------------
 def save_checkpoint(path: str | os.PathLike, **content: Any) -> None:
-    atomic_save({"format": FORMAT, "version": VERSION, **content}, path)
+    atomic_save(with_checksum({"format": FORMAT, "version": VERSION, **content}), path)
 
 
-def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint not found: {path}")
-    try:
-        ckpt = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as err:  # unpickling errors come in many types; all mean the same to the user
-        raise CheckpointError(f"cannot read checkpoint {path} (weights_only=True): {err}") from None
-    if not isinstance(ckpt, dict) or "models" not in ckpt:
-        raise CheckpointError(f"{path} is not a cocofast checkpoint (no 'models' entry)")
-    return ckpt
-
-
-def model_spec(ckpt: dict, role: str, path: str | os.PathLike) -> dict:
-    if role not in ckpt["models"]:
-        raise CheckpointError(f"checkpoint {path} holds no '{role}' model; it has {sorted(ckpt['models'])}")
-    return ckpt["models"][role]
+def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
+    """On the CPU (RNG states must stay CPU tensors; weights are copied onto the device by load_state_dict)."""
+    return read_checkpoint(path)
 
 
 def check_model(ckpt: dict, role: str, path, model_name: str, model_kwargs: dict) -> dict:
@@ -126,6 +111,41 @@ def check_config(saved: dict, wanted: dict, path) -> None:
     if changed:
         raise CheckpointError(f"cannot resume from {path}: the configuration differs in "
                               + "; ".join(changed) + " (use --overwrite to start this stage afresh)")
+
+
+# --- what a stage was trained from ------------------------------------------------------------------------
+def source_digests(**networks: nn.Module | nn.ModuleList | None) -> dict[str, str]:
+    """{role: digest} of the frozen networks a stage learns from, e.g. source_digests(teacher=t, paraphraser=p).
+
+    A ModuleList contributes one entry per member (paraphraser0, paraphraser1, ...); None is left out. Each
+    module must come from create_model, which records the model_name and model_kwargs the digest covers.
+    """
+    found: dict[str, str] = {}
+    for role, net in networks.items():
+        if net is None:
+            continue
+        members = {f"{role}{i}": m for i, m in enumerate(net)} if isinstance(net, nn.ModuleList) else {role: net}
+        for name, module in members.items():
+            module = unwrap(module)
+            found[name] = network_digest(module.model_name, module.model_kwargs, module.state_dict())
+    return found
+
+
+def check_sources(saved: dict[str, str] | None, current: dict[str, str], path) -> None:
+    """Refuse to resume a stage against different teacher/paraphraser weights than it was trained from."""
+    if saved is None:
+        if current:
+            raise CheckpointError(f"cannot resume from {path}: it does not record which {', '.join(current)} "
+                                  f"it was trained from, so a change of them could not be noticed (written by an "
+                                  f"older version; use --overwrite to start this stage afresh)")
+        return
+    roles = sorted(set(saved) | set(current))
+    changed = [f"{role}: checkpoint was trained from {saved.get(role, '<none>')[:12]}, "
+               f"now {current.get(role, '<none>')[:12]}" for role in roles if saved.get(role) != current.get(role)]
+    if changed:
+        raise CheckpointError(f"cannot resume from {path}: it was trained from other networks than the ones "
+                              "given now (" + "; ".join(changed) + "); point --teacher_checkpoint / "
+                              f"--paraphraser_checkpoint to the ones it used, or use --overwrite")
 
 
 def _kw(kwargs: dict) -> str:

@@ -15,8 +15,10 @@ Each stage folder holds last.pt, best.pt (by validation mIoU; lowest reconstruct
 config.yaml (the resolved configuration), summary.csv, curves.png and overlays_*.png. --resume continues
 every unfinished stage exactly where its last.pt left it and skips finished ones.
 
-Exit status: 0 done, 2 configuration or checkpoint error, 3 stopped by --stop_after_iters,
-4 a loss became NaN or infinite.
+Only one run at a time may use a RUN_DIR (a lock, RUN_DIR/.distill.lock, released when the process ends).
+
+Exit status: 0 done, 2 configuration, checkpoint or file-writing error (including a RUN_DIR in use by
+another run), 3 stopped by --stop_after_iters, 4 a loss became NaN or infinite.
 
 Configuration keys (defaults are the paper's; YAML < --key=value):
 """
@@ -31,9 +33,11 @@ if __name__ == "__main__":
     _here = Path(__file__).resolve().parent
     sys.path = [p for p in sys.path if Path(p or ".").resolve() != _here]
 
+from cocofast.io import WriteError
 from cocofast.train.checkpoint import CheckpointError
 from cocofast.train.config import ConfigError, describe, parse_args
 from cocofast.train.loop import IterationBudget, TrainingInterrupted
+from cocofast.train.rundir import hold_run_dir
 from cocofast.train.runtime import configure_determinism, init_runtime, shutdown
 from cocofast.train.stages import evaluate_all, train_paraphrasers, train_student, train_teacher
 
@@ -49,9 +53,11 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as err:
         print(f"distill.py: error: {err}", file=sys.stderr)
         return 2
-    configure_determinism(cfg)
-    budget = IterationBudget(cfg.stop_after_iters)
+    lock = None
     try:
+        lock = hold_run_dir(cfg.run_dir, rt)
+        configure_determinism(cfg)
+        budget = IterationBudget(cfg.stop_after_iters)
         for stage in cfg.stages():
             if stage == "teacher":
                 train_teacher(cfg, rt, budget)
@@ -62,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 evaluate_all(cfg, rt)
         return 0
-    except (ConfigError, CheckpointError) as err:
+    except (ConfigError, CheckpointError, WriteError) as err:
         print(f"distill.py: error: {err}", file=sys.stderr)
         return 2
     except FloatingPointError as err:
@@ -73,6 +79,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"distill.py: {err}", file=sys.stderr)
         return 3
     finally:
+        if lock is not None:
+            lock.release()
         shutdown(rt)
 
 

@@ -3,15 +3,21 @@
 A stage describes itself with a `Stage` (its networks, optimisers, schedules, one training step and one
 evaluation); `run_stage` does the rest the same way for the teacher, the paraphrasers and the student:
 
-- resume from `last.pt` (same learning rate, same data order, same RNG draws, mid-epoch included);
+- resume from `last.pt` (same learning rate, same data order, same RNG draws, mid-epoch included), refusing a
+  checkpoint made with other settings or from other teacher/paraphraser weights (`Stage.sources`);
 - a tqdm bar per epoch on rank 0, `last.pt` every `save_every_iters` iterations and at each epoch end;
-- `best.pt` whenever the validation score improves;
-- `summary.csv`, `curves.png` and `overlays_*.png` in the stage's folder (rank 0 only).
+- `best.pt` whenever the validation score improves, written *before* the `last.pt` that points to it, so a
+  crash between the two leaves a last.pt that redoes the epoch, never a finished one beside an older best.pt;
+- `config.yaml` rewritten after every `last.pt`, so it always describes the checkpoint beside it (a failed
+  --overwrite leaves both as they were);
+- `summary.csv`, `curves.png` and `overlays_*.png` in the stage's folder (rank 0 only), redrawn from the
+  checkpoints when a finished stage is skipped on resume.
 """
 from __future__ import annotations
 
 import math
 import time
+import uuid
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,8 +30,8 @@ from tqdm import tqdm
 from cocofast.io import atomic_write_text
 
 from . import report
-from .checkpoint import (capture_rng, check_config, load_checkpoint, model_entry, restore_rng,
-                         save_checkpoint, unwrap)
+from .checkpoint import (CheckpointError, capture_rng, check_config, check_sources, load_checkpoint, model_entry,
+                         restore_rng, save_checkpoint, unwrap)
 from .config import ConfigError, TrainConfig, dump_yaml
 from .runtime import ResumableSampler, Runtime, random_flips
 
@@ -63,6 +69,8 @@ class Stage:
     config_groups: tuple[str, ...] = ("all",)
     draw_overlays: Callable[[Path], None] | None = None
     extra: dict = field(default_factory=dict)  # stored as-is in the checkpoint (plain values only)
+    # role -> network digest of the frozen networks this stage learns from (checkpoint.source_digests)
+    sources: dict[str, str] = field(default_factory=dict)
 
 
 def _better(score: float, best: float | None, higher: bool) -> bool:
@@ -81,18 +89,27 @@ def run_stage(stage: Stage, cfg: TrainConfig, rt: Runtime, loader, sampler: Resu
     epoch, batch_in_epoch, iteration = 0, 0, 0
     history: list[dict] = []
     meters: dict[str, list[float]] = {}
-    best_score = None
+    best_score, best_epoch, run_id = None, None, uuid.uuid4().hex
+    # Outputs of the run an --overwrite replaces; removed once the new run's first last.pt exists.
+    stale = sorted(p for p in stage.out_dir.glob("*") if p.name in STAGE_OUTPUTS or p.match("overlays_*.png"))
     if last_path.exists() and not cfg.overwrite:
         if not cfg.resume:
             raise ConfigError(f"{last_path} exists: pass --resume to continue that run or --overwrite to "
                               f"start the {stage.name} stage afresh")
         ckpt = load_checkpoint(last_path)  # on CPU: RNG states must stay CPU tensors; weights are copied over
         check_config(ckpt["config"], wanted_config, last_path)
+        check_sources(ckpt.get("sources"), stage.sources, last_path)
         if ckpt.get("finished"):
             _log(rt, f"[{stage.name}] already finished ({last_path}); skipping")
+            best = check_best_matches(ckpt, best_path)
+            if rt.is_main:
+                redraw_reports(stage, cfg, ckpt, best)
+            rt.barrier()
             return
+        stale = []
         epoch, batch_in_epoch, iteration = ckpt["epoch"], ckpt["batch_in_epoch"], ckpt["iteration"]
         history, best_score = list(ckpt["history"]), ckpt["best_score"]
+        best_epoch, run_id = ckpt.get("best_epoch"), ckpt.get("run_id", run_id)
         for role, (_, _, module) in stage.models.items():
             unwrap(module).load_state_dict(ckpt["models"][role]["state_dict"])
         for role, opt in stage.optimizers.items():
@@ -116,6 +133,8 @@ def run_stage(stage: Stage, cfg: TrainConfig, rt: Runtime, loader, sampler: Resu
         per_rank = rt.gather_objects({"rng": capture_rng(), "meters": meters})
         if not rt.is_main:
             return
+        if path == best_path and best_path in stale:
+            stale.remove(best_path)  # replaced by this run's own
         save_checkpoint(
             path, stage=stage.name,
             models={role: model_entry(n, kw, m) for role, (n, kw, m) in stage.models.items()},
@@ -124,11 +143,15 @@ def run_stage(stage: Stage, cfg: TrainConfig, rt: Runtime, loader, sampler: Resu
             scaler=stage.scaler.state_dict() if stage.scaler.is_enabled() else None,
             epoch=epoch, batch_in_epoch=batch_in_epoch, iteration=iteration, finished=finished,
             per_rank=per_rank, world_size=rt.world_size, config=cfg.to_dict(), history=history,
-            best_score=best_score, **stage.extra)
+            best_score=best_score, best_epoch=best_epoch, run_id=run_id, sources=dict(stage.sources),
+            **stage.extra)
+        if path == last_path:
+            atomic_write_text(dump_yaml(cfg), stage.out_dir / "config.yaml")
+            while stale:
+                stale.pop().unlink(missing_ok=True)
 
     if rt.is_main:
         stage.out_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(dump_yaml(cfg), stage.out_dir / "config.yaml")
     while epoch < stage.epochs:
         sampler.set_epoch(epoch)
         sampler.start_at(batch_in_epoch * per_rank_batch)
@@ -177,13 +200,11 @@ def run_stage(stage: Stage, cfg: TrainConfig, rt: Runtime, loader, sampler: Resu
         epoch, batch_in_epoch, meters = epoch + 1, 0, {}
         improved = _better(row[stage.score_key], best_score, stage.higher_is_better)
         if improved:
-            best_score = row[stage.score_key]
-        checkpoint(last_path, finished=epoch == stage.epochs)
-        if improved:
+            best_score, best_epoch = row[stage.score_key], epoch
             checkpoint(best_path)
+        checkpoint(last_path, finished=epoch == stage.epochs)
         if rt.is_main:
-            report.write_summary(history, stage.out_dir / "summary.csv")
-            report.plot_curves(history, stage.out_dir / "curves.png", title=f"{stage.name} ({cfg.run_dir})")
+            write_reports(stage, cfg, history)
             if stage.draw_overlays is not None and cfg.num_overlays:
                 stage.draw_overlays(stage.out_dir / "overlays_last.png")
                 if improved:
@@ -192,6 +213,44 @@ def run_stage(stage: Stage, cfg: TrainConfig, rt: Runtime, loader, sampler: Resu
         _log(rt, f"[{stage.name}] epoch {epoch}/{stage.epochs} {shown} ({row['epoch_seconds']:.1f} s)"
                  + ("  * best" if improved else ""))
     rt.barrier()
+
+
+STAGE_OUTPUTS = ("best.pt", "summary.csv", "curves.png")
+
+
+def write_reports(stage: Stage, cfg: TrainConfig, history: list[dict]) -> None:
+    report.write_summary(history, stage.out_dir / "summary.csv")
+    report.plot_curves(history, stage.out_dir / "curves.png", title=f"{stage.name} ({cfg.run_dir})")
+
+
+def check_best_matches(last: dict, best_path: Path) -> dict | None:
+    """best.pt of a finished stage, refused unless it is the one its last.pt names (same run, same epoch)."""
+    if last.get("best_epoch") is None or "run_id" not in last:
+        return None  # nothing recorded to check against (no epoch improved, or an older checkpoint)
+    if not best_path.is_file():
+        raise CheckpointError(f"{best_path} is missing, but {best_path.parent / 'last.pt'} says epoch "
+                              f"{last['best_epoch']} was the best; use --overwrite to train this stage again")
+    best = load_checkpoint(best_path)
+    found = (best.get("run_id"), best.get("epoch"))
+    if found != (last["run_id"], last["best_epoch"]):
+        raise CheckpointError(f"{best_path} does not belong to {best_path.parent / 'last.pt'}: it is from epoch "
+                              f"{found[1]} of run {str(found[0])[:8]}, the last.pt names epoch {last['best_epoch']} "
+                              f"of run {last['run_id'][:8]} (an interrupted write); use --overwrite to train this "
+                              f"stage again")
+    return best
+
+
+def redraw_reports(stage: Stage, cfg: TrainConfig, last: dict, best: dict | None) -> None:
+    """The summary, curves and overlays of a stage skipped as finished, from its checkpoints."""
+    write_reports(stage, cfg, list(last["history"]))
+    if stage.draw_overlays is None or not cfg.num_overlays:
+        return
+    for name, ckpt in (("overlays_best.png", best), ("overlays_last.png", last)):
+        if ckpt is None:
+            continue
+        for role, (_, _, module) in stage.models.items():
+            unwrap(module).load_state_dict(ckpt["models"][role]["state_dict"])
+        stage.draw_overlays(stage.out_dir / name)
 
 
 def _log(rt: Runtime, message: str) -> None:

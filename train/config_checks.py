@@ -1,0 +1,83 @@
+"""Checks of a training configuration's values that would otherwise surface as a traceback mid-run.
+
+Each failure is a ConfigError naming the key, the value and what is expected, raised before any stage runs:
+a NaN learning rate, an unknown network or a student folder named like another stage's must not get as far as
+torch's optimiser, the model registry or the teacher's checkpoints.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import yaml
+
+STAGE_FOLDERS = ("teacher", "paraphraser")  # run_dir sub-folders the other stages own
+
+
+class UniqueKeyLoader(yaml.SafeLoader):
+    """yaml.SafeLoader that refuses a key given twice in one mapping (PyYAML silently keeps the last one)."""
+
+    def construct_mapping(self, node, deep=False):
+        first_line: dict = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            line = key_node.start_mark.line + 1
+            try:
+                seen = key in first_line
+            except TypeError:  # an unhashable key: SafeLoader's own error message says so
+                break
+            if seen:
+                raise yaml.constructor.ConstructorError(
+                    "while constructing a mapping", node.start_mark,
+                    f"found key {key!r} twice (lines {first_line[key]} and {line}); keep one of them",
+                    key_node.start_mark)
+            first_line[key] = line
+        return super().construct_mapping(node, deep=deep)
+
+
+def check_values(cfg) -> None:
+    """Raise ConfigError (from train/config.py) on the first value of `cfg` that cannot work."""
+    from cocofast.models import SEGMENTATION_MODELS
+
+    from .config import ConfigError
+
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"config key '{f.name}': must be a finite number, got {value}")
+    for key in ("teacher_model", "student_model"):
+        if getattr(cfg, key) not in SEGMENTATION_MODELS:
+            raise ConfigError(f"config key '{key}': unknown segmentation network {getattr(cfg, key)!r}; "
+                              f"choose one of {', '.join(SEGMENTATION_MODELS)}")
+    ranges = {
+        "teacher_width": (0, None), "student_width": (0, None), "disc_width": (0, None),
+        # A learning rate of 0 freezes a network (tests use it to compare initial weights); negative ones diverge.
+        "teacher_lr": (0, None, "closed"), "paraphraser_lr": (0, None, "closed"), "student_lr": (0, None, "closed"),
+        "disc_lr": (0, None, "closed"),
+        "lr_power": (0, None, "closed"), "lr_step_gamma": (0, None), "weight_decay": (0, None, "closed"),
+        "paraphraser_momentum": (0, 1, "closed"), "disc_beta1": (0, 1, "closed"), "disc_beta2": (0, 1, "closed"),
+        "adv_weight": (0, None, "closed"), "gp_weight": (0, None, "closed"),
+    }
+    for key, (low, high, *closed) in ranges.items():
+        value = getattr(cfg, key)
+        too_low = value < low if closed else value <= low
+        if too_low or (high is not None and value >= high):
+            wanted = (f">= {low}" if closed else f"> {low}") + (f" and < {high}" if high is not None else "")
+            raise ConfigError(f"config key '{key}': must be {wanted}, got {value}")
+    if cfg.in_channels not in (1, 3):
+        # The networks take any channel count, but the data sets and overlays know only grayscale and RGB.
+        raise ConfigError(f"config key 'in_channels': must be 1 (grayscale) or 3 (RGB), got {cfg.in_channels}")
+    check_folder_name("student_name", cfg.student_name)
+    for name in (s.strip() for s in cfg.eval_students.split(",") if s.strip()):
+        check_folder_name("eval_students", name)
+
+
+def check_folder_name(key: str, name: str) -> None:
+    """A student's folder is one plain name inside run_dir, and not the folder of another stage."""
+    from .config import ConfigError
+
+    if not name or name in (".", "..") or "/" in name or "\\" in name or name.startswith("."):
+        raise ConfigError(f"config key '{key}': {name!r} is not a plain folder name (no '/', no leading '.')")
+    if name in STAGE_FOLDERS:
+        raise ConfigError(f"config key '{key}': {name!r} is the {name} stage's folder in run_dir; a student "
+                          f"there would replace its checkpoints. Choose another name")
