@@ -22,6 +22,8 @@ from typing import Any, Sequence
 
 import yaml
 
+from .config_checks import UniqueKeyLoader, check_values
+
 STAGES = ("teacher", "paraphraser", "student", "eval")  # in the order 'all' runs them
 
 
@@ -140,6 +142,7 @@ class TrainConfig:
 
     def validate(self) -> "TrainConfig":
         self.stages()
+        check_values(self)  # finite numbers, known networks, student folder names (train/config_checks.py)
         for f in dataclasses.fields(self):
             choices = f.metadata.get("choices")
             value = getattr(self, f.name)
@@ -277,7 +280,7 @@ def load_yaml(path: str | os.PathLike) -> dict[str, Any]:
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
     try:
-        data = yaml.safe_load(path.read_text())
+        data = yaml.load(path.read_text(), Loader=UniqueKeyLoader)  # a key given twice is an error
     except yaml.YAMLError as err:
         raise ConfigError(f"config file {path} is not valid YAML: {err}") from None
     if data is None:
