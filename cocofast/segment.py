@@ -164,11 +164,11 @@ def sliding_window_segment(predict_fn: Callable[[torch.Tensor], torch.Tensor], r
     if out is None:
         out = np.zeros((reader.height, reader.width), np.uint8)
     for top, scores in blended_bands(predict_fn, reader, window, overlap, batch_size, num_classes, **kwargs):
-        out[top:top + scores.shape[1]] = _argmax_rows(scores)
+        out[top:top + scores.shape[1]] = argmax_rows(scores)
     return out
 
 
-def _argmax_rows(scores: torch.Tensor, rows: int = 64) -> np.ndarray:
+def argmax_rows(scores: torch.Tensor, rows: int = 64) -> np.ndarray:
     """Labels (n, W) uint8 of scores (K, n, W), a few rows at a time (argmax makes int64 temporaries)."""
     out = np.empty(scores.shape[1:], np.uint8)
     for top in range(0, scores.shape[1], rows):
@@ -373,7 +373,7 @@ def _segment(args, model, entry, reader, factor: int, norm: Normalisation, devic
         writers = [open_row_writer(stack.enter_context(atomic_path(path)), height, width, channels,
                                    suffix=path.suffix) for path, channels in outputs]
         for top, scores in bands:
-            labels = _argmax_rows(scores)
+            labels = argmax_rows(scores)
             if factor > 1:  # back to full resolution: each low-resolution label covers factor^2 pixels
                 labels = labels.repeat(factor, 0).repeat(factor, 1)[:, :width]
                 top *= factor
