@@ -15,7 +15,7 @@ from cocofast.train.runtime import Runtime
 from cocofast.train.schedule import IterationLR
 from cocofast.train.semi import (UNLABELLED, HalfLabelledSampler, PartlyLabelled, check_fraction,
                                  labelled_indices, labelled_rows)
-from cocofast.train.stages import frozen
+from cocofast.train.networks import frozen
 from cocofast.train.student import StudentStep
 
 
@@ -98,14 +98,14 @@ def test_unlabelled_rows_never_reach_the_supervised_loss_or_label_losses(monkeyp
         return torch.nn.functional.cross_entropy(logits, masks)
 
     class SpyIFVD(type(get_loss("ifvd"))):
-        def compute(self, s, t, labels):
+        def distill(self, s, t, labels):
             seen["ifvd"] = labels.clone()
-            return super().compute(s, t, labels)
+            return super().distill(s, t, labels)
 
     class SpyKD(type(get_loss("kd"))):
-        def compute(self, s, t, labels):
-            seen["kd_batch"] = s.logits.shape[0]
-            return super().compute(s, t, labels)
+        def distill(self, s, t, labels):
+            seen["kd_batch"] = s[0].shape[0]
+            return super().distill(s, t, labels)
 
     monkeypatch.setattr(student_mod, "supervised_loss", spy_supervised)
     step = StudentStep(cfg, rt, student, optimizer, schedule, torch.amp.GradScaler("cpu", enabled=False),

@@ -73,8 +73,12 @@ def test_overrides_types_and_precedence(tmp_path):
     (tmp_path / "c.yaml").write_text("student_lr: 3e-3\nbatch_size: 4\nflips: false\n")
     cfg = parse_args(["--config", str(tmp_path / "c.yaml"), "--batch_size=2", "--resume", "--losses", "cmss,kd:0.5"])
     assert (cfg.student_lr, cfg.batch_size, cfg.flips, cfg.resume) == (3e-3, 2, False, True)
-    assert cfg.loss_weights() == [("cmss", None), ("kd", 0.5)]
-    assert parse_args(["--losses=none"]).loss_weights() == []
+    assert [(s.name, s.weight, s.params) for s in cfg.loss_specs()] == [("cmss", None, {}), ("kd", 0.5, {})]
+    assert parse_args(["--losses=none"]).loss_specs() == []
+    specs = parse_args(["--losses=kd:1:T=2,cpkd:tau=0.5:pixel_weight=0"]).loss_specs()
+    assert [(s.name, s.weight, s.params) for s in specs] == [("kd", 1.0, {"T": 2}), ("cpkd", None,
+                                                                                     {"tau": 0.5, "pixel_weight": 0})]
+    assert specs[0].build().temperature == 2.0 and specs[1].build().tau == 0.5
 
 
 @pytest.mark.parametrize("argv, words", [
@@ -85,6 +89,12 @@ def test_overrides_types_and_precedence(tmp_path):
     (["--losses=cocoa"], ["'losses'", "'cocoa'", "did you mean coco", "ifvd"]),
     (["--losses=kd:lots"], ["'losses'", "weight of 'kd'", "'lots'"]),
     (["--losses=kd,kd"], ["'losses'", "listed twice"]),
+    (["--losses=kd:T=0"], ["'losses'", "temperature must be a finite number > 0"]),
+    (["--losses=kd:tau=2"], ["'losses'", "unknown hyper-parameter(s) tau", "temperature", "T (= temperature)"]),
+    (["--losses=kd:1:2"], ["'losses'", "two weights"]),
+    (["--similarity_backend=chunked"], ["'similarity_backend'", "'chunked'", "gram"]),
+    (["--pixel_relation_backend=gram"], ["'pixel_relation_backend'", "'gram'", "chunked"]),
+    (["--loss_modules=no_such_module_here"], ["'loss_modules'", "no_such_module_here", "ModuleNotFoundError"]),
     (["--labelled_fraction=0"], ["'labelled_fraction'", "(0, 1]"]),
     (["--supervised_loss=dice"], ["'supervised_loss'", "focal_dice"]),
     (["--batch_size=0"], ["'batch_size'", ">= 1"]),

@@ -110,9 +110,11 @@ class TrainConfig:
     disc_width: float = _f(1.0, "student", "discriminator channel-width multiplier (1.0 = 64..512 channels)")
 
     # --- distillation: any registered losses with weights, the critic, and the supervised term ---
-    losses: str = _f("coco", "student", "distillation losses as 'name[:weight],...' from cocofast.losses "
-                                        "(e.g. 'coco', 'kd:1,at', 'graph_flow,kd'; weight defaults to the "
-                                        "loss's SPEC §6 weight); 'none' trains the student alone")
+    losses: str = _f("coco", "student", "distillation losses as 'name[:weight][:key=value...],...' from "
+                                        "cocofast.losses (e.g. 'coco', 'kd:1:T=2,at', 'graph_flow,kd'; weight "
+                                        "defaults to the loss's paper weight); 'none' trains the student alone")
+    loss_modules: str = _f("", "student", "comma-separated Python modules imported before `losses` is read, "
+                                          "each registering its own losses with cocofast.losses.register_loss")
     supervised_loss: str = _f("ce", "student", "'ce' (cross-entropy) or 'focal_dice' (0.5 focal + 0.5 dice, "
                                                "EMKD's)", ("ce", "focal_dice"))
     use_paraphraser: bool = _f(True, "student", "losses that read taps see the paraphraser encodings of the "
@@ -123,10 +125,14 @@ class TrainConfig:
     adversarial: bool = _f(True, "student", "adversarial distillation with a WGAN-GP discriminator")
     adv_weight: float = _f(0.1, "student", "beta: weight of the student's adversarial term L_g")
     gp_weight: float = _f(10.0, "student", "gradient-penalty weight in the discriminator loss")
+    drift_weight: float = _f(0.0, "student", "drift penalty eps * E[D(real)^2] in the discriminator loss, keeping "
+                                             "its scores bounded (progressive GANs use 1e-3; the paper has none)")
     disc_input: str = _f("probs_image", "student", "'probs_image' ([softmax, image], paper) or 'logits' "
                                                    "(authors' code)", ("probs_image", "logits"))
-    similarity_backend: str = _f("auto", "student", "backend of the cocofast similarity losses",
-                                 ("auto", "naive", "gram", "triton", "tiled"))
+    similarity_backend: str = _f("auto", "student", "backend of the losses built on the CMSS similarity op "
+                                                    "(coco, skd_pairwise, cmss, graph_flow)")
+    pixel_relation_backend: str = _f("auto", "student", "backend of the losses built on the pixel-relation op "
+                                                        "(cpkd)")
 
     # ---------------------------------------------------------------------------------------------------
     def stages(self) -> list[str]:
@@ -162,7 +168,8 @@ class TrainConfig:
         if self.dataset == "folder" and not self.data_root:
             raise ConfigError("config key 'data_root': required when dataset is 'folder'")
         self.mask_mapping()  # raises on a malformed mapping
-        self.loss_weights()  # raises on an unknown loss or a malformed weight
+        self.check_backends()
+        self.loss_specs()  # raises on an unknown loss, key or a malformed weight
         if not 0 < self.labelled_fraction <= 1:
             raise ConfigError(f"config key 'labelled_fraction': must be in (0, 1], got {self.labelled_fraction}")
         if self.resume and self.overwrite:
@@ -186,35 +193,38 @@ class TrainConfig:
             raise ConfigError(f"config key 'mask_values': expected 'VALUE:CLASS,...' such as '0:0,255:1', "
                               f"got {self.mask_values!r}") from None
 
-    def loss_weights(self) -> list[tuple[str, float | None]]:
-        """`losses` parsed: [(registered name, weight or None for the loss's default)], in the order given."""
-        from cocofast.losses import list_losses
+    def check_backends(self) -> None:
+        """Each op family's backend against that op's own table."""
+        from cocofast.pixel_relation import BACKENDS as PIXEL_RELATION_BACKENDS
+        from cocofast.similarity import BACKENDS as SIMILARITY_BACKENDS
 
-        text = self.losses.strip()
-        if text.lower() in ("", "none"):
-            return []
-        parsed: list[tuple[str, float | None]] = []
-        for item in text.split(","):
-            name, colon, weight = item.strip().partition(":")
-            name = name.strip()
-            if name not in list_losses():
-                import difflib
+        for key, table in (("similarity_backend", SIMILARITY_BACKENDS),
+                           ("pixel_relation_backend", PIXEL_RELATION_BACKENDS)):
+            if getattr(self, key) not in table:
+                raise ConfigError(f"config key '{key}': {getattr(self, key)!r} is not one of {', '.join(table)}")
 
-                near = difflib.get_close_matches(name, list_losses(), n=2)
-                raise ConfigError(f"config key 'losses': unknown loss {name!r}"
-                                  + (f" (did you mean {', '.join(near)}?)" if near else "")
-                                  + f"; known losses: {', '.join(list_losses())}, or 'none'")
-            if any(name == seen for seen, _ in parsed):
-                raise ConfigError(f"config key 'losses': {name!r} is listed twice in {self.losses!r}")
-            value = None
-            if colon:
-                try:
-                    value = float(weight)
-                except ValueError:
-                    raise ConfigError(f"config key 'losses': weight of {name!r} must be a number, got "
-                                      f"{weight.strip()!r} (write 'name:weight', e.g. 'kd:0.5')") from None
-            parsed.append((name, value))
-        return parsed
+    def import_loss_modules(self) -> None:
+        import importlib
+
+        for module in (m.strip() for m in self.loss_modules.split(",") if m.strip()):
+            try:
+                importlib.import_module(module)
+            except Exception as err:  # the user's module: say which one and why, before any training
+                raise ConfigError(f"config key 'loss_modules': cannot import {module!r}: "
+                                  f"{type(err).__name__}: {err}") from None
+
+    def loss_specs(self):
+        """`losses` parsed into cocofast.losses.LossSpec entries, in the order given."""
+        from cocofast.losses import parse_losses
+
+        self.import_loss_modules()
+        try:
+            return parse_losses(self.losses)
+        except ValueError as err:
+            raise ConfigError(f"config key 'losses': {err}") from None
+
+    def loss_names(self) -> list[str]:
+        return [spec.name for spec in self.loss_specs()]
 
     def students_to_eval(self) -> list[str]:
         names = [s.strip() for s in self.eval_students.split(",") if s.strip()]

@@ -1,33 +1,39 @@
 """Distillation losses behind one flat registry, all with one call signature.
 
-    loss = get_loss("kd", temperature=4.0)          # or get_loss("ifvd", weight=100)
-    value = loss(student_out, teacher_out, labels, teacher_feats=None)   # scalar fp32, weight applied
+    loss = get_loss("kd", temperature=2.0)              # or get_loss("ifvd", weight=100)
+    value = loss([s_logits], [t_logits])                # scalar fp32, weight applied
+    loss.reads                                          # Reads('logits', teacher='raw', labels=False)
 
-`student_out` and `teacher_out` are `SegOutput(logits, shallow, deep)`; `labels` (B, H, W) class indices
-(only losses with `needs_labels` read them); `teacher_feats` optionally replaces the teacher's (shallow, deep)
-taps, e.g. with paraphraser encodings (`needs_teacher_feats`: FSP requires equal channel counts). Every loss
-computes in fp32 with autocast off and treats the teacher as a constant. Default weights: SPEC §6.
+Each loss takes two sequences of tensors, the student's and the teacher's, in the order its `reads` declares
+(see cocofast/losses/base.py), and labels (B, H, W) where it reads them. Every loss computes in fp32 with
+autocast off and treats the teacher as a constant. Default weights are the papers' (listed below).
 
-    kd            Hinton logit KD per pixel, T = 4
-    at            attention transfer on both taps, weight 1000
-    fsp           FSP matrices of (shallow, deep), teacher paraphrased to the student's channels
-    skd_pairwise  SKD pairwise similarity ("SS"), max-pooled deep tap, weight 0.5
-    skd_pixel     SKD pixel-wise KD, T = 1, weight 10
-    cmss          channel-mixed pairwise similarity (the paper's CMSS ablation), as skd_pairwise otherwise
-    ifvd          IFVD class-prototype cosine maps on the deep tap, weight 200
-    coco          CoCo cross-layer correlation loss, weight 1 (λ)
-    emkd          EMKD: pixel-map KD (T = 4), importance maps (F⁴), region affinity; 0.1 / 0.9 / 0.9; labels
-    graph_flow    Graph Flow: CMSS vertices and φ edges over each network's `graph_tap_paths` chain
-    cpkd          CPKD: C×C channel correlations + pixel-relation KL (flash-style kernel), teacher paraphrased
+    kd            Hinton logit KD per pixel, T = 4                                   logits
+    at            attention transfer on both taps, weight 1000                       shallow, deep (raw)
+    fsp           FSP matrices of (shallow, deep), weight 1                          shallow, deep (paraphrased)
+    skd_pairwise  SKD pairwise similarity ("SS"), max-pooled deep tap, weight 0.5     deep (paraphrased)
+    skd_pixel     SKD pixel-wise KD, T = 1, weight 10                                logits
+    cmss          channel-mixed pairwise similarity (CMSS), as skd_pairwise otherwise deep (paraphrased)
+    ifvd          IFVD class-prototype cosine maps on the deep tap, weight 200        logits, deep (raw), labels
+    coco          CoCo cross-layer correlation loss, weight 1 (λ)                     shallow, deep (paraphrased)
+    emkd          EMKD: pixel KD (T = 4), importance maps (F⁴), region affinity       logits, taps (raw), labels
+    graph_flow    Graph Flow: CMSS vertices and φ edges over a chain of taps          chain (raw)
+    cpkd          CPKD: C×C channel correlations + pixel-relation KL                  deep (paraphrased)
 
-Adding a loss: a module here with a DistillLoss subclass, then its import and one entry in LOSSES.
+`--losses` text (the training config's key) names losses with optional weights and hyper-parameters:
+`parse_losses("kd:1:T=2,coco,cpkd:tau=0.5")`. Adding a loss: one module with a DistillLoss subclass, then
+`register_loss("name", Class)` (or an entry in LOSSES below for a built-in one).
 """
 from __future__ import annotations
 
+import difflib
 import inspect
+from dataclasses import dataclass, field
+
+import yaml
 
 from cocofast.losses.at import ATLoss
-from cocofast.losses.base import DistillLoss
+from cocofast.losses.base import FEATURES, IGNORE_INDEX, DistillLoss, Reads
 from cocofast.losses.cmss import CMSSLoss
 from cocofast.losses.coco import CoCoLoss
 from cocofast.losses.cpkd import CPKDLoss
@@ -58,19 +64,97 @@ def list_losses() -> list[str]:
     return sorted(LOSSES)
 
 
+def register_loss(name: str, cls: type[DistillLoss]) -> type[DistillLoss]:
+    """Add a loss under `name` (a user's own, e.g. from a module named by the config's `loss_modules`)."""
+    if not (isinstance(cls, type) and issubclass(cls, DistillLoss)) or not isinstance(getattr(cls, "reads", None),
+                                                                                      Reads):
+        raise TypeError(f"register_loss({name!r}): expected a DistillLoss subclass with a `reads = Reads(...)` "
+                        f"declaration, got {cls!r}")
+    if name in LOSSES and LOSSES[name] is not cls:
+        raise ValueError(f"register_loss: the name {name!r} is taken by {LOSSES[name].__name__}")
+    LOSSES[name] = cls
+    return cls
+
+
+def loss_parameters(name: str) -> list[str]:
+    """The hyper-parameters the loss registered as `name` accepts (its constructor's arguments)."""
+    return [p for p in inspect.signature(LOSSES[name]).parameters if p != "self"]
+
+
 def get_loss(name: str, **kwargs) -> DistillLoss:
     """Build the loss registered as `name` with its hyper-parameters (unknown names or keys are errors)."""
     if name not in LOSSES:
-        raise ValueError(f"unknown distillation loss {name!r}; known losses: {', '.join(list_losses())}")
+        near = difflib.get_close_matches(name, list_losses(), n=2)
+        raise ValueError(f"unknown distillation loss {name!r}" + (f" (did you mean {', '.join(near)}?)" if near
+                                                                   else "")
+                         + f"; known losses: {', '.join(list_losses())}")
     cls = LOSSES[name]
-    accepted = [p for p in inspect.signature(cls).parameters if p != "self"]
+    kwargs = {cls.aliases.get(k, k): v for k, v in kwargs.items()}
+    accepted = loss_parameters(name)
     unknown = sorted(set(kwargs) - set(accepted))
     if unknown:
+        short = "".join(f", {a} (= {full})" for a, full in cls.aliases.items())
         raise ValueError(f"loss {name!r} got unknown hyper-parameter(s) {', '.join(unknown)}; "
-                         f"it accepts: {', '.join(accepted)}")
+                         f"it accepts: {', '.join(accepted)}{short}")
     return cls(**kwargs)
 
 
-__all__ = ["ATLoss", "CMSSLoss", "CoCoLoss", "CPKDLoss", "DistillLoss", "EMKDLoss", "FSPLoss", "GraphFlowLoss",
-           "IFVDLoss", "KDLoss", "LOSSES",
-           "SKDPairwiseLoss", "SKDPixelLoss", "get_loss", "list_losses"]
+@dataclass(frozen=True)
+class LossSpec:
+    """One entry of a `--losses` text: the registered name, its weight (None: default) and hyper-parameters."""
+    name: str
+    weight: float | None = None
+    params: dict = field(default_factory=dict)
+
+    def build(self, **defaults) -> DistillLoss:
+        """The loss, with `defaults` (e.g. a backend) for any constructor argument the spec does not set."""
+        accepted = loss_parameters(self.name)
+        kwargs = {k: v for k, v in defaults.items() if k in accepted}
+        kwargs.update({LOSSES[self.name].aliases.get(k, k): v for k, v in self.params.items()})
+        if self.weight is not None:
+            kwargs["weight"] = self.weight
+        return get_loss(self.name, **kwargs)
+
+
+def parse_losses(text: str) -> list[LossSpec]:
+    """'name[:weight][:key=value]...' items, comma-separated, e.g. 'kd:1:T=2,coco'; '' or 'none' is no loss.
+
+    Values are read as YAML scalars (2 -> int, 0.5 -> float, true -> bool, tiled -> str). Every name and key
+    is checked against the registry here, so a typo fails before any training.
+    """
+    text = text.strip()
+    if text.lower() in ("", "none"):
+        return []
+    specs: list[LossSpec] = []
+    for item in text.split(","):
+        name, *parts = [p.strip() for p in item.split(":")]
+        if name not in LOSSES:
+            get_loss(name)  # raises, naming the near matches
+        if any(name == seen.name for seen in specs):
+            raise ValueError(f"{name!r} is listed twice in {text!r}")
+        weight, params = None, {}
+        for part in parts:
+            key, eq, value = part.partition("=")
+            if eq:
+                try:
+                    params[key.strip()] = yaml.safe_load(value.strip())
+                except yaml.YAMLError:
+                    raise ValueError(f"{name}: value of {key.strip()!r} is not a number, true/false or a word: "
+                                     f"{value.strip()!r}") from None
+            elif weight is None:
+                try:
+                    weight = float(part)
+                except ValueError:
+                    raise ValueError(f"weight of {name!r} must be a number, got {part!r} (write "
+                                     f"'name:weight:key=value', e.g. 'kd:0.5:T=2')") from None
+            else:
+                raise ValueError(f"{name!r} has two weights in {item.strip()!r}; hyper-parameters are key=value")
+        spec = LossSpec(name, weight, params)
+        spec.build()  # unknown keys and bad values fail now, naming the loss
+        specs.append(spec)
+    return specs
+
+
+__all__ = ["ATLoss", "CMSSLoss", "CoCoLoss", "CPKDLoss", "DistillLoss", "EMKDLoss", "FEATURES", "FSPLoss",
+           "GraphFlowLoss", "IFVDLoss", "IGNORE_INDEX", "KDLoss", "LOSSES", "LossSpec", "Reads", "SKDPairwiseLoss",
+           "SKDPixelLoss", "get_loss", "list_losses", "loss_parameters", "parse_losses", "register_loss"]

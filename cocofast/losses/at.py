@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from cocofast.losses.base import DistillLoss
+from cocofast.losses.base import DistillLoss, Reads, check_positive
 
 
 def attention_map(feat: torch.Tensor, p: float) -> torch.Tensor:
@@ -28,17 +28,15 @@ def attention_distance(f_student: torch.Tensor, f_teacher: torch.Tensor, p: floa
 
 
 class ATLoss(DistillLoss):
+    reads = Reads("shallow", "deep", teacher="raw")
     default_weight = 1000.0
 
     def __init__(self, weight: float | None = None, p: float = 2.0):
         super().__init__(weight)
-        if not p > 0:
-            raise ValueError(f"{type(self).__name__}: p must be > 0, got {p!r}")
-        self.p = float(p)
+        self.p = check_positive(type(self).__name__, "p", p)
 
-    def compute(self, student, teacher, labels):
-        return (attention_distance(student.shallow, teacher.shallow, self.p)
-                + attention_distance(student.deep, teacher.deep, self.p))
+    def distill(self, student, teacher, labels):
+        return sum(attention_distance(s, t, self.p) for s, t in zip(student, teacher))
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, p={self.p:g}"

@@ -1,24 +1,37 @@
-"""What every distillation loss shares: one call signature, fp32 maths, and a teacher that is a constant.
+"""What every distillation loss shares: tensors in, one weighted fp32 scalar out, its inputs declared once.
 
-    loss = SomeLoss(weight=...)                    # hyper-parameters at construction
-    value = loss(student, teacher, labels, teacher_feats=None)   # scalar fp32 tensor, weight applied
+    class KDLoss(DistillLoss):
+        reads = Reads("logits")                     # what the loss reads, declared once
+        def distill(self, student, teacher, labels):
+            (s,), (t,) = student, teacher           # fp32, teacher detached, already checked
+            return ...
 
-`student` and `teacher` are `SegOutput(logits, shallow, deep)` (or any 3-tuple in that order): logits
-(B, K, H, W), taps (B, C, h, w). `teacher_feats`, when given, is a (shallow, deep) pair that replaces the
-teacher's taps, e.g. the paraphraser encodings whose channel counts match the student's.
+    KDLoss(temperature=2.0)([student_logits], [teacher_logits])   # weight applied
 
-Losses over more than two taps per network (`needs_taps`, e.g. Graph Flow) also take `student_taps` and
-`teacher_taps`: equally long sequences of (B, C, h, w) maps, ordered shallow to deep.
+`student` and `teacher` are sequences of (B, C, H, W) tensors in the order `reads.features` names them:
+"logits" (B, K, H, W), "shallow" and "deep" (the two taps, (B, C, h, w)), or "chain" alone (a loss over a
+chain of two or more taps per network, shallow to deep, e.g. Graph Flow). `reads.teacher` says which teacher
+taps the loss is defined on: "raw" (the teacher's own) or "paraphrased" (the paraphraser encodings, the
+CoCo DistillNet paper's choice; `matched_channels` where the maths needs the student's channel counts, as
+FSP's and CPKD's C×C matrices do). Losses with `reads.labels` also take labels (B, H, W) of class indices,
+`IGNORE_INDEX` marking pixels of no class; they read "logits" too, for the class count.
+
+`forward` checks everything once (types, shapes, batch sizes, finiteness, label range), then hands
+`distill` fp32 copies with autocast off and the teacher detached, so no subclass can leak gradient into the
+teacher or lose precision to bf16/fp16. A loss knows nothing of the trainer, its config or the networks.
 """
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from typing import ClassVar
 
 import torch
 from torch import nn
 
-from cocofast.models.base import SegOutput
+FEATURES = ("logits", "shallow", "deep", "chain")
+TEACHER_VIEWS = ("raw", "paraphrased")
+IGNORE_INDEX = 255
 
 
 def shape_str(t: torch.Tensor) -> str:
@@ -31,7 +44,8 @@ def check_same_shape(loss: str, name_a: str, a: torch.Tensor, name_b: str, b: to
                          f"{shape_str(b)}")
 
 
-def _check_map(loss: str, name: str, t) -> None:
+def check_map(loss: str, name: str, t) -> None:
+    """A floating-point (B, C, H, W) tensor."""
     if not isinstance(t, torch.Tensor):
         raise ValueError(f"{loss}: `{name}` must be a torch.Tensor, got {type(t).__name__}")
     if t.dim() != 4:
@@ -40,34 +54,92 @@ def _check_map(loss: str, name: str, t) -> None:
         raise ValueError(f"{loss}: `{name}` must be a floating-point tensor, got dtype {t.dtype}")
 
 
-def _as_output(loss: str, role: str, out) -> SegOutput:
-    if not isinstance(out, tuple) or len(out) != 3:
-        raise ValueError(f"{loss}: `{role}` must be a SegOutput(logits, shallow, deep), got {type(out).__name__}")
-    out = SegOutput(*out)
-    for field, t in zip(SegOutput._fields, out):
-        _check_map(loss, f"{role}.{field}", t)
-    if len({t.shape[0] for t in out}) != 1:
-        raise ValueError(f"{loss}: `{role}` fields have different batch sizes: "
-                         + ", ".join(f"{f} {shape_str(t)}" for f, t in zip(SegOutput._fields, out)))
-    return out
+def check_finite(loss: str, named: Sequence[tuple[str, torch.Tensor]]) -> None:
+    """One host sync for all tensors; on failure, name the first one holding NaN or Inf."""
+    if not named:
+        return
+    if bool(torch.stack([t.detach().isfinite().all() for _, t in named]).all()):
+        return
+    for name, t in named:
+        if not bool(t.detach().isfinite().all()):
+            kind = "NaN" if bool(t.detach().isnan().any()) else "Inf"
+            raise ValueError(f"{loss}: `{name}` {shape_str(t)} holds {kind} values; a loss of it would be "
+                             f"{kind} and the step would poison the student's weights")
+
+
+def check_labels(loss: str, labels, num_classes: int, size: tuple[int, int], batch: int,
+                 ignore_index: int = IGNORE_INDEX) -> None:
+    """Integer (B, H, W) labels whose values are class indices 0..K-1 or `ignore_index`."""
+    if not isinstance(labels, torch.Tensor) or labels.dim() != 3 or labels.is_floating_point() \
+            or labels.dtype == torch.bool:
+        got = f"{shape_str(labels)} {labels.dtype}" if isinstance(labels, torch.Tensor) else type(labels).__name__
+        raise ValueError(f"{loss}: `labels` must be an integer tensor (B, H, W) of class indices, got {got}")
+    if tuple(labels.shape) != (batch, *size):
+        raise ValueError(f"{loss}: `labels` {shape_str(labels)} must be (B, H, W) of the logits, i.e. "
+                         f"({batch}, {size[0]}, {size[1]})")
+    # One host sync, but an out-of-range label would otherwise silently index the wrong class (or none).
+    bad = ((labels < 0) | (labels >= num_classes)) & (labels != ignore_index)
+    if bool(bad.any()):
+        raise ValueError(f"{loss}: `labels` hold values outside 0..{num_classes - 1} that are not the ignore "
+                         f"index {ignore_index}, e.g. {labels[bad][0].item()}")
+
+
+def check_non_negative(owner: str, name: str, value) -> float:
+    """A loss hyper-parameter that must be a finite number >= 0 (a term's weight)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+        raise ValueError(f"{owner}: {name} must be a finite number >= 0, got {value!r}")
+    return float(value)
+
+
+def check_positive(owner: str, name: str, value) -> float:
+    """A loss hyper-parameter that must be a finite number > 0 (a temperature, an exponent)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+        raise ValueError(f"{owner}: {name} must be a finite number > 0, got {value!r}")
+    return float(value)
+
+
+def widen(t: torch.Tensor) -> torch.Tensor:
+    """At least fp32: bf16/fp16 widened, fp64 kept (so tests can gradcheck)."""
+    return t if t.dtype == torch.float64 else t.float()
+
+
+class Reads:
+    """Which inputs a loss reads: feature names (in FEATURES order of the call), the teacher view, labels."""
+
+    def __init__(self, *features: str, teacher: str = "raw", matched_channels: bool = False,
+                 labels: bool = False):
+        unknown = [f for f in features if f not in FEATURES]
+        if not features or unknown or len(set(features)) != len(features) or \
+                ("chain" in features and len(features) > 1):
+            raise ValueError(f"Reads: features must be distinct names from {FEATURES} ('chain' alone), "
+                             f"got {features}")
+        if teacher not in TEACHER_VIEWS:
+            raise ValueError(f"Reads: teacher must be one of {TEACHER_VIEWS}, got {teacher!r}")
+        if labels and "logits" not in features:
+            raise ValueError("Reads: a loss that reads labels must also read 'logits' (for the class count)")
+        self.features, self.teacher, self.labels = tuple(features), teacher, labels
+        self.matched_channels = matched_channels
+
+    @property
+    def taps(self) -> bool:
+        """True where the loss reads a teacher feature map (not the logits alone)."""
+        return self.features != ("logits",)
+
+    def __repr__(self) -> str:
+        extra = ", matched_channels=True" if self.matched_channels else ""
+        return f"Reads({', '.join(map(repr, self.features))}, teacher={self.teacher!r}{extra}, labels={self.labels})"
 
 
 class DistillLoss(nn.Module):
-    """Base class: subclasses set `default_weight` and implement `compute(student, teacher, labels)`.
+    """Subclasses set `reads` and `default_weight`, and implement `distill(student, teacher, labels)`, which
+    returns the unweighted scalar; `forward` checks, casts, detaches and applies the weight."""
 
-    `compute` sees fp32 copies with autocast off, and teacher tensors already detached (teacher_feats, when
-    given, already in place of the teacher's taps), so no subclass can leak gradient into the teacher or
-    lose precision to bf16/fp16 autocast. It returns the unweighted scalar; `forward` applies the weight.
-    """
-
+    reads: ClassVar[Reads]
     default_weight: ClassVar[float] = 1.0
-    needs_labels: ClassVar[bool] = False
-    # True where the teacher's taps must first be brought to the student's channel counts (teacher_feats).
-    needs_teacher_feats: ClassVar[bool] = False
-    # True where the loss reads a chain of taps per network (student_taps / teacher_taps), not just the pair.
-    needs_taps: ClassVar[bool] = False
-    # False for losses on logits alone: the trainer then skips paraphrasing the teacher's taps for them.
-    reads_taps: ClassVar[bool] = True
+    # Short names accepted for hyper-parameters in `--losses` (e.g. {"T": "temperature"}).
+    aliases: ClassVar[dict[str, str]] = {}
+    # The op family whose `backend` the trainer passes to the loss's constructor, if any.
+    op_family: ClassVar[str | None] = None
 
     def __init__(self, weight: float | None = None):
         super().__init__()
@@ -76,59 +148,54 @@ class DistillLoss(nn.Module):
             raise ValueError(f"{type(self).__name__}: weight must be a finite number, got {weight!r}")
         self.weight = weight
 
-    def compute(self, student: SegOutput, teacher: SegOutput, labels: torch.Tensor | None) -> torch.Tensor:
+    def distill(self, student: list[torch.Tensor], teacher: list[torch.Tensor],
+                labels: torch.Tensor | None) -> torch.Tensor:
         raise NotImplementedError
 
-    def compute_taps(self, student: SegOutput, teacher: SegOutput, labels: torch.Tensor | None,
-                     student_taps: list[torch.Tensor], teacher_taps: list[torch.Tensor]) -> torch.Tensor:
-        """For `needs_taps` losses, in place of `compute`: taps already fp32, teacher ones detached."""
-        raise NotImplementedError
+    def names(self, role: str, count: int) -> list[str]:
+        if self.reads.features == ("chain",):
+            return [f"{role}[{i}] (chain tap {i})" for i in range(count)]
+        return [f"{role}[{i}] ({name})" for i, name in enumerate(self.reads.features)]
 
-    def _check_taps(self, student_taps, teacher_taps, batch: int) -> None:
+    def check(self, student, teacher, labels) -> None:
         name = type(self).__name__
-        for role, taps in (("student_taps", student_taps), ("teacher_taps", teacher_taps)):
-            if not isinstance(taps, (tuple, list)) or len(taps) < 2:
-                raise ValueError(f"{name} needs `{role}`: a sequence of at least two (B, C, h, w) maps, got "
-                                 f"{type(taps).__name__}" + (f" of length {len(taps)}" if
-                                                             isinstance(taps, (tuple, list)) else ""))
-            for i, t in enumerate(taps):
-                _check_map(name, f"{role}[{i}]", t)
-                if t.shape[0] != batch:
-                    raise ValueError(f"{name}: `{role}[{i}]` {shape_str(t)} has batch size {t.shape[0]}, "
-                                     f"the logits have {batch}")
-        if len(student_taps) != len(teacher_taps):
-            raise ValueError(f"{name}: `student_taps` and `teacher_taps` must be equally long, got "
-                             f"{len(student_taps)} and {len(teacher_taps)}")
+        chain = self.reads.features == ("chain",)
+        for role, seq in (("student", student), ("teacher", teacher)):
+            if not isinstance(seq, (tuple, list)):
+                raise ValueError(f"{name}: `{role}` must be a sequence of tensors "
+                                 f"({', '.join(self.reads.features)}), got {type(seq).__name__}")
+            if chain and len(seq) < 2:
+                raise ValueError(f"{name}: `{role}` must be a chain of at least two (B, C, h, w) taps, got "
+                                 f"{len(seq)}")
+            if not chain and len(seq) != len(self.reads.features):
+                raise ValueError(f"{name}: `{role}` must hold {len(self.reads.features)} tensor(s) "
+                                 f"({', '.join(self.reads.features)}), got {len(seq)}")
+        if len(student) != len(teacher):
+            raise ValueError(f"{name}: `student` and `teacher` must be equally long, got {len(student)} and "
+                             f"{len(teacher)}")
+        named = [*zip(self.names("student", len(student)), student),
+                 *zip(self.names("teacher", len(teacher)), teacher)]
+        for label, t in named:
+            check_map(name, label, t)
+        batches = {t.shape[0] for _, t in named}
+        if len(batches) != 1:
+            raise ValueError(f"{name}: batch sizes differ: " + ", ".join(f"{n} {shape_str(t)}" for n, t in named))
+        check_finite(name, named)
+        if self.reads.labels:
+            if labels is None:
+                raise ValueError(f"{name} needs `labels` (B, H, W) of class indices; got None")
+            logits = student[self.reads.features.index("logits")]
+            check_labels(name, labels, logits.shape[1], tuple(logits.shape[-2:]), logits.shape[0])
 
-    def forward(self, student, teacher, labels: torch.Tensor | None = None, *, teacher_feats=None,
-                student_taps=None, teacher_taps=None) -> torch.Tensor:
-        name = type(self).__name__
-        student = _as_output(name, "student", student)
-        teacher = _as_output(name, "teacher", teacher)
-        if teacher_feats is not None:
-            if not isinstance(teacher_feats, (tuple, list)) or len(teacher_feats) != 2:
-                raise ValueError(f"{name}: `teacher_feats` must be a (shallow, deep) pair of tensors, got "
-                                 f"{type(teacher_feats).__name__}")
-            for field, t in zip(("shallow", "deep"), teacher_feats):
-                _check_map(name, f"teacher_feats.{field}", t)
-            teacher = SegOutput(teacher.logits, *teacher_feats)
-        if student.logits.shape[0] != teacher.logits.shape[0] or any(
-                t.shape[0] != student.logits.shape[0] for t in teacher):
-            raise ValueError(f"{name}: student and teacher batch sizes differ: student logits "
-                             f"{shape_str(student.logits)}, teacher " +
-                             ", ".join(f"{f} {shape_str(t)}" for f, t in zip(SegOutput._fields, teacher)))
-        if self.needs_labels and labels is None:
-            raise ValueError(f"{name} needs `labels` (B, H, W) of class indices; got None")
-        if self.needs_taps:
-            self._check_taps(student_taps, teacher_taps, student.logits.shape[0])
-        with torch.autocast(student.logits.device.type, enabled=False):
-            s = SegOutput(*(t.float() for t in student))
-            t = SegOutput(*(x.detach().float() for x in teacher))
-            if self.needs_taps:
-                s_taps = [x.float() for x in student_taps]
-                t_taps = [x.detach().float() for x in teacher_taps]
-                return self.weight * self.compute_taps(s, t, labels, s_taps, t_taps)
-            return self.weight * self.compute(s, t, labels)
+    def forward(self, student: Sequence[torch.Tensor], teacher: Sequence[torch.Tensor],
+                labels: torch.Tensor | None = None) -> torch.Tensor:
+        self.check(student, teacher, labels)
+        device = student[0].device
+        with torch.autocast(device.type, enabled=False):
+            s = [widen(t) for t in student]
+            t = [widen(x.detach()) for x in teacher]
+            lab = labels.to(device) if self.reads.labels else None
+            return self.weight * self.distill(s, t, lab)
 
     def extra_repr(self) -> str:
         return f"weight={self.weight:g}"

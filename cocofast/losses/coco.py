@@ -1,16 +1,18 @@
 """CoCo distillation (SPEC §2.6): (φ_T − φ_S)², φ the cross-layer correlation of one network's two taps.
 
-With `teacher_feats` (the paraphraser encodings) φ_T is taken from those instead of the raw teacher taps.
+The paper takes φ_T from the paraphraser encodings of the teacher's taps (Kim et al. 2018's paraphraser).
 The networks need not agree on channels or sizes; only the two taps of one network must share h·w.
 """
 from __future__ import annotations
 
-from cocofast.losses.base import DistillLoss
+from cocofast.losses.base import DistillLoss, Reads
 from cocofast.similarity import BACKENDS, coco_loss
 
 
 class CoCoLoss(DistillLoss):
+    reads = Reads("shallow", "deep", teacher="paraphrased")
     default_weight = 1.0  # λ of the paper
+    op_family = "similarity"
 
     def __init__(self, weight: float | None = None, backend: str = "auto"):
         super().__init__(weight)
@@ -18,8 +20,8 @@ class CoCoLoss(DistillLoss):
             raise ValueError(f"{type(self).__name__}: backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
         self.backend = backend
 
-    def compute(self, student, teacher, labels):
-        return coco_loss([(teacher.shallow, teacher.deep)], [(student.shallow, student.deep)], backend=self.backend)
+    def distill(self, student, teacher, labels):
+        return coco_loss([tuple(teacher)], [tuple(student)], backend=self.backend)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, backend={self.backend!r}"

@@ -11,7 +11,7 @@ N = h·w:
     loss = channel_weight · mean_{b,i,j} (G_S − G_T)²_{bij} + pixel_weight · mean_{b,i} KL(P_T[b, i] ‖ P_S[b, i])
 
 G is C×C, so the channel term needs the networks' channel counts to agree: the teacher's taps are replaced by
-the paraphraser encodings, which have the student's channels (`teacher_feats`, as for FSP); otherwise a
+the paraphraser encodings, which have the student's channels (as for FSP); otherwise a
 ValueError names the shapes. The pixel term compares N×N matrices and needs equal h·w only.
 
 Why the deep tap: its channels are the network's most semantic responses (which structures co-occur, which
@@ -29,11 +29,10 @@ clamped at `eps`, so no NaN appears in values or gradients).
 """
 from __future__ import annotations
 
-import math
 
 import torch
 
-from cocofast.losses.base import DistillLoss, shape_str
+from cocofast.losses.base import DistillLoss, Reads, check_non_negative, check_positive, shape_str
 from cocofast.pixel_relation import BACKENDS, pixel_relation_kl
 
 
@@ -49,36 +48,29 @@ def channel_relation(feat: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     return torch.bmm(x, x.transpose(1, 2))
 
 
-def _non_negative(owner: str, name: str, value) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
-        raise ValueError(f"{owner}: {name} must be a finite number >= 0, got {value!r}")
-    return float(value)
-
-
 class CPKDLoss(DistillLoss):
+    reads = Reads("deep", teacher="paraphrased", matched_channels=True)
     default_weight = 1.0
-    needs_teacher_feats = True
+    op_family = "pixel_relation"
 
     def __init__(self, weight: float | None = None, channel_weight: float = 1.0, pixel_weight: float = 1.0,
                  tau: float = 1.0, backend: str = "auto"):
         super().__init__(weight)
         name = type(self).__name__
-        self.channel_weight = _non_negative(name, "channel_weight", channel_weight)
-        self.pixel_weight = _non_negative(name, "pixel_weight", pixel_weight)
-        if isinstance(tau, bool) or not isinstance(tau, (int, float)) or not math.isfinite(tau) or tau <= 0:
-            raise ValueError(f"{name}: tau must be a finite number > 0, got {tau!r}")
-        self.tau = float(tau)
+        self.channel_weight = check_non_negative(name, "channel_weight", channel_weight)
+        self.pixel_weight = check_non_negative(name, "pixel_weight", pixel_weight)
+        self.tau = check_positive(name, "tau", tau)
         if backend not in BACKENDS:
             raise ValueError(f"{name}: backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
         self.backend = backend
 
-    def compute(self, student, teacher, labels):
-        s, t = student.deep, teacher.deep
+    def distill(self, student, teacher, labels):
+        (s,), (t,) = student, teacher
         if s.shape[1] != t.shape[1]:
             raise ValueError(
                 f"{type(self).__name__}: the channel relations need the teacher's deep tap to have the student's "
-                f"{s.shape[1]} channels, got teacher {shape_str(t)} vs student {shape_str(s)}; pass "
-                "teacher_feats=(shallow, deep) encoded by paraphrasers with k = the student's channels")
+                f"{s.shape[1]} channels, got teacher {shape_str(t)} vs student {shape_str(s)}; give it "
+                "the paraphraser encoding of the teacher's deep tap (k = the student's channels)")
         loss = self.channel_weight * (channel_relation(s) - channel_relation(t)).square().mean()
         if self.pixel_weight > 0:  # the N×N term is the expensive one: skip it when it is switched off
             loss = loss + self.pixel_weight * pixel_relation_kl(t, s, tau=self.tau, backend=self.backend)

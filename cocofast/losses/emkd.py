@@ -25,11 +25,10 @@ import math
 from typing import Sequence
 
 import torch
-import torch.nn.functional as F
 
 from cocofast.losses.at import attention_distance
-from cocofast.losses.base import DistillLoss, check_same_shape, shape_str
-from cocofast.losses.ifvd import downsample_labels
+from cocofast.losses.base import DistillLoss, Reads, check_non_negative, check_same_shape, shape_str
+from cocofast.losses.labels import class_means, class_membership, downsample_labels
 from cocofast.losses.kd import pixel_kl
 
 
@@ -54,18 +53,13 @@ def region_contrast(feat: torch.Tensor, labels: torch.Tensor, num_classes: int,
 
     rc is 0 where an image has no pair, so callers can weight by (pairs > 0) without a host sync.
     """
-    f = feat.flatten(2)                                                         # (B, C, N)
-    lab = labels.flatten(1)                                                     # (B, N)
-    valid = (lab >= 0) & (lab < num_classes)
-    member = F.one_hot(torch.where(valid, lab, 0), num_classes).to(f.dtype)     # (B, N, K)
-    member = member * valid[..., None].to(f.dtype)
-    counts = member.sum(dim=1)                                                  # (B, K)
-    regions = torch.bmm(f, member) / counts.clamp_min(1)[:, None, :]            # (B, C, K)
+    member, _, counts = class_membership(labels, num_classes, feat.dtype)
+    regions = class_means(feat, member, counts)                                 # (B, C, K)
     unit = regions / regions.norm(dim=1, keepdim=True).clamp_min(eps)
     cosines = torch.bmm(unit.transpose(1, 2), unit)                             # (B, K, K)
-    present = (counts > 0).to(f.dtype)
-    upper = torch.ones(num_classes, num_classes, dtype=torch.bool, device=f.device).triu(diagonal=1)
-    pairs = present[:, :, None] * present[:, None, :] * upper.to(f.dtype)       # (B, K, K), i < j both present
+    present = (counts > 0).to(feat.dtype)
+    upper = torch.ones(num_classes, num_classes, dtype=torch.bool, device=feat.device).triu(diagonal=1)
+    pairs = present[:, :, None] * present[:, None, :] * upper.to(feat.dtype)       # (B, K, K), i < j both present
     n_pairs = pairs.sum(dim=(1, 2))
     return (cosines * pairs).sum(dim=(1, 2)) / n_pairs.clamp_min(1), n_pairs
 
@@ -90,35 +84,30 @@ def region_affinity_distillation(student_deep: torch.Tensor, teacher_deep: torch
     return (counted * (rc_s - rc_t).square()).sum() / counted.sum().clamp_min(1)
 
 
-def _check_non_negative(owner: str, name: str, value) -> float:
-    value = float(value)
-    if not (math.isfinite(value) and value >= 0):
-        raise ValueError(f"{owner}: {name} must be a finite number >= 0, got {value!r}")
-    return value
-
-
 class EMKDLoss(DistillLoss):
+    reads = Reads("logits", "shallow", "deep", teacher="raw", labels=True)
     default_weight = 1.0
-    needs_labels = True
+    aliases = {"T": "temperature"}
 
     def __init__(self, weight: float | None = None, pmd_weight: float = 0.1, imd_weight: float = 0.9,
                  rad_weight: float = 0.9, temperature: float = 4.0):
         super().__init__(weight)
         name = type(self).__name__
-        self.pmd_weight = _check_non_negative(name, "pmd_weight", pmd_weight)
-        self.imd_weight = _check_non_negative(name, "imd_weight", imd_weight)
-        self.rad_weight = _check_non_negative(name, "rad_weight", rad_weight)
+        self.pmd_weight = check_non_negative(name, "pmd_weight", pmd_weight)
+        self.imd_weight = check_non_negative(name, "imd_weight", imd_weight)
+        self.rad_weight = check_non_negative(name, "rad_weight", rad_weight)
         if not (math.isfinite(temperature) and temperature > 0):
             raise ValueError(f"{name}: temperature must be a finite number > 0, got {temperature!r}")
         self.temperature = float(temperature)
 
-    def compute(self, student, teacher, labels):
+    def distill(self, student, teacher, labels):
         name = type(self).__name__
-        check_same_shape(name, "student.logits", student.logits, "teacher.logits", teacher.logits)
-        pmd = pixel_map_distillation(student.logits, teacher.logits, self.temperature)
-        imd = importance_map_distillation((student.shallow, student.deep), (teacher.shallow, teacher.deep))
+        (s_logits, s_shallow, s_deep), (t_logits, t_shallow, t_deep) = student, teacher
+        check_same_shape(name, "student[0] (logits)", s_logits, "teacher[0] (logits)", t_logits)
+        pmd = pixel_map_distillation(s_logits, t_logits, self.temperature)
+        imd = importance_map_distillation((s_shallow, s_deep), (t_shallow, t_deep))
         try:
-            rad = region_affinity_distillation(student.deep, teacher.deep, labels, student.logits.shape[1])
+            rad = region_affinity_distillation(s_deep, t_deep, labels, s_logits.shape[1])
         except ValueError as err:
             raise ValueError(f"{name}: {err}") from None
         return self.pmd_weight * pmd + self.imd_weight * imd + self.rad_weight * rad

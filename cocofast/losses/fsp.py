@@ -2,7 +2,7 @@
 
 Each network's FSP matrix is G = F₁F₂ᵀ/(h·w), C_shallow × C_deep; the loss is the mean squared difference of
 the student's and teacher's G. The two G must have the same shape, so the teacher's taps are normally replaced
-by paraphraser encodings with the student's channel counts (`teacher_feats`). Spatial sizes may differ
+by paraphraser encodings with the student's channel counts. Spatial sizes may differ
 between the networks; within one network the deep tap is resized (bilinear) to the shallow one's grid.
 """
 from __future__ import annotations
@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from cocofast.losses.base import DistillLoss, shape_str
+from cocofast.losses.base import DistillLoss, Reads, shape_str
 
 
 def fsp_matrix(shallow: torch.Tensor, deep: torch.Tensor) -> torch.Tensor:
@@ -22,16 +22,16 @@ def fsp_matrix(shallow: torch.Tensor, deep: torch.Tensor) -> torch.Tensor:
 
 
 class FSPLoss(DistillLoss):
+    reads = Reads("shallow", "deep", teacher="paraphrased", matched_channels=True)
     default_weight = 1.0
-    needs_teacher_feats = True
 
-    def compute(self, student, teacher, labels):
-        s_channels = (student.shallow.shape[1], student.deep.shape[1])
-        t_channels = (teacher.shallow.shape[1], teacher.deep.shape[1])
+    def distill(self, student, teacher, labels):
+        s_channels = tuple(t.shape[1] for t in student)
+        t_channels = tuple(t.shape[1] for t in teacher)
         if s_channels != t_channels:
             raise ValueError(
                 f"{type(self).__name__}: FSP needs the teacher's (shallow, deep) channel counts to equal the "
-                f"student's {s_channels}, got teacher shapes {shape_str(teacher.shallow)} and "
-                f"{shape_str(teacher.deep)} vs student {shape_str(student.shallow)} and {shape_str(student.deep)}; "
-                "pass teacher_feats=(shallow, deep) encoded by paraphrasers with k = the student's channels")
-        return (fsp_matrix(student.shallow, student.deep) - fsp_matrix(teacher.shallow, teacher.deep)).square().mean()
+                f"student's {s_channels}, got teacher shapes {shape_str(teacher[0])} and {shape_str(teacher[1])} "
+                f"vs student {shape_str(student[0])} and {shape_str(student[1])}; give it the paraphraser "
+                "encodings of the teacher's taps (k = the student's channels)")
+        return (fsp_matrix(*student) - fsp_matrix(*teacher)).square().mean()

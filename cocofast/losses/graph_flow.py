@@ -27,13 +27,12 @@ similarity_distance, and φ is already a normalised correlation in [0, 1] as in 
 """
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
 
-from cocofast.losses.base import DistillLoss
+from cocofast.losses.base import DistillLoss, Reads, check_non_negative
 from cocofast.similarity import BACKENDS, coco_loss, similarity_distance
 
 
@@ -79,28 +78,19 @@ def graph_edge_loss(teacher_taps: Sequence[torch.Tensor], student_taps: Sequence
     return coco_loss(consecutive(teacher_taps), consecutive(student_taps), backend=backend)
 
 
-def _term_weight(loss: str, arg: str, given) -> float:
-    try:
-        value = float(given)
-    except (TypeError, ValueError):
-        value = math.nan
-    if not (math.isfinite(value) and value >= 0):
-        raise ValueError(f"{loss}: {arg} must be a finite number >= 0, got {given!r}")
-    return value
-
-
 class GraphFlowLoss(DistillLoss):
-    """Graph Flow on `student_taps` / `teacher_taps` (e.g. each model's `graph_tap_paths`), weight 1 like CoCo."""
+    """Graph Flow on each network's chain of taps (e.g. its `graph_tap_paths`), weight 1 like CoCo."""
 
+    reads = Reads("chain", teacher="raw")
     default_weight = 1.0
-    needs_taps = True
+    op_family = "similarity"
 
     def __init__(self, weight: float | None = None, vertex_weight: float = 1.0, edge_weight: float = 1.0,
                  backend: str = "auto"):
         super().__init__(weight)
         name = type(self).__name__
-        self.vertex_weight = _term_weight(name, "vertex_weight", vertex_weight)
-        self.edge_weight = _term_weight(name, "edge_weight", edge_weight)
+        self.vertex_weight = check_non_negative(name, "vertex_weight", vertex_weight)
+        self.edge_weight = check_non_negative(name, "edge_weight", edge_weight)
         if not (self.vertex_weight or self.edge_weight):
             raise ValueError(f"{name}: vertex_weight and edge_weight are both 0, so the loss would be a constant; "
                              "set at least one > 0 (or weight=0 to switch the whole loss off)")
@@ -108,8 +98,8 @@ class GraphFlowLoss(DistillLoss):
             raise ValueError(f"{name}: backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
         self.backend = backend
 
-    def compute_taps(self, student, teacher, labels, student_taps, teacher_taps):
-        teacher_taps, student_taps = common_grid(teacher_taps, student_taps)
+    def distill(self, student, teacher, labels):
+        teacher_taps, student_taps = common_grid(teacher, student)
         total = student_taps[0].new_zeros(())
         # A zero weight skips its term's work entirely (at least one weight is > 0, so `total` keeps a graph).
         if self.vertex_weight:

@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from cocofast.losses.base import DistillLoss, check_same_shape
+from cocofast.losses.base import DistillLoss, Reads, check_positive, check_same_shape
 
 
 def pixel_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -17,18 +17,18 @@ def pixel_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, tempera
 class KDLoss(DistillLoss):
     """T² keeps the gradient's scale independent of the temperature (Hinton et al. 2015)."""
 
+    reads = Reads("logits")
     default_weight = 1.0
-    reads_taps = False
+    aliases = {"T": "temperature"}
 
     def __init__(self, weight: float | None = None, temperature: float = 4.0):
         super().__init__(weight)
-        if not temperature > 0:
-            raise ValueError(f"{type(self).__name__}: temperature must be > 0, got {temperature!r}")
-        self.temperature = float(temperature)
+        self.temperature = check_positive(type(self).__name__, "temperature", temperature)
 
-    def compute(self, student, teacher, labels):
-        check_same_shape(type(self).__name__, "student.logits", student.logits, "teacher.logits", teacher.logits)
-        return pixel_kl(student.logits, teacher.logits, self.temperature) * self.temperature ** 2
+    def distill(self, student, teacher, labels):
+        (s,), (t,) = student, teacher
+        check_same_shape(type(self).__name__, "student[0] (logits)", s, "teacher[0] (logits)", t)
+        return pixel_kl(s, t, self.temperature) * self.temperature ** 2
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, temperature={self.temperature:g}"

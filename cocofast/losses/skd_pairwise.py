@@ -8,12 +8,15 @@ from __future__ import annotations
 
 import torch.nn.functional as F
 
-from cocofast.losses.base import DistillLoss
+from cocofast.losses.base import DistillLoss, Reads
 from cocofast.similarity import BACKENDS, similarity_distance
 
 
 class SKDPairwiseLoss(DistillLoss):
+    reads = Reads("deep", teacher="paraphrased")
     default_weight = 0.5
+    aliases = {"pool": "pool_kernel"}
+    op_family = "similarity"
     channel_mix = False
 
     def __init__(self, weight: float | None = None, pool_kernel: int = 2, backend: str = "auto"):
@@ -32,8 +35,8 @@ class SKDPairwiseLoss(DistillLoss):
         # ceil_mode keeps the last row/column of an odd-sized map instead of dropping it.
         return F.max_pool2d(feat, self.pool_kernel, self.pool_kernel, ceil_mode=True)
 
-    def compute(self, student, teacher, labels):
-        return similarity_distance(self.pool(teacher.deep), self.pool(student.deep),
+    def distill(self, student, teacher, labels):
+        return similarity_distance(self.pool(teacher[0]), self.pool(student[0]),
                                    channel_mix=self.channel_mix, backend=self.backend)
 
     def extra_repr(self) -> str:

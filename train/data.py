@@ -1,0 +1,51 @@
+"""The training program's data: each split's data set, and the student's (possibly half-labelled) loader."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from cocofast.data import FolderDataset, SyntheticPathology
+
+from .config import ConfigError, TrainConfig
+from .runtime import Runtime, train_loader
+from .semi import HalfLabelledSampler, PartlyLabelled, check_fraction, labelled_indices
+
+# Synthetic splits are one generator at seeds far apart (primes, so no split is another's shifted copy).
+SPLIT_SEED_OFFSETS = {"train": 0, "val": 1_000_003, "test": 2_000_003}
+
+
+def build_dataset(cfg: TrainConfig, split: str):
+    """split: 'train', 'val' or 'test'. Synthetic splits use disjoint seeds; folder splits are sub-folders."""
+    if cfg.dataset == "synthetic":
+        length = cfg.train_samples if split == "train" else cfg.val_samples
+        return SyntheticPathology(length, size=cfg.image_size, seed=cfg.data_seed + SPLIT_SEED_OFFSETS[split],
+                                  in_channels=cfg.in_channels, flips=False)
+    root = Path(cfg.data_root)
+    folder = root / split
+    if split == "test" and not folder.is_dir():
+        folder = root / "val"  # no separate test split: report on validation, as many public sets do
+    if not folder.is_dir():
+        raise ConfigError(f"config key 'data_root': expected a '{split}' sub-folder in {root}")
+    try:
+        return FolderDataset(folder, mask_values=cfg.mask_mapping(), num_classes=cfg.num_classes,
+                             in_channels=cfg.in_channels, patch_size=cfg.patch_size or None,
+                             stride=cfg.patch_stride or None, resize=cfg.image_size)
+    except ValueError as err:  # the dataset lists every bad file; say which split and key it came from
+        raise ConfigError(f"config key 'data_root': the {split} split in {folder} is not usable: {err}") from None
+
+
+def student_loader(train_set, cfg: TrainConfig, rt: Runtime):
+    """The usual shuffled loader, or, with labelled_fraction < 1, half-labelled batches (train/semi.py)."""
+    if cfg.labelled_fraction >= 1:
+        return train_loader(train_set, cfg, rt)
+    try:
+        check_fraction(len(train_set), cfg.labelled_fraction)
+        labelled = labelled_indices(len(train_set), cfg.labelled_fraction, cfg.data_seed)
+        sampler = HalfLabelledSampler(labelled, len(train_set), rt.world_size, rt.rank, cfg.seed,
+                                      cfg.batch_size // rt.world_size, cfg.batch_size)
+    except ValueError as err:
+        raise ConfigError(f"config key 'labelled_fraction': {err}") from None
+    if rt.is_main:
+        print(f"[student] semi-supervised: {len(labelled)} of {len(train_set)} training patches labelled "
+              f"({cfg.labelled_fraction:g})", flush=True)
+    loader, _ = train_loader(PartlyLabelled(train_set, labelled), cfg, rt, sampler=sampler)
+    return loader, sampler

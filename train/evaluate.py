@@ -1,0 +1,100 @@
+"""Scoring networks: validation during a stage, overlays of its predictions, and the final test table."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from cocofast.io import atomic_write_text
+from cocofast.metrics import ConfusionMatrix
+from cocofast.models import create_model
+
+from . import report
+from cocofast.models.taps import unwrap_model as unwrap
+
+from .checkpoint import CheckpointError, load_checkpoint, load_weights, model_spec
+from .config import TrainConfig
+from .data import build_dataset
+from .networks import teacher_path
+from .runtime import Runtime, eval_loader
+
+
+@torch.no_grad()
+def evaluate_segmentation(model: nn.Module, loader, cfg: TrainConfig, rt: Runtime, prefix: str = "val_"):
+    model = unwrap(model)
+    was_training = model.training
+    model.eval()
+    matrix = ConfusionMatrix(cfg.num_classes, device=rt.device)  # on the device: nccl reduces CUDA tensors
+    for images, masks in loader:
+        images, masks = images.to(rt.device), masks.to(rt.device)
+        with rt.autocast():
+            logits = model(images).logits
+        matrix.update(logits.argmax(dim=1), masks)
+    matrix.all_reduce()
+    result = matrix.compute()
+    model.train(was_training)
+    return {f"{prefix}acc": float(result["acc"]), f"{prefix}miou": float(result["miou"]),
+            f"{prefix}mdice": float(result["mdice"])}
+
+
+def overlay_drawer(model: nn.Module, dataset, cfg: TrainConfig, rt: Runtime):
+    """Rank 0 draws predictions on the first few validation patches (the same patches every epoch)."""
+    count = min(cfg.num_overlays, len(dataset))
+
+    @torch.no_grad()
+    def draw(path: Path) -> None:
+        net = unwrap(model)
+        was_training = net.training
+        net.eval()
+        images, masks = zip(*(dataset[i] for i in range(count)))
+        images, masks = torch.stack(images), torch.stack(masks)
+        with rt.autocast():
+            preds = net(images.to(rt.device)).logits.argmax(dim=1).cpu()
+        net.train(was_training)
+        report.save_overlays(images, masks, preds, path)
+
+    return draw
+
+
+def evaluate_all(cfg: TrainConfig, rt: Runtime) -> list[dict]:
+    """Score the teacher and the listed students on the test split; print and save one table (eval.csv)."""
+    test_set = build_dataset(cfg, "test")
+    loader = eval_loader(test_set, cfg, rt)
+    entries = [("teacher", teacher_path(cfg), "teacher")]
+    entries += [(name, Path(cfg.run_dir) / name / "best.pt", "student") for name in cfg.students_to_eval()]
+    rows = []
+    for name, path, role in entries:
+        if not path.is_file():
+            if rt.is_main:
+                print(f"[eval] {name}: no checkpoint at {path}; skipped", flush=True)
+            continue
+        spec = model_spec(load_checkpoint(path), role, path)
+        net = create_model(spec["model_name"], **spec["model_kwargs"])
+        load_weights(net, spec, role, path)
+        metrics = evaluate_segmentation(net.to(rt.device), loader, cfg, rt, prefix="")
+        with torch.device("meta"):  # shapes only: counting a full-size teacher costs no compute
+            shadow = create_model(spec["model_name"], **spec["model_kwargs"])
+        size = (1, cfg.in_channels, cfg.image_size, cfg.image_size)
+        rows.append({"name": name, "model": spec["model_name"], "width": spec["model_kwargs"].get("width", 1.0),
+                     "params": report.count_params(net), f"gmacs@{cfg.image_size}": report.count_gmacs(shadow, size),
+                     **metrics, "checkpoint": str(path)})
+    if not rows:
+        raise CheckpointError(f"nothing to evaluate: no teacher or student best.pt under {cfg.run_dir} "
+                              f"(students looked for: {', '.join(cfg.students_to_eval())})")
+    if rt.is_main:
+        out = Path(cfg.run_dir)
+        report.write_summary(rows, out / "eval.csv")
+        atomic_write_text(json.dumps(rows, indent=2), out / "eval.json")
+        print(format_table(rows, cfg.image_size), flush=True)
+    return rows
+
+
+def format_table(rows: list[dict], image_size: int) -> str:
+    head = f"| model | network | params | GMACs @{image_size}² | ACC | mIoU | mDice |"
+    lines = [head, "|---|---|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        lines.append(f"| {r['name']} | {r['model']} x{r['width']:g} | {r['params']:,} | "
+                     f"{r[f'gmacs@{image_size}']:.3f} | {r['acc']:.4f} | {r['miou']:.4f} | {r['mdice']:.4f} |")
+    return "\n".join(lines)
