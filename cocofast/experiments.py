@@ -329,6 +329,8 @@ def main(argv: list[str] | None = None) -> int:
         seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
     except ValueError:
         parser.error(f"--seeds: expected comma-separated integers, got {args.seeds!r}")
+    if not seeds:
+        parser.error(f"--seeds: expected at least one integer seed, got {args.seeds!r}")
     config = Path(args.config).resolve()
     if not config.is_file():
         parser.error(f"--config: {config} not found")
