@@ -145,6 +145,11 @@ class TiffReader:
         self.seg_rows = math.ceil(self.height / self.seg_h)
         self.seg_cols = math.ceil(self.width / self.seg_w)
         seg_bytes = self.seg_h * self.seg_w * (1 if self.separate else self.channels) * self.dtype.itemsize
+        expected = self.seg_rows * self.seg_cols * (self.channels if self.separate else 1)
+        if not self.contiguous and len(page.dataoffsets) < expected:
+            self.close()
+            raise ValueError(f"{self.path}: truncated or damaged TIFF (level {level} lists "
+                             f"{len(page.dataoffsets)} of its {expected} tiles/strips)")
         self.cache: OrderedDict[int, np.ndarray] = OrderedDict()
         self.cache_items = max(4, cache_bytes // max(seg_bytes, 1))
         if not self.contiguous:
