@@ -130,6 +130,18 @@ def test_source_digests_follow_the_weights_not_the_file(tmp_path):
         "teacher", "paraphraser0", "paraphraser1"}
 
 
+def test_resuming_a_student_against_another_teacher_is_refused(teacher_run, tmp_path, capsys):
+    other = tmp_path / "other"
+    assert run(other, *TEACHER, "--seed=1") == 0
+    student = [str(tmp_path / "s"), "--stage=student", "--student_epochs=1", "--losses=kd", "--adversarial=false",
+               "--use_paraphraser=false"]
+    used = f"--teacher_checkpoint={teacher_run / 'teacher' / 'best.pt'}"
+    assert run(*student, used, "--stop_after_iters=3") == 3
+    assert run(*student, f"--teacher_checkpoint={other / 'teacher' / 'best.pt'}", "--resume") == 2
+    assert "teacher: checkpoint was trained from" in capsys.readouterr().err
+    assert run(*student, used, "--resume") == 0
+
+
 # --- 6: checksums ------------------------------------------------------------------------------------------
 def test_a_flipped_byte_inside_a_tensor_is_caught_on_load(tmp_path):
     pattern = torch.arange(4096, dtype=torch.float32) * 0.5 + 1234.25

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from cocofast.losses.adversarial import AdversarialLoss
 from cocofast.models import create_model
 
+from .checkpoint import source_digests
 from .config import TrainConfig
 from .data import build_dataset, student_loader
 from .evaluate import evaluate_all, evaluate_segmentation, overlay_drawer
@@ -146,6 +147,7 @@ def train_paraphrasers(cfg: TrainConfig, rt: Runtime, budget: IterationBudget) -
         scaler=scaler, train_step=step, evaluate=evaluate, score_key="val_rec", higher_is_better=False,
         config_groups=("all", "paraphraser"),
         extra={"teacher": {"model_name": cfg.teacher_model, "model_kwargs": seg_kwargs(cfg, "teacher")}},
+        sources=source_digests(teacher=teacher),
     ), cfg, rt, loader, sampler, budget)
 
 
@@ -211,4 +213,5 @@ def train_student(cfg: TrainConfig, rt: Runtime, budget: IterationBudget) -> Non
         scaler=step.scaler, train_step=step, evaluate=lambda: evaluate_segmentation(student, val_loader, cfg, rt),
         score_key="val_miou", config_groups=("all", "paraphraser", "student"),
         draw_overlays=overlay_drawer(student, val_set, cfg, rt),
+        sources=source_digests(teacher=teacher, paraphraser=paraphrasers),
     ), cfg, rt, loader, sampler, budget)
