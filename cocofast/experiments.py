@@ -12,8 +12,9 @@ What is shared, and what varies:
   rows differ only in how the student is trained;
 - seed s varies the student's initialisation, data order, augmentation and critic; the data themselves are
   fixed by `data_seed` (the same training, validation and test patches for every run);
-- each method reads the teacher features its paper uses: AT, IFVD and EMKD the raw teacher taps, FSP and
-  CPKD (which match channels one to one), SS, CMSS and CoCo the paraphraser encodings, KD only logits;
+- each method reads the teacher features its paper uses, as its loss declares (`reads` in cocofast.losses):
+  AT, IFVD and EMKD the raw teacher taps, FSP and CPKD (which match channels one to one), SS, CMSS and CoCo
+  the paraphraser encodings, KD only logits;
 - a row is a (student network, method) pair with a fixed id: rows that appear in several tables (the plain
   student, CoCo) are trained once per seed and reused. A finished run (its eval.json, and an
   experiment.json recording the command and base configuration that made it) is skipped when the same
@@ -40,6 +41,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from cocofast.io import atomic_path, atomic_write_text
+from cocofast.losses import parse_losses
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_CONFIG = REPO / "configs" / "experiments.yaml"
@@ -76,9 +78,9 @@ TABLES: dict[str, tuple[str, list]] = {
     "II": ("Distillation baselines (paper Table II), Mobile U-Net student", [
         _row("alone", "student alone", **ALONE),
         _row("kd", "KD", losses="kd", adversarial=False),
-        _row("at", "AT", losses="at", adversarial=False, use_paraphraser=False),
+        _row("at", "AT", losses="at", adversarial=False),
         _row("fsp", "FSP", losses="fsp", adversarial=False),
-        _row("ifvd", "IFVD", losses="ifvd", adversarial=False, use_paraphraser=False),
+        _row("ifvd", "IFVD", losses="ifvd", adversarial=False),
         _row("coco", "CoCo DistillNet", **COCO),
     ]),
     "III": ("Students with and without CoCo DistillNet (paper Table III)", [
@@ -96,7 +98,7 @@ TABLES: dict[str, tuple[str, list]] = {
         _row("alone_focal_dice", "student alone, focal + dice", supervised_loss="focal_dice", **ALONE),
         _row("coco", "CoCo DistillNet", **COCO),
         _row("emkd", "EMKD (PMD + IMD + RAD, focal + dice)", losses="emkd", supervised_loss="focal_dice",
-             adversarial=False, use_paraphraser=False),
+             adversarial=False),
     ]),
     "graph_flow": ("Graph Flow (Zou, Sun et al. 2023) against CoCo, Mobile U-Net student", [
         _row("alone", "student alone", **ALONE),
@@ -127,6 +129,14 @@ def _check_ids_are_consistent() -> None:
 
 
 _check_ids_are_consistent()
+
+
+def reads_paraphrased(row: Row) -> bool:
+    """Whether the row's student stage reads paraphraser encodings: a loss defined on them, and the switch on."""
+    settings = dict(row.settings)
+    if settings.get("use_paraphraser", "true") == "false":
+        return False
+    return any(spec.build().reads.teacher == "paraphrased" for spec in parse_losses(settings.get("losses", "none")))
 
 
 # --- running ---------------------------------------------------------------------------------------------
@@ -176,7 +186,7 @@ class Runner:
         args = ["--stage=student,eval", f"--run_dir={run_dir}", f"--seed={seed}",
                 f"--teacher_checkpoint={self.work / 'teacher' / 'teacher' / 'best.pt'}", "--student_name=student",
                 "--resume", *row.args()]
-        if dict(row.settings).get("losses", "none") != "none":
+        if reads_paraphrased(row):
             args.append(f"--paraphraser_checkpoint={self.work / f'paraphraser_{row.student}' / 'paraphraser' / 'best.pt'}")
         # A finished run is reused only if it was made by the same command from the same base configuration;
         # otherwise the training program runs, and its --resume refuses a checkpoint with other settings.
