@@ -248,3 +248,148 @@ def test_folder_empty_missing_and_bad_arguments(tmp_path):
     _png(tmp_path / "masks" / "a.png", np.zeros((16, 16), np.uint8))
     with pytest.raises(DatasetError, match="smaller than the 32x32 patch"):
         FolderDataset(tmp_path, patch_size=32)
+
+
+# --- pixels decoded in the check, unmapped values, bounded memory -----------------------------------------
+def _corrupt_png_idat(path):
+    """Flip bytes inside the first IDAT chunk and fix its CRC, so only the zlib stream is damaged."""
+    import struct
+    import zlib
+
+    data = bytearray(path.read_bytes())
+    at = data.index(b"IDAT")
+    length = struct.unpack(">I", data[at - 4:at])[0]
+    for i in range(at + 4 + length // 3, at + 4 + length // 3 + 16):
+        data[i] ^= 0xFF
+    data[at + 4 + length:at + 8 + length] = struct.pack(">I", zlib.crc32(bytes(data[at:at + 4 + length])))
+    path.write_bytes(bytes(data))
+
+
+def test_check_decodes_pixels_so_corrupt_data_names_its_file(tmp_path):
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)
+    _png(tmp_path / "images" / "idat.png", image)
+    _corrupt_png_idat(tmp_path / "images" / "idat.png")
+    tifffile.imwrite(tmp_path / "images" / "zlib.tif", image, tile=(16, 16), compression="zlib", photometric="rgb")
+    with tifffile.TiffFile(tmp_path / "images" / "zlib.tif") as tif:
+        offset = tif.pages[0].dataoffsets[5]
+    data = bytearray((tmp_path / "images" / "zlib.tif").read_bytes())
+    data[offset:offset + 40] = bytes(40)  # a tile's zlib stream overwritten
+    (tmp_path / "images" / "zlib.tif").write_bytes(bytes(data))
+    for name in ("idat", "zlib"):
+        _png(tmp_path / "masks" / f"{name}.png", np.zeros((64, 64), np.uint8))
+    with pytest.raises(DatasetError) as err:
+        FolderDataset(tmp_path)
+    problems = {p.split("/")[-1]: why for p, why in err.value.problems}
+    assert set(problems) == {"idat.png", "zlib.tif"}
+    assert "cannot decode" in problems["idat.png"] and "tile 5" in problems["zlib.tif"]
+    # Without the check, loading still names the file instead of dying somewhere in a worker.
+    ds = FolderDataset(tmp_path, check_pixels=False, check_mask_values=False)
+    for i in range(len(ds)):
+        with pytest.raises(ValueError, match=r"(idat.png|zlib.tif): cannot decode"):
+            ds[i]
+
+
+def test_unmapped_values_fail_when_loaded_even_without_the_check(tmp_path):
+    mask = np.zeros((16, 16), np.int32)
+    mask[:4] = 100_000  # only a 32-bit mask can store it; unmapped
+    mask[4:8] = 255
+    _png(tmp_path / "images" / "a.png", np.zeros((16, 16, 3), np.uint8))
+    (tmp_path / "masks").mkdir()
+    tifffile.imwrite(tmp_path / "masks" / "a.tif", mask)
+    with pytest.raises(DatasetError, match=r"a.tif: mask values 100000 are not in the mapping \{0: 0, 255: 1\}"):
+        FolderDataset(tmp_path, mask_values={0: 0, 255: 1})
+    ds = FolderDataset(tmp_path, mask_values={0: 0, 255: 1}, check_mask_values=False)
+    with pytest.raises(ValueError, match=r"a.tif: mask values 100000 are not in the mapping"):
+        ds[0]  # used to return labels from uninitialised memory
+    mask[:4] = 0
+    tifffile.imwrite(tmp_path / "masks" / "a.tif", mask)
+    labels = FolderDataset(tmp_path, mask_values={0: 0, 255: 1}, check_mask_values=False)[0][1]
+    assert labels.dtype == torch.int64 and labels[4:8].eq(1).all() and labels[:4].eq(0).all()
+    # A uint8 mask with an unmapped value (the lookup-table path) fails the same way.
+    _png(tmp_path / "masks" / "a.png", np.full((16, 16), 9, np.uint8))
+    (tmp_path / "masks" / "a.tif").unlink()
+    with pytest.raises(ValueError, match=r"a.png: mask values 9"):
+        FolderDataset(tmp_path, check_mask_values=False)[0]
+    assert FolderDataset(tmp_path, num_classes=2, ignore_index=9)[0][1].eq(9).all()
+
+
+def test_checks_and_samples_read_tiled_tiffs_by_region_in_bounded_memory(tmp_path, monkeypatch):
+    from cocofast.data import folder
+    from cocofast.data.slides import TiffReader
+
+    rng = np.random.default_rng(2)
+    image = rng.integers(0, 256, (256, 256, 3), dtype=np.uint8)
+    mask = (rng.random((256, 256)) < 0.5).astype(np.uint8) * 255
+    (tmp_path / "images").mkdir()
+    (tmp_path / "masks").mkdir()
+    tifffile.imwrite(tmp_path / "images" / "a.tif", image, tile=(32, 32), compression="zlib", photometric="rgb")
+    tifffile.imwrite(tmp_path / "masks" / "a.tif", mask, tile=(32, 32), compression="zlib")
+    largest = []
+    read = TiffReader.read
+
+    def counting(self, top, left, height, width):
+        out = read(self, top, left, height, width)
+        largest.append(out.shape[0] * out.shape[1])
+        return out
+
+    monkeypatch.setattr(TiffReader, "read", counting)
+    monkeypatch.setattr(folder, "CHECK_BAND_PIXELS", 256 * 40)
+    ds = FolderDataset(tmp_path, mask_values={0: 0, 255: 1}, patch_size=64)
+    assert max(largest) <= 256 * 40  # the check scanned bands, never the whole image or mask
+    largest.clear()
+    x, m = ds[5]
+    assert max(largest) == 64 * 64 and torch.equal(m, torch.from_numpy(mask[64:128, 64:128] // 255).long())
+    assert torch.allclose(x, torch.from_numpy(image[64:128, 64:128].transpose(2, 0, 1) / 255).float())
+    with pytest.raises(DatasetError, match=r"a.tif: loading a sample decodes 256x256 pixels, more than "
+                                           r"max_pixels=10,000"):
+        FolderDataset(tmp_path, mask_values={0: 0, 255: 1}, max_pixels=10_000)
+    assert len(FolderDataset(tmp_path, mask_values={0: 0, 255: 1}, max_pixels=10_000, patch_size=64)) == 16
+
+
+# --- augmentation ----------------------------------------------------------------------------------------
+def test_augmentation_is_joint_seeded_and_off_by_default(tmp_path):
+    from cocofast.data import Augmentation, augment_pair
+
+    rng = np.random.default_rng(3)
+    mask = rng.integers(0, 2, (24, 24), dtype=np.uint8)
+    image = np.stack([mask * 150 + 50, mask * 40 + 100, 200 - mask * 90], -1).astype(np.uint8)
+    _png(tmp_path / "images" / "a.png", image)
+    _png(tmp_path / "masks" / "a.png", mask)
+    plain = FolderDataset(tmp_path)
+    assert torch.allclose(plain[0][0], torch.from_numpy(image.transpose(2, 0, 1) / 255).float())
+    colour = Augmentation(flips=True, hed=0.05, brightness=0.2, contrast=0.2)
+    ds = FolderDataset(tmp_path, augment=colour, seed=1)
+    x0, m0 = ds[0]
+    assert torch.equal(ds[0][0], x0)  # same (seed, epoch, index), same draw
+    ds.set_epoch(1)
+    x1, m1 = ds[0]
+    assert not torch.equal(x1, x0)
+    for x, m in ((x0, m0), (x1, m1)):  # the colour moved, the geometry still matches the mask
+        assert m.shape == (24, 24) and 0 <= x.min() and x.max() <= 1
+        assert (x[0][m == 1].mean() - x[0][m == 0].mean()) > 0.2
+    image_t, mask_t = torch.rand(3, 8, 8), torch.zeros(8, 8, dtype=torch.int64)
+    same = augment_pair(image_t, mask_t, np.random.default_rng(0), Augmentation(hed=0.0))
+    assert torch.equal(same[0], image_t)
+    with pytest.raises(ValueError, match="HED stain jitter needs RGB"):
+        FolderDataset(tmp_path, in_channels=1, augment=Augmentation(hed=0.05))
+    with pytest.raises(ValueError, match="brightness must be in"):
+        Augmentation(brightness=1.5)
+
+
+def test_hed_jitter_is_exact_at_identity_and_matches_scikit_image_when_installed():
+    from cocofast.data.transforms import RGB_FROM_HED, hed_jitter
+
+    # Colours mixed from non-negative stain amounts (rgb2hed clips negative ones, so others do not round-trip).
+    stains = np.random.default_rng(4).uniform(0.0, 0.08, (16, 16, 3))
+    rgb = np.exp((stains * np.log(1e-6)) @ RGB_FROM_HED.numpy())
+    as_tensor = torch.from_numpy(rgb.transpose(2, 0, 1)).float()
+    identity = hed_jitter(as_tensor, np.ones(3), np.zeros(3))
+    assert np.abs(identity.numpy().transpose(1, 2, 0) - rgb).max() < 1e-4
+    more_haematoxylin = hed_jitter(as_tensor, np.array([1.3, 1.0, 1.0]), np.zeros(3))
+    assert (more_haematoxylin[0] < as_tensor[0] - 1e-3).float().mean() > 0.9  # haematoxylin absorbs red most
+    skimage_color = pytest.importorskip("skimage.color")
+    scale, shift = np.array([1.05, 0.97, 1.0]), np.array([0.01, -0.02, 0.0])
+    expected = np.clip(skimage_color.hed2rgb(skimage_color.rgb2hed(rgb) * scale + shift), 0, 1)
+    got = hed_jitter(as_tensor, scale, shift)
+    assert np.abs(got.numpy().transpose(1, 2, 0) - expected).max() < 1e-4
