@@ -1,7 +1,7 @@
 """Training-step time: student alone vs student + CoCo + AdvD, with and without the teacher's forward pass,
 and the share of the step spent in the CoCo loss.
 
-It times cocofast.train.stages.StudentStep, the exact code the student stage runs (critic step + student
+It times cocofast.train.student.StudentStep, built by train/stages.py's build_student_step, the exact code the student stage runs (critic step + student
 step), on random inputs. "cached teacher" replays precomputed teacher outputs, the cost when teacher features
 are stored ahead of time. The CoCo share is the CoCo loss's forward + backward alone on tensors of the tap
 shapes, divided by the full step.
@@ -24,9 +24,10 @@ import torch
 from cocofast.models import create_model
 from cocofast.similarity import coco_loss
 from cocofast.train.config import TrainConfig
-from cocofast.train.runtime import Runtime, _amp_dtype
-from cocofast.train.schedule import IterationLR
-from cocofast.train.stages import frozen, paraphraser_kwargs, seg_kwargs
+from cocofast.train.runtime import Runtime, amp_dtype
+from cocofast.train.features import needs_paraphrasers
+from cocofast.train.networks import frozen, paraphraser_kwargs, seg_kwargs
+from cocofast.train.stages import build_student_step
 from cocofast.train.student import StudentStep, build_losses
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -55,20 +56,12 @@ def timed(fn, device, warmup: int, steps: int) -> float:
 
 
 def build_step(cfg: TrainConfig, rt: Runtime, teacher, paraphrasers) -> StudentStep:
-    student = create_model(cfg.student_model, **seg_kwargs(cfg, "student")).to(rt.device)
-    optimizer = torch.optim.Adam(student.parameters(), lr=cfg.student_lr, weight_decay=cfg.weight_decay)
-    schedule = IterationLR(optimizer, cfg.student_lr, total_iters=10**9, iters_per_epoch=10**6)
-    critic = critic_opt = critic_schedule = None
-    if cfg.adversarial:
-        critic = create_model("discriminator", in_channels=cfg.num_classes + cfg.in_channels,
-                              width=cfg.disc_width).to(rt.device)
-        critic_opt = torch.optim.Adam(critic.parameters(), lr=cfg.disc_lr, betas=(cfg.disc_beta1, cfg.disc_beta2))
-        critic_schedule = IterationLR(critic_opt, cfg.disc_lr, total_iters=10**9, iters_per_epoch=10**6)
+    """The student stage's own builder (train/stages.py), so the bench times exactly what training runs."""
     losses = build_losses(cfg)
-    return StudentStep(cfg, rt, student, optimizer, schedule, rt.grad_scaler(), losses=losses,
-                       teacher=teacher if losses or cfg.adversarial else None,
-                       paraphrasers=paraphrasers if losses else None, critic=critic,
-                       critic_opt=critic_opt, critic_schedule=critic_schedule)
+    step, *_ = build_student_step(cfg, rt, 10**6, teacher=teacher if losses or cfg.adversarial else None,
+                                  paraphrasers=paraphrasers if needs_paraphrasers(losses, cfg.use_paraphraser)
+                                  else None)
+    return step
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
@@ -85,7 +78,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     args = parser.parse_args(argv)
 
     device = torch.device("cuda" if cuda else "cpu")
-    rt = Runtime(0, 1, 0, device, _amp_dtype(args.amp, device))
+    rt = Runtime(0, 1, 0, device, amp_dtype(args.amp, device))
     cfg = TrainConfig(image_size=args.size, batch_size=args.batch, teacher_width=args.teacher_width,
                       student_width=args.student_width, disc_width=args.disc_width, amp=args.amp,
                       losses="coco", adversarial=True, use_paraphraser=True)
@@ -98,18 +91,18 @@ def main(argv: list[str] | None = None) -> list[dict]:
 
     alone = build_step(replace(cfg, losses="none", adversarial=False), rt, teacher, paraphrasers)
     coco = build_step(cfg, rt, teacher, paraphrasers)
-    cached = coco.teacher_outputs(images)
+    cached = coco.teacher_features(images)
     with torch.no_grad(), rt.autocast():
         out_s = coco.student(images)
     taps_s = [t.float().detach().requires_grad_(True) for t in (out_s.shallow, out_s.deep)]
 
     def coco_only():
-        coco_loss([cached.feats], [tuple(taps_s)], backend=cfg.similarity_backend).backward()
+        coco_loss([cached.paraphrased], [tuple(taps_s)], backend=cfg.similarity_backend).backward()
 
     runs = [
         ("student alone (CE)", lambda: alone(images, masks)),
         ("student + CoCo + AdvD, teacher forward", lambda: coco(images, masks)),
-        ("student + CoCo + AdvD, cached teacher", lambda: coco(images, masks, teacher_out=cached)),
+        ("student + CoCo + AdvD, cached teacher", lambda: coco(images, masks, teacher=cached)),
         ("CoCo loss forward + backward only", coco_only),
     ]
     ms = {name: timed(fn, device, args.warmup, args.steps) for name, fn in runs}

@@ -110,10 +110,10 @@ def init_runtime(cfg: TrainConfig) -> Runtime:
     if cfg.batch_size % world_size:
         raise ConfigError(f"config key 'batch_size': {cfg.batch_size} does not split evenly over "
                           f"{world_size} processes")
-    return Runtime(rank, world_size, local_rank, device, _amp_dtype(cfg.amp, device))
+    return Runtime(rank, world_size, local_rank, device, amp_dtype(cfg.amp, device))
 
 
-def _amp_dtype(amp: str, device: torch.device) -> torch.dtype | None:
+def amp_dtype(amp: str, device: torch.device) -> torch.dtype | None:
     if amp == "off":
         return None
     if amp == "auto":
