@@ -32,6 +32,7 @@ from typing import Callable, Iterator
 import numpy as np
 import torch
 
+import cocofast.checkpoint
 from cocofast.data.normalise import Normalisation, image_stats, network_input, to_unit_range, values_outside
 from cocofast.data.slides import ArrayReader, DownscaledReader, level_for_mpp, open_reader
 from cocofast.data.tiling import axis_starts, stride_from_fraction
@@ -193,13 +194,7 @@ def read_checkpoint(checkpoint: str | Path) -> dict:
     path = Path(checkpoint)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such checkpoint")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:
-        raise ValueError(f"{path}: not a loadable cocofast checkpoint ({type(err).__name__}: {err})") from None
-    if not isinstance(ckpt, dict) or not isinstance(ckpt.get("models"), dict):
-        raise ValueError(f"{path}: not a cocofast checkpoint (no 'models' mapping of role -> network)")
-    return ckpt
+    return cocofast.checkpoint.read_checkpoint(path)  # weights_only, checksum verified; CheckpointError is a ValueError
 
 
 def model_from_checkpoint(ckpt: dict, role: str = "student", device="cpu", path: str | Path = "checkpoint"):
