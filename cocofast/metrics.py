@@ -1,4 +1,4 @@
-"""Segmentation metrics: one confusion matrix over the whole evaluation set (SPEC §5), and HD95.
+"""Segmentation metrics: one confusion matrix over the whole evaluation set (CoCo DistillNet §IV-C), and HD95.
 
     cm = ConfusionMatrix(num_classes=2)
     for logits, mask in loader:

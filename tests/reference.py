@@ -1,4 +1,4 @@
-"""An independent float64 reference for SPEC §2, in numpy, built from sums of squares."""
+"""An independent float64 reference for CMSS and the cross-layer correlation (CoCo DistillNet §III-B), in numpy, built from sums of squares."""
 import numpy as np
 import torch
 

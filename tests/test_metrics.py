@@ -13,7 +13,7 @@ from cocofast.metrics import ConfusionMatrix, HD95Meter, hd95
 
 
 def reference_scores(pred: np.ndarray, target: np.ndarray, k: int, ignore=None) -> dict:
-    """SPEC §5 by hand: float64 confusion matrix with rows = truth, columns = prediction."""
+    """The paper's ACC and mIoU by hand: float64 confusion matrix with rows = truth, columns = prediction."""
     keep = np.ones(target.shape, bool) if ignore is None else target != ignore
     p = np.zeros((k, k), np.float64)
     np.add.at(p, (target[keep], pred[keep]), 1.0)

@@ -20,9 +20,9 @@ from cocofast.models import (
 )
 from cocofast.models import __main__ as report
 
-# SPEC §4: parameters of the authors' files for in_channels=1, num_classes=2; the taps' channels.
-SPEC_PARAMS = {"fanet": 38_292_295, "mobile_unet": 4_682_323, "erfnet": 2_063_130, "enet": 348_996}
-SPEC_TAP_CHANNELS = {"fanet": (256, 256), "mobile_unet": (24, 24), "erfnet": (64, 64), "enet": (64, 64)}
+# Parameters of the authors' public model files for in_channels=1, num_classes=2; the taps' channels.
+AUTHORS_PARAMS = {"fanet": 38_292_295, "mobile_unet": 4_682_323, "erfnet": 2_063_130, "enet": 348_996}
+TAP_CHANNELS = {"fanet": (256, 256), "mobile_unet": (24, 24), "erfnet": (64, 64), "enet": (64, 64)}
 # Parameters of the authors' files that feed no output, left out of ours (see fanet.py, erfnet.py).
 UNUSED_IN_AUTHORS = {"fanet": 64 * 2 + 2 + 3, "erfnet": 128 * 2 + 2, "mobile_unet": 0, "enet": 0}
 # Small but real configurations for running on CPU: (width, side). Students run at the paper width.
@@ -90,9 +90,9 @@ def test_parameter_count_matches_authors_files(name):
     with torch.device("meta"):  # counting needs no memory: FANet is 38M parameters
         model = create_model(name, in_channels=1, num_classes=2)
     ours = count_parameters(model)
-    assert abs(ours - SPEC_PARAMS[name]) <= 0.005 * SPEC_PARAMS[name]
+    assert abs(ours - AUTHORS_PARAMS[name]) <= 0.005 * AUTHORS_PARAMS[name]
     # Exact accounting: the whole difference is the parameters left out because no output uses them.
-    assert ours + UNUSED_IN_AUTHORS[name] == SPEC_PARAMS[name]
+    assert ours + UNUSED_IN_AUTHORS[name] == AUTHORS_PARAMS[name]
 
 
 def test_parameters_without_batchnorm_match_paper_table():
@@ -110,10 +110,10 @@ def test_paper_size_taps_on_meta(name):
     with torch.device("meta"):
         model = create_model(name, in_channels=1, num_classes=2)
         out = model(torch.empty(2, 1, 64, 64))
-    assert model.tap_channels == SPEC_TAP_CHANNELS[name]
+    assert model.tap_channels == TAP_CHANNELS[name]
     assert out.logits.shape == (2, 2, 64, 64)
-    assert out.shallow.shape == (2, *SPEC_TAP_CHANNELS[name][:1], 16, 16)
-    assert out.deep.shape == (2, SPEC_TAP_CHANNELS[name][1], 16, 16)
+    assert out.shallow.shape == (2, *TAP_CHANNELS[name][:1], 16, 16)
+    assert out.deep.shape == (2, TAP_CHANNELS[name][1], 16, 16)
 
 
 # ---------------------------------------------------------------- running the networks
@@ -402,7 +402,7 @@ def test_flops_counted_on_meta_equal_flops_counted_on_cpu():
 def test_report_prints_the_measured_counts(capsys):
     assert report.main(["--sizes", "64"]) == 0
     text = capsys.readouterr().out
-    for name, spec in SPEC_PARAMS.items():
+    for name, spec in AUTHORS_PARAMS.items():
         with torch.device("meta"):
             ours = count_parameters(create_model(name, in_channels=1, num_classes=2))
         row = next(line for line in text.splitlines() if line.startswith(f"| {name} |"))

@@ -1,4 +1,4 @@
-"""The four stages of CoCo DistillNet training (SPEC §3), each feeding the next through its best.pt:
+"""The four stages of CoCo DistillNet training (CoCo DistillNet §III-D), each feeding the next through its best.pt:
 
     teacher      the big network, trained with cross-entropy
     paraphraser  one auto-encoder per teacher tap, trained on the frozen teacher's features (L_rec = MSE)

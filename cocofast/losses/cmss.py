@@ -1,4 +1,4 @@
-"""Channel-mixed spatial similarity distillation, "CMSS" in CoCo DistillNet's ablation (SPEC §2.7).
+"""Channel-mixed spatial similarity distillation, "CMSS" in CoCo DistillNet's ablation (§III-B eq. 1-2 and Table I).
 
 The same as SS (`skd_pairwise`: deep tap, max-pool kernel 2, weight 0.5) except that each pixel's feature is
 weighted by softmax(global max pool) over channels before normalising, so the SS-versus-CMSS comparison

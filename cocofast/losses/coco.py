@@ -1,4 +1,4 @@
-"""CoCo distillation (SPEC §2.6): (φ_T − φ_S)², φ the cross-layer correlation of one network's two taps.
+"""CoCo distillation (CoCo DistillNet §III-B, eq. 3, 4 and 7): (φ_T − φ_S)², φ the cross-layer correlation of one network's two taps.
 
 The paper takes φ_T from the paraphraser encodings of the teacher's taps (Kim et al. 2018's paraphraser).
 The networks need not agree on channels or sizes; only the two taps of one network must share h·w.

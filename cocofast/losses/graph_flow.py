@@ -1,8 +1,8 @@
-"""Graph Flow distillation (Zou, Sun et al., IEEE TMI 2023; the CoCo DistillNet authors' extension; SPEC §6).
+"""Graph Flow distillation (Zou, Sun et al., IEEE TMI 2023; the CoCo DistillNet authors' extension).
 
 Each network's taps F_1 .. F_L (shallow to deep, (B, C_i, h_i, w_i), L ≥ 2, equally many for teacher and
-student) form a chain graph: vertex i is the CMSS structure M_i = Â_i Â_iᵀ of tap i (SPEC §2), edge (i, i+1)
-is the cross-layer correlation φ(F_i, F_{i+1}) of SPEC §2.5. The student is trained to match both:
+student) form a chain graph: vertex i is the CMSS structure M_i = Â_i Â_iᵀ of tap i (CoCo DistillNet §III-B eq. 1-2), edge (i, i+1)
+is the cross-layer correlation φ(F_i, F_{i+1}) (eq. 3 there). The student is trained to match both:
 
     vertex = 1/L     Σ_i       mean_b ‖M_T,i − M_S,i‖²_F / N²       (cocofast.similarity_distance)
     edge   = 1/(L−1) Σ_i       mean_b (φ_T(i, i+1) − φ_S(i, i+1))²   (cocofast.coco_loss over consecutive pairs)
@@ -17,7 +17,7 @@ The smallest grid because pooling only ever averages pixels together, it never i
 would, and the similarity work falls with N. The built-in networks declare `graph_tap_paths` all at H/4,
 so between them nothing is pooled.
 
-Never N×N: with the gram / triton backends both terms come from the C×C Gram identity of SPEC §2.
+Never N×N: with the gram / triton backends both terms come from the C×C Gram identity ⟨ÂÂᵀ, B̂B̂ᵀ⟩_F = ‖ÂᵀB̂‖²_F (cocofast/similarity.py).
 
 Scale. The authors' best table weights vertices by 1e-5 and edges by 1e-9, but those multiply their
 unnormalised sums over all N² entries. Here the vertex term is divided by N² exactly like

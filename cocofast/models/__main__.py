@@ -20,7 +20,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from . import create_model
 from .base import count_parameters, scale_channels
 
-# SPEC §4: counts from the authors' files (1 input channel, 2 classes), and the paper's Table III.
+# Counts from the authors' public model files (Graph-FLow networks/, GKD-Framework Unet_SKA2.py) (1 input channel, 2 classes), and the paper's Table III.
 AUTHORS_PARAMS = {"fanet": 38_292_295, "mobile_unet": 4_682_323, "erfnet": 2_063_130, "enet": 348_996}
 PAPER_PARAMS_M = {"fanet": 38.250, "mobile_unet": 4.640, "erfnet": 2.063, "enet": 0.349}
 PAPER_GMACS_256 = {"fanet": 171.556, "mobile_unet": 1.492, "erfnet": 3.681, "enet": 0.516}
@@ -155,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
     print(format_table(rows, tuple(args.sizes), paper_columns=paper))
     if paper:
         print(
-            "\nauthors' files: SPEC §4 counts of the public code; ours omit parameters no output uses "
+            "\nauthors' files: counts of the public code; ours omit parameters no output uses "
             "(FANet's second head and strip-pooling gammas, ERFNet's encoder-only head).\n"
             "paper params count no BatchNorm for FANet and Mobile U-Net (compare 'params w/o BN').\n"
             "counter-style: ours recounted like the paper's tools (BatchNorm and activation modules added, "
