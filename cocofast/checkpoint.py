@@ -47,7 +47,7 @@ def _feed(digest, obj: Any) -> None:
     if isinstance(obj, torch.Tensor):
         tensor = obj.detach().cpu().contiguous()
         digest.update(f"T{tensor.dtype}{tuple(tensor.shape)}:".encode())
-        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy())  # the buffer itself, no copy
     elif isinstance(obj, dict):
         digest.update(f"D{len(obj)}:".encode())
         for key in sorted(obj, key=repr):
