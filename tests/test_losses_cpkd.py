@@ -3,13 +3,16 @@ import numpy as np
 import pytest
 import torch
 
+from collections import namedtuple
+
 from cocofast.losses.cpkd import CPKDLoss, channel_relation
-from cocofast.models.base import SegOutput
 
 B, K, H = 2, 3, 12          # batch, classes, logits size
 C_S, C_T = 5, 8             # student and raw-teacher deep channels; paraphrased teacher feats have C_S
 TAP = (3, 7)                # odd tap grid: N = 21 keeps the Triton interpreter quick
 BACKENDS = ["naive", "triton"]
+
+Net = namedtuple("Net", "logits shallow deep")
 
 
 def randn(g, *shape):
@@ -19,7 +22,7 @@ def randn(g, *shape):
 def seg(seed, c_deep, tap=TAP, requires_grad=False):
     g = torch.Generator().manual_seed(seed)
     t = [randn(g, B, K, H, H), randn(g, B, 4, *tap), randn(g, B, c_deep, *tap).relu() + 0.3 * randn(g, B, c_deep, *tap)]
-    return SegOutput(*(x.requires_grad_(requires_grad) for x in t))
+    return Net(*(x.requires_grad_(requires_grad) for x in t))
 
 
 def feats(seed, tap=TAP, requires_grad=False):
@@ -137,7 +140,7 @@ def test_full_loss_with_paraphrased_teacher(backend, kwargs):
     s, t, f = seg(40, C_S), seg(41, C_T), feats(42)
     expected = ref_loss(s, f[1], **kwargs)
     assert ref_channel_term(np64(s.deep), np64(f[1])) > 1e-3 and ref_pixel_term(np64(f[1]), np64(s.deep), 1) > 1e-3
-    got = CPKDLoss(backend=backend, **kwargs)(s, t, teacher_feats=f)
+    got = CPKDLoss(backend=backend, **kwargs)([s.deep], [f[1]])
     assert got.dtype == torch.float32 and got.dim() == 0
     np.testing.assert_allclose(got.item(), expected, rtol=1e-4, atol=1e-7)
 
@@ -146,20 +149,20 @@ def test_full_loss_with_paraphrased_teacher(backend, kwargs):
 def test_each_term_alone(backend):
     s, t = seg(43, C_S), seg(44, C_S)  # equal channels: no paraphraser needed
     fs, ft = np64(s.deep), np64(t.deep)
-    channel = CPKDLoss(pixel_weight=0.0, backend=backend)(s, t).item()
-    pixel = CPKDLoss(channel_weight=0.0, tau=0.5, backend=backend)(s, t).item()
+    channel = CPKDLoss(pixel_weight=0.0, backend=backend)([s.deep], [t.deep]).item()
+    pixel = CPKDLoss(channel_weight=0.0, tau=0.5, backend=backend)([s.deep], [t.deep]).item()
     np.testing.assert_allclose(channel, ref_channel_term(fs, ft), rtol=1e-4)
     np.testing.assert_allclose(pixel, ref_pixel_term(ft, fs, 0.5), rtol=1e-4)
 
 
 def test_teacher_grid_may_differ_when_pixel_count_matches():
     s, t = seg(45, C_S), seg(46, C_S, tap=TAP[::-1])  # 3×7 vs 7×3
-    np.testing.assert_allclose(CPKDLoss()(s, t).item(), ref_loss(s, t.deep), rtol=1e-4)
+    np.testing.assert_allclose(CPKDLoss()([s.deep], [t.deep]).item(), ref_loss(s, t.deep), rtol=1e-4)
 
 
 def test_identical_networks_give_zero():
     s = seg(47, C_S)
-    assert CPKDLoss()(s, s).abs().item() < 1e-6
+    assert CPKDLoss()([s.deep], [s.deep]).abs().item() < 1e-6
 
 
 # -------------------------------------------------------------------------- gradients and autocast
@@ -169,7 +172,7 @@ def test_identical_networks_give_zero():
 def test_gradient_matches_float64_autograd(backend):
     s, t, f = seg(50, C_S, requires_grad=True), seg(51, C_T), feats(52)
     kw = {"channel_weight": 2.0, "pixel_weight": 0.7, "tau": 0.5}
-    CPKDLoss(weight=1.5, backend=backend, **kw)(s, t, teacher_feats=f).backward()
+    CPKDLoss(weight=1.5, backend=backend, **kw)([s.deep], [f[1]]).backward()
     x = s.deep.detach().double().requires_grad_(True)
     (want,) = torch.autograd.grad(1.5 * torch_cpkd64(x, f[1].double(), **kw), [x])
     got = s.deep.grad.double()
@@ -179,23 +182,25 @@ def test_gradient_matches_float64_autograd(backend):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_gradient_reaches_the_student_deep_tap_only(backend):
     s, t, f = seg(53, C_S, requires_grad=True), seg(54, C_T, requires_grad=True), feats(55, requires_grad=True)
-    CPKDLoss(backend=backend)(s, t, teacher_feats=f).backward()
+    CPKDLoss(backend=backend)([s.deep], [f[1]]).backward()
     assert s.deep.grad is not None and torch.isfinite(s.deep.grad).all() and s.deep.grad.abs().sum() > 0
-    assert s.logits.grad is None and s.shallow.grad is None
+    assert s.logits.grad is None and s.shallow.grad is None  # not read, so never passed
     assert all(x.grad is None for x in list(t) + list(f))
+    # A raw teacher of the student's channel count that requires grad stays untouched as well.
+    s2, t2 = seg(53, C_S, requires_grad=True), seg(54, C_S, requires_grad=True)
+    CPKDLoss(backend=backend)([s2.deep], [t2.deep]).backward()
+    assert s2.deep.grad.abs().sum() > 0 and t2.deep.grad is None
 
 
 def test_bf16_autocast_computes_in_fp32():
     s, t, f = seg(56, C_S), seg(57, C_T), feats(58)
-    s16, t16 = SegOutput(*(x.bfloat16() for x in s)), SegOutput(*(x.bfloat16() for x in t))
-    f16 = tuple(x.bfloat16() for x in f)
+    s16, f16 = s.deep.bfloat16(), f[1].bfloat16()
     loss = CPKDLoss()
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        value = loss(s16, t16, teacher_feats=f16)
+        value = loss([s16], [f16])
     assert value.dtype == torch.float32 and torch.isfinite(value)
     # The same bf16 values widened outside autocast: equal only if nothing inside ran in bf16.
-    wide = loss(SegOutput(*(x.float() for x in s16)), SegOutput(*(x.float() for x in t16)),
-                teacher_feats=tuple(x.float() for x in f16))
+    wide = loss([s16.float()], [f16.float()])
     torch.testing.assert_close(value, wide, rtol=1e-6, atol=1e-9)
 
 
@@ -205,14 +210,24 @@ def test_bf16_autocast_computes_in_fp32():
 def test_mismatched_channels_name_the_shapes():
     s, t = seg(60, C_S), seg(61, C_T)
     with pytest.raises(ValueError, match=r"CPKDLoss: .*5 channels, got teacher \(2, 8, 3, 7\) vs student "
-                                         r"\(2, 5, 3, 7\).*teacher_feats"):
-        CPKDLoss()(s, t)
+                                         r"\(2, 5, 3, 7\).*paraphraser encoding"):
+        CPKDLoss()([s.deep], [t.deep])
 
 
 def test_mismatched_pixel_counts_are_refused():
     s, t = seg(62, C_S), seg(63, C_S, tap=(4, 4))
     with pytest.raises(ValueError, match=r"same number of pixels.*\(2, 5, 4, 4\) and \(2, 5, 3, 7\)"):
-        CPKDLoss()(s, t)
+        CPKDLoss()([s.deep], [t.deep])
+
+
+def test_inputs_are_checked_before_the_maths():
+    s, f = seg(64, C_S), feats(65)
+    bad = s.deep.clone()
+    bad[0, 1, 2, 3] = float("nan")
+    with pytest.raises(ValueError, match=r"CPKDLoss: `student\[0\] \(deep\)` \(2, 5, 3, 7\) holds NaN"):
+        CPKDLoss()([bad], [f[1]])
+    with pytest.raises(ValueError, match=r"CPKDLoss: `teacher` must hold 1 tensor\(s\) \(deep\), got 2"):
+        CPKDLoss()([s.deep], list(f))
 
 
 @pytest.mark.parametrize("kwargs,match", [
@@ -227,7 +242,9 @@ def test_bad_hyper_parameters_are_named(kwargs, match):
         CPKDLoss(**kwargs)
 
 
-def test_defaults_and_class_flags():
+def test_defaults_and_reads():
     loss = CPKDLoss()
     assert (loss.weight, loss.channel_weight, loss.pixel_weight, loss.tau, loss.backend) == (1.0, 1.0, 1.0, 1.0, "auto")
-    assert CPKDLoss.needs_teacher_feats and not CPKDLoss.needs_labels and not CPKDLoss.needs_taps
+    reads = CPKDLoss.reads
+    assert reads.features == ("deep",) and reads.teacher == "paraphrased" and reads.matched_channels
+    assert not reads.labels and reads.taps

@@ -1,5 +1,6 @@
 """EMKD (PMD, IMD, RAD) and the focal/dice supervised losses against float64 numpy formulas written out here."""
 import math
+from collections import namedtuple
 
 import numpy as np
 import pytest
@@ -7,12 +8,15 @@ import torch
 
 from cocofast.losses.emkd import (EMKDLoss, importance_map_distillation, pixel_map_distillation,
                                   region_affinity_distillation)
+from cocofast.losses import IGNORE_INDEX
 from cocofast.losses.supervised import dice_loss, focal_dice_loss, focal_loss
-from cocofast.models.base import SegOutput
 
 B, H, TAP = 2, 15, 5  # batch, input size, tap size: labels are nearest-downsampled with stride 3
 STRIDE = H // TAP
 IGNORE = 255
+assert IGNORE == IGNORE_INDEX
+
+Net = namedtuple("Net", "logits shallow deep")  # the order EMKDLoss.reads declares
 
 
 def seg(seed, classes, c_shallow, c_deep, tap=TAP, requires_grad=False, dtype=torch.float32):
@@ -21,7 +25,7 @@ def seg(seed, classes, c_shallow, c_deep, tap=TAP, requires_grad=False, dtype=to
          torch.randn(B, c_shallow, tap, tap, generator=g, dtype=torch.float64),
          torch.randn(B, c_deep, tap, tap, generator=g, dtype=torch.float64).relu()
          + 0.3 * torch.randn(B, c_deep, tap, tap, generator=g, dtype=torch.float64)]
-    return SegOutput(*(x.to(dtype).requires_grad_(requires_grad) for x in t))
+    return Net(*(x.to(dtype).requires_grad_(requires_grad) for x in t))
 
 
 def labels_for(seed, classes):
@@ -230,8 +234,10 @@ def test_emkd_with_default_weights(classes):
     loss = EMKDLoss()
     assert (loss.weight, loss.pmd_weight, loss.imd_weight, loss.rad_weight, loss.temperature) == \
         (1.0, 0.1, 0.9, 0.9, 4.0)
-    assert EMKDLoss.needs_labels and not EMKDLoss.needs_teacher_feats and not EMKDLoss.needs_taps
-    close(loss(s, t, lab), ref_emkd(s, t, lab, classes))
+    reads = EMKDLoss.reads
+    assert reads.features == ("logits", "shallow", "deep") and reads.teacher == "raw" and reads.labels
+    assert not reads.matched_channels
+    close(loss(list(s), list(t), lab), ref_emkd(s, t, lab, classes))
 
 
 def test_emkd_hyper_parameters():
@@ -239,7 +245,7 @@ def test_emkd_hyper_parameters():
     loss = EMKDLoss(weight=2.0, pmd_weight=1.0, imd_weight=0.0, rad_weight=3.0, temperature=2.0)
     expected = 2.0 * (ref_pmd(np64(s.logits), np64(t.logits), 2.0)
                       + 3.0 * ref_rad(np64(s.deep), np64(t.deep), lab.numpy(), 2))
-    close(loss(s, t, lab), expected)
+    close(loss(list(s), list(t), lab), expected)
 
 
 # -------------------------------------------------------------------------- gradients and autocast
@@ -247,22 +253,22 @@ def test_emkd_hyper_parameters():
 
 def test_gradient_reaches_the_student_only():
     s, t, lab = seg(31, 3, 3, 4, requires_grad=True), seg(32, 3, 5, 6, requires_grad=True), labels_for(33, 3)
-    EMKDLoss()(s, t, lab).backward()
-    for field, x in zip(SegOutput._fields, s):
+    EMKDLoss()(list(s), list(t), lab).backward()
+    for field, x in zip(Net._fields, s):
         assert x.grad is not None and torch.isfinite(x.grad).all() and x.grad.abs().sum() > 0, field
     assert all(x.grad is None for x in t)
 
 
 def test_bf16_autocast_computes_in_fp32():
     s, t, lab = seg(34, 3, 3, 4), seg(35, 3, 5, 6), labels_for(36, 3)
-    s16, t16 = SegOutput(*(x.bfloat16() for x in s)), SegOutput(*(x.bfloat16() for x in t))
+    s16, t16 = Net(*(x.bfloat16() for x in s)), Net(*(x.bfloat16() for x in t))
     loss = EMKDLoss()
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        value = loss(s16, t16, lab)
+        value = loss(list(s16), list(t16), lab)
         supervised = focal_dice_loss(s16.logits, lab)
     assert value.dtype == torch.float32 and supervised.dtype == torch.float32
     # The same bf16 values, widened outside autocast: equal only if nothing inside ran in bf16.
-    wide = lambda out: SegOutput(*(x.float() for x in out))  # noqa: E731
+    wide = lambda out: [x.float() for x in out]  # noqa: E731
     torch.testing.assert_close(value, loss(wide(s16), wide(t16), lab), rtol=1e-6, atol=1e-9)
     torch.testing.assert_close(supervised, focal_dice_loss(s16.logits.float(), lab), rtol=1e-6, atol=1e-9)
 
@@ -289,16 +295,22 @@ def test_bad_supervised_inputs_are_named():
 
 def test_bad_emkd_inputs_are_named():
     s, t, lab = seg(39, 2, 3, 4), seg(40, 2, 5, 6), labels_for(41, 2)
-    t_coarse = SegOutput(t.logits, t.shallow, t.deep[..., :4, :4])
+    t_coarse = [t.logits, t.shallow, t.deep[..., :4, :4]]
     with pytest.raises(ValueError, match=r"EMKDLoss: .*deep taps must share h×w, got \(2, 4, 5, 5\) and "
                                          r"\(2, 6, 4, 4\)"):
-        EMKDLoss()(s, t_coarse, lab)
+        EMKDLoss()(list(s), t_coarse, lab)
     with pytest.raises(ValueError, match=r"EMKDLoss needs `labels`"):
-        EMKDLoss()(s, t)
+        EMKDLoss()(list(s), list(t))
     with pytest.raises(ValueError, match=r"EMKDLoss: .*`labels` must be an integer tensor"):
-        EMKDLoss()(s, t, lab.float())
-    with pytest.raises(ValueError, match=r"`student.logits` and `teacher.logits` must have the same shape"):
-        EMKDLoss()(s, seg(42, 3, 5, 6), lab)
+        EMKDLoss()(list(s), list(t), lab.float())
+    with pytest.raises(ValueError, match=r"EMKDLoss: `labels` \(2, 5, 5\) must be \(B, H, W\) of the logits"):
+        EMKDLoss()(list(s), list(t), lab[:, ::STRIDE, ::STRIDE])
+    with pytest.raises(ValueError, match=r"`student\[0\] \(logits\)` and `teacher\[0\] \(logits\)` must have the "
+                                         r"same shape"):
+        EMKDLoss()(list(s), list(seg(42, 3, 5, 6)), lab)
+    with pytest.raises(ValueError, match=r"EMKDLoss: `student` must hold 3 tensor\(s\) \(logits, shallow, deep\), "
+                                         r"got 2"):
+        EMKDLoss()([s.logits, s.deep], list(t), lab)
     with pytest.raises(ValueError, match=r"must be equally long and non-empty, got 2 and 1"):
         importance_map_distillation((s.shallow, s.deep), (t.shallow,))
     for kwargs, message in [({"pmd_weight": -0.1}, "pmd_weight must be a finite number >= 0"),
@@ -306,3 +318,28 @@ def test_bad_emkd_inputs_are_named():
                             ({"temperature": 0}, "temperature must be a finite number > 0")]:
         with pytest.raises(ValueError, match=message):
             EMKDLoss(**kwargs)
+
+
+@pytest.mark.parametrize("kind,value", [("NaN", float("nan")), ("Inf", float("inf"))])
+@pytest.mark.parametrize("index,feature", [(0, "logits"), (1, "shallow"), (2, "deep")])
+def test_non_finite_emkd_inputs_are_named(index, feature, kind, value):
+    s, t, lab = seg(43, 2, 3, 4), seg(44, 2, 5, 6), labels_for(45, 2)
+    bad = list(s)
+    bad[index] = bad[index].clone()
+    bad[index][0, 1, 2, 3] = value
+    with pytest.raises(ValueError, match=rf"EMKDLoss: `student\[{index}\] \({feature}\)` .* holds {kind} values"):
+        EMKDLoss()(bad, list(t), lab)
+
+
+@pytest.mark.parametrize("classes", [2, 3])
+def test_emkd_labels_outside_the_classes_are_refused_and_255_kept_out_of_rad(classes):
+    """Formerly a label >= num_classes was silently read as "no class"; now only 255 is."""
+    s, t, lab = seg(46, classes, 3, 4), seg(47, classes, 5, 6), labels_for(48, classes)
+    loss = EMKDLoss()
+    assert (lab == IGNORE).any()
+    close(loss(list(s), list(t), lab), ref_emkd(s, t, lab, classes))
+    bad = lab.clone()
+    bad[0, 3, 3] = classes  # on the tap grid, so RAD would have read it
+    with pytest.raises(ValueError, match=rf"EMKDLoss: `labels` hold values outside 0..{classes - 1} that are not the "
+                                         rf"ignore index 255, e.g. {classes}"):
+        loss(list(s), list(t), bad)

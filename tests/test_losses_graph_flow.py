@@ -6,7 +6,6 @@ import torch
 
 from cocofast.losses.graph_flow import GraphFlowLoss, common_grid, graph_edge_loss, graph_vertex_loss
 from cocofast.models import FeatureTaps, create_model
-from cocofast.models.base import SegOutput
 from reference import rows as cmss_rows  # SPEC §2 steps 1-3 in float64: softmax(max-pool) weights, L2 rows
 
 B = 2
@@ -23,12 +22,6 @@ def taps_for(seed, shapes, batch=B, dtype=torch.float32, requires_grad=False):
     maps = [torch.randn(batch, c, h, w, generator=g, dtype=torch.float64) + 0.5 * (i + 1)
             for i, (c, h, w) in enumerate(shapes)]
     return [m.to(dtype).requires_grad_(requires_grad) for m in maps]
-
-
-def seg_for(seed, taps):
-    g = torch.Generator().manual_seed(seed)
-    logits = torch.randn(taps[0].shape[0], 2, 20, 28, generator=g)
-    return SegOutput(logits, taps[0], taps[-1])
 
 
 def np64(t):
@@ -119,17 +112,20 @@ def test_vertex_and_edge_functions(reference, backend):
 def test_combined_loss(reference, kwargs, weight, vw, ew):
     student, teacher, vertex, edge = reference
     loss = GraphFlowLoss(**kwargs)
-    value = loss(seg_for(3, student), seg_for(4, teacher), student_taps=student, teacher_taps=teacher)
+    value = loss(student, teacher)
     close(value, weight * (vw * vertex + ew * edge))
 
 
 def test_defaults_and_identical_graphs_cost_nothing():
     loss = GraphFlowLoss()
     assert (loss.weight, loss.vertex_weight, loss.edge_weight, loss.backend) == (1.0, 1.0, 1.0, "auto")
-    assert GraphFlowLoss.needs_taps and not GraphFlowLoss.needs_labels
+    reads = GraphFlowLoss.reads
+    assert reads.features == ("chain",) and reads.teacher == "raw" and not reads.labels and reads.taps
+    assert not reads.matched_channels
     assert "vertex_weight=1, edge_weight=1, backend='auto'" in repr(loss)
     taps = taps_for(5, STUDENT)
-    assert loss(seg_for(3, taps), seg_for(3, taps), student_taps=taps, teacher_taps=taps).item() < 1e-10
+    assert loss(taps, taps).item() < 1e-10
+    assert loss(tuple(taps), tuple(taps)).item() < 1e-10  # any sequence
 
 
 # -------------------------------------------------------------------------- gradients and backends
@@ -137,13 +133,10 @@ def test_defaults_and_identical_graphs_cost_nothing():
 
 def test_gradient_reaches_every_student_tap_and_no_teacher_tap():
     student, teacher = taps_for(1, STUDENT, requires_grad=True), taps_for(2, TEACHER, requires_grad=True)
-    s_out, t_out = seg_for(3, student), seg_for(4, teacher)
-    for t in (s_out.logits, t_out.logits):
-        t.requires_grad_(True)
-    GraphFlowLoss()(s_out, t_out, student_taps=student, teacher_taps=teacher).backward()
+    GraphFlowLoss()(student, teacher).backward()
     for i, t in enumerate(student):
         assert t.grad is not None and torch.isfinite(t.grad).all() and t.grad.abs().sum() > 0, i
-    assert all(t.grad is None for t in teacher + [t_out.logits, s_out.logits])
+    assert all(t.grad is None for t in teacher)
     # The functions on their own treat the teacher as a constant too.
     (graph_vertex_loss(teacher, student) + graph_edge_loss(teacher, student)).backward()
     assert all(t.grad is None for t in teacher)
@@ -154,8 +147,7 @@ def test_gram_and_naive_agree_on_values_and_gradients():
     results = {}
     for backend in ("gram", "naive"):
         student = taps_for(1, STUDENT, requires_grad=True)
-        value = GraphFlowLoss(backend=backend, edge_weight=50.0)(
-            seg_for(3, student), seg_for(4, teacher), student_taps=student, teacher_taps=teacher)
+        value = GraphFlowLoss(backend=backend, edge_weight=50.0)(student, teacher)
         value.backward()
         results[backend] = (value.detach(), [t.grad for t in student])
     torch.testing.assert_close(results["gram"][0], results["naive"][0], rtol=1e-5, atol=1e-9)
@@ -182,11 +174,11 @@ def test_bf16_autocast_computes_in_fp32(reference):
     s16, t16 = [t.bfloat16() for t in student], [t.bfloat16() for t in teacher]
     loss = GraphFlowLoss()
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        value = loss(seg_for(3, s16), seg_for(4, t16), student_taps=s16, teacher_taps=t16)
+        value = loss(s16, t16)
     assert value.dtype == torch.float32 and torch.isfinite(value)
     # The same bf16 values widened outside autocast: equal only if nothing inside ran in bf16.
     s32, t32 = [t.float() for t in s16], [t.float() for t in t16]
-    expected = loss(seg_for(3, s32), seg_for(4, t32), student_taps=s32, teacher_taps=t32)
+    expected = loss(s32, t32)
     torch.testing.assert_close(value, expected, rtol=1e-6, atol=1e-9)
 
 
@@ -196,12 +188,12 @@ def test_on_real_networks_graph_taps():
     student_net = create_model("mobile_unet", width=0.25)
     x = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(1))
     with torch.no_grad(), FeatureTaps(teacher_net, teacher_net.graph_tap_paths) as taps:
-        t_out = teacher_net(x)
+        teacher_net(x)
         t_taps = [taps[p] for p in teacher_net.graph_tap_paths]
     with FeatureTaps(student_net, student_net.graph_tap_paths) as taps:
-        s_out = student_net(x)
+        student_net(x)
         s_taps = [taps[p] for p in student_net.graph_tap_paths]
-    value = GraphFlowLoss()(s_out, t_out, student_taps=s_taps, teacher_taps=t_taps)
+    value = GraphFlowLoss()(s_taps, t_taps)
     value.backward()
     assert torch.isfinite(value) and value.item() > 0
     assert student_net.backbone.features[0][0].weight.grad.abs().sum() > 0
@@ -212,14 +204,25 @@ def test_on_real_networks_graph_taps():
 
 def test_bad_taps_are_named(reference):
     student, teacher, _, _ = reference
-    s_out, t_out = seg_for(3, student), seg_for(4, teacher)
     loss = GraphFlowLoss()
-    with pytest.raises(ValueError, match=r"GraphFlowLoss needs `student_taps`: a sequence of at least two"):
-        loss(s_out, t_out, student_taps=student[:1], teacher_taps=teacher[:1])
-    with pytest.raises(ValueError, match=r"GraphFlowLoss needs `teacher_taps`.*got NoneType"):
-        loss(s_out, t_out, student_taps=student)
-    with pytest.raises(ValueError, match=r"`student_taps` and `teacher_taps` must be equally long, got 3 and 2"):
-        loss(s_out, t_out, student_taps=student, teacher_taps=teacher[:2])
+    with pytest.raises(ValueError, match=r"GraphFlowLoss: `student` must be a chain of at least two \(B, C, h, w\) "
+                                         r"taps, got 1"):
+        loss(student[:1], teacher[:1])
+    with pytest.raises(ValueError, match=r"GraphFlowLoss: `teacher` must be a sequence of tensors \(chain\), "
+                                         r"got NoneType"):
+        loss(student, None)
+    with pytest.raises(ValueError, match=r"GraphFlowLoss: `student` and `teacher` must be equally long, got 3 and 2"):
+        loss(student, teacher[:2])
+    with pytest.raises(ValueError, match=r"`teacher\[1\] \(chain tap 1\)` must have shape \(B, C, H, W\), "
+                                         r"got \(6, 10\)"):
+        loss(student, [teacher[0], teacher[1][0, 0], teacher[2]])
+    with pytest.raises(ValueError, match=r"batch sizes differ"):
+        loss(student, [teacher[0], teacher[1][:1], teacher[2]])
+    for value, kind in [(float("nan"), "NaN"), (float("inf"), "Inf")]:
+        bad = student[2].detach().clone()
+        bad[0, 1, 2, 3] = value
+        with pytest.raises(ValueError, match=rf"`student\[2\] \(chain tap 2\)` \(2, 4, 7, 9\) holds {kind} values"):
+            loss([*student[:2], bad], teacher)
     with pytest.raises(ValueError, match=r"graph_edge_loss: `student_taps` must be a sequence of at least 2"):
         graph_edge_loss(teacher, student[:1])
     with pytest.raises(ValueError, match=r"graph_vertex_loss: `teacher_taps` and `student_taps` must be equally long"):
