@@ -76,6 +76,14 @@ class TrainConfig:
     in_channels: int = _f(3, "all", "3 for RGB, 1 for grayscale (authors' code)")
     num_classes: int = _f(2, "all", "segmentation classes (0 = normal, 1 = cancer)")
     flips: bool = _f(True, "all", "random horizontal and vertical flips of training patches")
+    # Data-owned keys (cocofast/data): defaults keep today's behaviour; the data sets take them as constructor
+    # arguments (normalise=, augment=Augmentation(hed=, brightness=, contrast=)) and segment reads 'normalise' back.
+    normalise: str = _f("range", "all", "stored pixels -> network input: 'range' (x / dtype max), 'range:LOW:HIGH', "
+                                        "'percentile:P:Q' (per image) or 'meanstd:M,..:S,..' (docs/data.md)")
+    hed_jitter: float = _f(0.0, "all", "HED stain jitter of training patches, in [0, 1) (Tellez et al. 2018; 0.05 "
+                                       "light; 0: off)")
+    brightness: float = _f(0.0, "all", "brightness jitter of training patches, factor in U(1 - x, 1 + x) (0: off)")
+    contrast: float = _f(0.0, "all", "contrast jitter of training patches, factor in U(1 - x, 1 + x) (0: off)")
     batch_size: int = _f(8, "all", "global batch size, split evenly over the processes")
     eval_batch_size: int = _f(8, "run", "per-process batch size for evaluation")
 
@@ -168,6 +176,7 @@ class TrainConfig:
         if self.dataset == "folder" and not self.data_root:
             raise ConfigError("config key 'data_root': required when dataset is 'folder'")
         self.mask_mapping()  # raises on a malformed mapping
+        self.data_options()  # raises on a malformed normalisation or augmentation strength
         self.check_backends()
         self.loss_specs()  # raises on an unknown loss, key or a malformed weight
         if not 0 < self.labelled_fraction <= 1:
@@ -175,6 +184,24 @@ class TrainConfig:
         if self.resume and self.overwrite:
             raise ConfigError("config keys 'resume' and 'overwrite' exclude each other")
         return self
+
+    def data_options(self) -> dict[str, Any]:
+        """{'normalise': Normalisation, 'augment': Augmentation} for the training data set (flips included)."""
+        from cocofast.data import Augmentation, Normalisation
+
+        try:
+            norm = Normalisation.parse(self.normalise)
+        except ValueError as err:
+            raise ConfigError(f"config key 'normalise': {err}") from None
+        for name in ("hed_jitter", "brightness", "contrast"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ConfigError(f"config key '{name}': must be in [0, 1), got {getattr(self, name)}")
+        if self.hed_jitter > 0 and self.in_channels != 3:
+            raise ConfigError(f"config key 'hed_jitter': stain jitter needs RGB input (in_channels 3), got "
+                              f"in_channels {self.in_channels}")
+        augment = Augmentation(flips=self.flips, hed=self.hed_jitter, brightness=self.brightness,
+                               contrast=self.contrast)
+        return {"normalise": norm, "augment": augment}
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
