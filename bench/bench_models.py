@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from cocofast.models import SEGMENTATION_MODELS, count_parameters, create_model
-from cocofast.models.__main__ import count_macs
+from cocofast.models import count_macs
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import environment, write_csv  # noqa: E402

@@ -9,7 +9,7 @@ import torch.nn as nn
 
 from cocofast.io import atomic_write_text
 from cocofast.metrics import ConfusionMatrix
-from cocofast.models import create_model
+from cocofast.models import count_macs, count_parameters, create_model
 
 from . import report
 from cocofast.models.taps import unwrap_model as unwrap
@@ -78,7 +78,8 @@ def evaluate_all(cfg: TrainConfig, rt: Runtime) -> list[dict]:
             shadow = create_model(spec["model_name"], **spec["model_kwargs"])
         size = (1, cfg.in_channels, cfg.image_size, cfg.image_size)
         rows.append({"name": name, "model": spec["model_name"], "width": spec["model_kwargs"].get("width", 1.0),
-                     "params": report.count_params(net), f"gmacs@{cfg.image_size}": report.count_gmacs(shadow, size),
+                     "params": count_parameters(net),
+                     f"gmacs@{cfg.image_size}": count_macs(shadow, torch.empty(size, device="meta")) / 1e9,
                      **metrics, "checkpoint": str(path)})
     if not rows:
         raise CheckpointError(f"nothing to evaluate: no teacher or student best.pt under {cfg.run_dir} "

@@ -14,7 +14,6 @@ from typing import Sequence
 
 import numpy as np
 import torch
-import torch.nn as nn
 from PIL import Image, ImageDraw
 
 from cocofast.io import atomic_path, atomic_write_text
@@ -127,24 +126,3 @@ def save_overlays(images: torch.Tensor, masks: torch.Tensor, preds: torch.Tensor
         canvas.save(tmp, format="PNG")
 
 
-# --- size and cost ---------------------------------------------------------------------------------------
-def count_params(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
-
-
-def count_gmacs(model: nn.Module, input_shape: Sequence[int]) -> float:
-    """Multiply-accumulates of one forward pass, in G (10^9), from torch's FlopCounterMode.
-
-    FlopCounterMode counts 2 FLOPs per multiply-add, so MACs = FLOPs / 2. It counts matmuls and convolutions
-    only (no BN or activations), so it sits a little under ptflops-style figures.
-    """
-    from torch.utils.flop_counter import FlopCounterMode
-
-    was_training = model.training
-    model.eval()
-    counter = FlopCounterMode(display=False)
-    device = next(model.parameters()).device
-    with torch.no_grad(), counter:
-        model(torch.zeros(*input_shape, device=device))
-    model.train(was_training)
-    return counter.get_total_flops() / 2 / 1e9

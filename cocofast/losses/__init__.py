@@ -81,6 +81,18 @@ def loss_parameters(name: str) -> list[str]:
     return [p for p in inspect.signature(LOSSES[name]).parameters if p != "self"]
 
 
+def resolve_aliases(name: str, kwargs: dict) -> dict:
+    """Short names (e.g. T) replaced by the constructor's (temperature); a parameter given twice is an error."""
+    aliases = LOSSES[name].aliases
+    resolved: dict = {}
+    for key, value in kwargs.items():
+        full = aliases.get(key, key)
+        if full in resolved:
+            raise ValueError(f"loss {name!r} got {full!r} twice (as {key!r} and as its other name); give it once")
+        resolved[full] = value
+    return resolved
+
+
 def get_loss(name: str, **kwargs) -> DistillLoss:
     """Build the loss registered as `name` with its hyper-parameters (unknown names or keys are errors)."""
     if name not in LOSSES:
@@ -89,7 +101,7 @@ def get_loss(name: str, **kwargs) -> DistillLoss:
                                                                    else "")
                          + f"; known losses: {', '.join(list_losses())}")
     cls = LOSSES[name]
-    kwargs = {cls.aliases.get(k, k): v for k, v in kwargs.items()}
+    kwargs = resolve_aliases(name, kwargs)
     accepted = loss_parameters(name)
     unknown = sorted(set(kwargs) - set(accepted))
     if unknown:
@@ -110,7 +122,7 @@ class LossSpec:
         """The loss, with `defaults` (e.g. a backend) for any constructor argument the spec does not set."""
         accepted = loss_parameters(self.name)
         kwargs = {k: v for k, v in defaults.items() if k in accepted}
-        kwargs.update({LOSSES[self.name].aliases.get(k, k): v for k, v in self.params.items()})
+        kwargs.update(resolve_aliases(self.name, self.params))
         if self.weight is not None:
             kwargs["weight"] = self.weight
         return get_loss(self.name, **kwargs)

@@ -52,6 +52,8 @@ def check_map(loss: str, name: str, t) -> None:
         raise ValueError(f"{loss}: `{name}` must have shape (B, C, H, W), got {shape_str(t)}")
     if not t.is_floating_point():
         raise ValueError(f"{loss}: `{name}` must be a floating-point tensor, got dtype {t.dtype}")
+    if t.numel() == 0:
+        raise ValueError(f"{loss}: `{name}` {shape_str(t)} is empty; a mean over no element is NaN")
 
 
 def check_finite(loss: str, named: Sequence[tuple[str, torch.Tensor]]) -> None:
@@ -143,10 +145,8 @@ class DistillLoss(nn.Module):
 
     def __init__(self, weight: float | None = None):
         super().__init__()
-        weight = self.default_weight if weight is None else float(weight)
-        if not math.isfinite(weight):
-            raise ValueError(f"{type(self).__name__}: weight must be a finite number, got {weight!r}")
-        self.weight = weight
+        self.weight = check_non_negative(type(self).__name__, "weight",
+                                         self.default_weight if weight is None else weight)
 
     def distill(self, student: list[torch.Tensor], teacher: list[torch.Tensor],
                 labels: torch.Tensor | None) -> torch.Tensor:

@@ -19,7 +19,7 @@ from typing import Callable
 
 from torch import nn
 
-from .base import SegmentationNet, SegOutput, count_parameters, scale_channels
+from .base import SegmentationNet, SegOutput, count_macs, count_parameters, logits_of, scale_channels
 from .discriminator import Discriminator
 from .enet import ENet
 from .erfnet import ERFNet
@@ -79,6 +79,8 @@ def create_model(name: str, **kwargs) -> nn.Module:
 
 
 __all__ = [
+    "count_macs",
+    "logits_of",
     "create_model",
     "list_models",
     "register_model",

@@ -15,10 +15,9 @@ import sys
 
 import torch
 from torch import nn
-from torch.utils.flop_counter import FlopCounterMode
 
 from . import create_model
-from .base import count_parameters, scale_channels
+from .base import count_macs, count_parameters, scale_channels
 
 # Counts from the authors' public model files (Graph-FLow networks/, GKD-Framework Unet_SKA2.py) (1 input channel, 2 classes), and the paper's Table III.
 AUTHORS_PARAMS = {"fanet": 38_292_295, "mobile_unet": 4_682_323, "erfnet": 2_063_130, "enet": 348_996}
@@ -46,13 +45,6 @@ def _input_for(kind: str, kwargs: dict, size: int, in_channels: int) -> torch.Te
     if kind.startswith("tap:"):
         return torch.empty(1, int(kind[4:]), size // 4, size // 4)
     return torch.empty(1, kwargs["in_channels"], size, size)
-
-
-def count_macs(model: torch.nn.Module, x: torch.Tensor) -> int:
-    """Multiply-adds of one forward pass (FlopCounterMode FLOPs / 2)."""
-    with torch.no_grad(), FlopCounterMode(display=False) as counter:
-        model(x)
-    return counter.get_total_flops() // 2
 
 
 def count_counter_style_macs(model: nn.Module, x: torch.Tensor) -> int:

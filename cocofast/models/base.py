@@ -1,6 +1,7 @@
 """What every cocofast segmentation network shares: its output tuple, its tap declaration, its input checks."""
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import ClassVar, NamedTuple
 
 import torch
@@ -75,3 +76,38 @@ def count_parameters(model: nn.Module, *, include_batchnorm: bool = True) -> int
             if isinstance(module, nn.modules.batchnorm._BatchNorm):
                 skip.update(id(p) for p in module.parameters(recurse=False))
     return sum(p.numel() for p in model.parameters() if id(p) not in skip)
+
+
+def count_macs(model: nn.Module, x: torch.Tensor) -> int:
+    """Multiply-adds of one forward pass in eval mode, from torch's FlopCounterMode (2 FLOPs per multiply-add).
+
+    It counts matmuls and convolutions only (no BN or activations), so it sits a little under ptflops-style
+    figures. `x` may live on the meta device (with a model built there): shapes only, no compute.
+    """
+    from torch.utils.flop_counter import FlopCounterMode
+
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad(), FlopCounterMode(display=False) as counter:
+            model(x)
+    finally:
+        model.train(was_training)
+    return counter.get_total_flops() // 2
+
+
+def logits_of(output) -> torch.Tensor:
+    """The logits in a segmentation network's output: a tensor, a SegOutput, a dict with 'out' (torchvision),
+    or a tuple whose first element is the logits."""
+    if isinstance(output, torch.Tensor):
+        return output
+    if isinstance(output, SegOutput):
+        return output.logits
+    if isinstance(output, Mapping) and isinstance(output.get("out"), torch.Tensor):
+        return output["out"]
+    if isinstance(output, (tuple, list)) and output and isinstance(output[0], torch.Tensor):
+        return output[0]
+    raise TypeError(
+        f"cannot find logits in a model output of type {type(output).__name__}: expected a tensor, a dict with "
+        f"'out', or a tuple whose first element is the logits"
+    )

@@ -23,7 +23,7 @@ from collections.abc import Iterable, Mapping
 import torch
 from torch import nn
 
-from .base import SegOutput
+from .base import SegOutput, logits_of
 
 _WRAPPER_ATTRS = ("module", "_orig_mod")  # DDP/DataParallel, torch.compile's OptimizedModule
 
@@ -132,21 +132,6 @@ class FeatureTaps:
         self.remove()
 
 
-def _logits_of(output) -> torch.Tensor:
-    if isinstance(output, torch.Tensor):
-        return output
-    if isinstance(output, SegOutput):
-        return output.logits
-    if isinstance(output, Mapping) and isinstance(output.get("out"), torch.Tensor):  # torchvision segmentation
-        return output["out"]
-    if isinstance(output, (tuple, list)) and output and isinstance(output[0], torch.Tensor):
-        return output[0]
-    raise TypeError(
-        f"cannot find logits in a model output of type {type(output).__name__}: expected a tensor, a dict with "
-        f"'out', or a tuple whose first element is the logits"
-    )
-
-
 class TappedModel(nn.Module):
     """Wraps any segmentation network so that forward returns SegOutput(logits, shallow, deep).
 
@@ -184,7 +169,7 @@ class TappedModel(nn.Module):
             name = type(unwrap_model(self.model)).__name__
             raise ValueError(f"{name} needs height and width divisible by {d}, got {h}x{w}")
         self._taps.clear()
-        logits = _logits_of(self.model(x, *args, **kwargs))
+        logits = logits_of(self.model(x, *args, **kwargs))
         outputs = self._taps.pop()
         taps = []
         for key, path in zip(("shallow", "deep"), self.tap_paths):
