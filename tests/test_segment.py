@@ -216,3 +216,60 @@ def test_cli_errors_name_what_is_wrong(tmp_path, checkpoint, capsys):
     assert main([str(tmp_path / "a.png"), "--checkpoint", str(tmp_path / "plain.pt"), *out]) == 2
     assert "no 'models'" in capsys.readouterr().err
     assert not (tmp_path / "m.png").exists()
+
+
+def test_cli_refuses_to_overwrite_its_input(tmp_path, checkpoint, capsys):
+    path, _ = checkpoint
+    image = np.random.default_rng(5).integers(0, 256, (40, 40, 3), dtype=np.uint8)
+    Image.fromarray(image).save(tmp_path / "s.png")
+    before = (tmp_path / "s.png").read_bytes()
+    for extra in (["--out", str(tmp_path / "s.png")], ["--out", str(tmp_path / "sub" / ".." / "s.png")],
+                  ["--out", str(tmp_path / "m.png"), "--overlay", str(tmp_path / "s.png")],
+                  ["--out", str(tmp_path / "m.png"), "--overlay", str(tmp_path / "m.png")]):
+        assert main([str(tmp_path / "s.png"), "--checkpoint", str(path), "--quiet", *extra]) == 2
+        err = capsys.readouterr().err
+        assert "refusing to overwrite" in err or "the same file" in err
+    assert (tmp_path / "s.png").read_bytes() == before and not (tmp_path / "m.png").exists()
+
+
+def test_cli_bad_arguments_and_inputs_exit_2_naming_the_culprit(tmp_path, checkpoint, capsys):
+    path, _ = checkpoint
+    Image.fromarray(np.zeros((40, 40, 3), np.uint8)).save(tmp_path / "a.png")
+    (tmp_path / "fake.tif").write_text("not a TIFF at all")
+    tifffile.imwrite(tmp_path / "cut.tif", np.zeros((128, 128, 3), np.uint8), tile=(32, 32), compression="zlib",
+                     photometric="rgb")
+    data = (tmp_path / "cut.tif").read_bytes()
+    (tmp_path / "cut.tif").write_bytes(data[:-40])
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o500)
+    cases = [(["--window", "0"], "--window 0: must be a positive"),
+             (["--overlap", "1"], "--overlap 1.0: must be a fraction in [0, 1)"),
+             (["--batch-size", "0"], "--batch-size 0: must be at least 1"),
+             (["--downscale", "0"], "--downscale 0: must be a positive integer"),
+             (["--downscale", "-2"], "--downscale -2"),
+             (["--role", "critic"], "no network for role 'critic'"),
+             (["--level", "3"], "levels exist only in TIFF/SVS pyramids"),
+             (["--mpp", "1"], "does not record its pixel size"),
+             (["--mpp", "1", "--level", "1"], "give either --mpp or --level/--downscale"),
+             (["--normalise", "rangy"], "--normalise: normalisation 'rangy'"),
+             (["--out", str(locked / "m.png")], "cannot write there"),
+             (["--out", str(tmp_path / "m.jpg")], "expected a .png, .tif or .tiff")]
+    import os
+
+    for extra, message in cases:
+        if "cannot write" in message and os.geteuid() == 0:
+            continue  # root writes anywhere
+        args = [str(tmp_path / "a.png"), "--checkpoint", str(path), "--quiet", "--out", str(tmp_path / "m.png")]
+        assert main(args + extra) == 2, extra
+        assert message in capsys.readouterr().err, extra
+    for name, message in (("fake.tif", "fake.tif: no reader could open it; TiffReader: not a readable TIFF"),
+                          ("cut.tif", "cut.tif: no reader could open it; TiffReader: truncated TIFF")):
+        assert main([str(tmp_path / name), "--checkpoint", str(path), "--quiet", "--out", str(tmp_path / "m.png")]) == 2
+        assert message in capsys.readouterr().err
+    (tmp_path / "file.png").write_text("a file where a folder should be")
+    assert main([str(tmp_path / "a.png"), "--checkpoint", str(path), "--quiet",
+                 "--out", str(tmp_path / "file.png" / "m.png")]) == 2
+    assert "file.png is not a writable folder" in capsys.readouterr().err
+    assert not (tmp_path / "m.png").exists()
+    locked.chmod(0o700)
