@@ -36,6 +36,7 @@ from torch import nn
 from cocofast.checkpoint import CheckpointError, model_spec, read_checkpoint
 from cocofast.io import atomic_path, atomic_write_text
 from cocofast.models import create_model
+from cocofast.segment import checkpoint_normalisation
 
 WEIGHTS_FORMAT = "cocofast-weights"
 DEFAULT_OPSET = 17
@@ -112,8 +113,13 @@ def export_onnx(model: nn.Module, path: str | Path, *, opset: int = DEFAULT_OPSE
         warnings.simplefilter("ignore", torch.jit.TracerWarning)
         warnings.simplefilter("ignore", DeprecationWarning)
         warnings.simplefilter("ignore", FutureWarning)
-        torch.onnx.export(wrapped, (x,), str(tmp), dynamo=False, opset_version=opset, input_names=["image"],
-                          output_names=["logits"], dynamic_axes={"image": axes, "logits": axes})
+        try:
+            torch.onnx.export(wrapped, (x,), str(tmp), dynamo=False, opset_version=opset, input_names=["image"],
+                              output_names=["logits"], dynamic_axes={"image": axes, "logits": axes})
+        except Exception as err:  # the exporter's errors have many types and print whole graphs: keep line 1
+            reason = str(err).strip().splitlines()[0][:300] if str(err).strip() else type(err).__name__
+            raise ValueError(f"{getattr(model, 'model_name', type(model).__name__)} cannot be exported to ONNX "
+                             f"with dynamic height and width: {reason}") from None
         import onnx
 
         onnx.checker.check_model(str(tmp))
@@ -132,15 +138,15 @@ def export_torchscript(model: nn.Module, path: str | Path) -> None:
 
 def save_weights_file(model: nn.Module, path: str | Path) -> None:
     """The state dict alone as safetensors; metadata names the network (`create_model` name and kwargs)."""
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
     name, kwargs = getattr(model, "model_name", None), getattr(model, "model_kwargs", None)
     if name is None or kwargs is None:
         raise ValueError("the network was not built by cocofast.models.create_model (no model_name/model_kwargs)")
     tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     metadata = {"format": WEIGHTS_FORMAT, "model_name": name, "model_kwargs": json.dumps(kwargs, sort_keys=True)}
-    with atomic_path(path) as tmp:
-        save_file(tensors, str(tmp), metadata=metadata)
+    with atomic_path(path) as tmp:  # bytes into the prepared file keep its mode (save_file would recreate it)
+        tmp.write_bytes(save(tensors, metadata=metadata))
 
 
 def load_weights_file(path: str | Path, device="cpu") -> nn.Module:
@@ -237,13 +243,12 @@ def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, *, role: str 
     worst = max(max(e.values()) for e in errors.values())
     if worst > PARITY_ATOL:
         raise ValueError(f"exported {role} disagrees with PyTorch by {worst:.3g} (> {PARITY_ATOL}): {errors}")
-    config = ckpt.get("config") if isinstance(ckpt.get("config"), dict) else {}
     manifest = {
         "checkpoint": str(checkpoint), "role": role,
         "model_name": model.model_name, "model_kwargs": model.model_kwargs,
         "input": {"name": "image", "dtype": "float32", "layout": "B, C, H, W",
                   "channels": int(model.in_channels), "multiple_of": int(getattr(model, "input_divisor", 1)),
-                  "normalisation": config.get("normalisation", "range"),
+                  "normalisation": checkpoint_normalisation(ckpt),
                   "note": "stored pixels scaled to [0, 1] as cocofast.data does in training"},
         "output": {"name": "logits", "layout": "B, K, H, W", "classes": int(model.num_classes)},
         "onnx_opset": opset, "torch": torch.__version__,
@@ -267,7 +272,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--out {args.out}: exists and is not a folder")
     try:
         manifest = export_checkpoint(args.checkpoint, args.out, role=args.role, opset=args.opset)
-    except CheckpointError as err:
+    except (CheckpointError, OSError) as err:  # an unusable checkpoint, or --out cannot be written
         print(f"cocofast export: error: {err}", file=sys.stderr)
         return 2
     except ValueError as err:
