@@ -113,3 +113,19 @@ def test_export_command_errors_name_the_culprit(tmp_path, training_checkpoint, c
         main([str(path), "--out", str(tmp_path / "o"), "--opset", "13"])
     assert exit_info.value.code == 2 and "--opset 13" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+
+
+class AdaptivePooled(torch.nn.Module):
+    """Adaptive pooling to a fixed grid, which the ONNX exporter cannot take with dynamic sizes (FANet has it)."""
+
+    in_channels, input_divisor, model_name = 3, 1, "adaptive_pooled"
+
+    def forward(self, x):
+        pooled = torch.nn.functional.adaptive_avg_pool2d(x, (3, 3))
+        return torch.nn.functional.interpolate(pooled, size=x.shape[-2:])
+
+
+def test_a_network_the_exporter_cannot_take_is_a_short_error_naming_it(tmp_path):
+    with pytest.raises(ValueError, match="adaptive_pooled cannot be exported to ONNX") as info:
+        export_onnx(AdaptivePooled(), tmp_path / "m.onnx")
+    assert len(str(info.value)) < 500 and not list(tmp_path.iterdir())

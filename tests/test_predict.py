@@ -109,3 +109,10 @@ def test_bad_arguments_exit_2_before_writing_anything(tmp_path, folder, checkpoi
     assert run([str(source), "--out", str(out), "--role", "teacher"], ckpt) == 2
     assert "'teacher'" in capsys.readouterr().err
     assert not out.exists()
+    listing = tmp_path / "list.txt"
+    listing.write_text(f"{source / 'a.png'}\n{out / 'masks' / 'b.png'}\n")
+    (out / "masks").mkdir(parents=True)
+    Image.fromarray(np.zeros((16, 16, 3), np.uint8)).save(out / "masks" / "b.png")
+    assert run([str(listing), "--out", str(out)], ckpt) == 2
+    assert "refusing to overwrite" in capsys.readouterr().err
+    assert sorted(p.name for p in out.rglob("*")) == ["b.png", "masks"]
