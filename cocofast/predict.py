@@ -86,7 +86,9 @@ def predict_image(job: Job, model: torch.nn.Module, norm: Normalisation, setting
         counts = np.zeros(num_classes, np.int64)
         bands = blended_bands(lambda x: logits_of(model(x)), source, settings.window, settings.overlap,
                               settings.batch_size, num_classes, device=device, in_channels=in_channels,
-                              amp=settings.amp, progress=settings.progress, normalise=norm, stats=stats)
+                              amp=settings.amp, normalise=norm, stats=stats,
+                              # a window bar only where it helps (slides), not a flicker per small image
+                              progress=settings.progress and source.height * source.width > 16 * settings.window ** 2)
         outlines = OutlineStream(height, settings.thickness)
         with contextlib.ExitStack() as stack:
             mask_writer = open_row_writer(stack.enter_context(atomic_path(job.mask)), height, width, 1,
