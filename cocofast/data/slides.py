@@ -232,7 +232,7 @@ class OpenSlideReader:
         if not 0 <= level < self.slide.level_count:
             self.slide.close()
             raise LevelError(f"{path}: level {level} requested, the slide has levels 0..{self.slide.level_count - 1}")
-        self.level = level
+        self.path, self.level = Path(path), level
         self.downsample = self.slide.level_downsamples[level]
         self.width, self.height = self.slide.level_dimensions[level]
         self.level_shapes = [(h, w) for w, h in self.slide.level_dimensions]
@@ -246,7 +246,11 @@ class OpenSlideReader:
         if y1 <= y0 or x1 <= x0:
             return np.zeros((max(y1 - y0, 0), max(x1 - x0, 0), 3), np.uint8)
         origin = (int(x0 * self.downsample), int(y0 * self.downsample))  # OpenSlide wants level-0 coordinates
-        region = self.slide.read_region(origin, self.level, (x1 - x0, y1 - y0))
+        try:
+            region = self.slide.read_region(origin, self.level, (x1 - x0, y1 - y0))
+        except Exception as err:  # OpenSlideError: the slide's data are damaged, and OpenSlide stays failed
+            raise ValueError(f"{self.path}: OpenSlide cannot read rows {y0}..{y1 - 1} ({type(err).__name__}: "
+                             f"{err})") from None
         return np.asarray(region.convert("RGB"))
 
     def close(self) -> None:
