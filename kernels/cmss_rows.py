@@ -12,7 +12,9 @@ Backward, given dÂ (from C×C matrices in registers, or from an fp32 (B, N, C) 
     dG'_n = (dÂ_n − [r_n > eps]·t_n·Â_n) / max(r_n, eps)
     dF    = dG' · w   (+ the max-pool term below),    dw_c = Σ_n dG'_nc · F_cn
     da    = w ⊙ (dw − ⟨w, dw⟩);   dF[c, n] += da_c · [F_cn = a_c] / #ties_c   (as torch.amax splits it)
-`chain_backward_kernel` does the first three lines in one pass over F; `maxpool_scatter_kernel` the last.
+`grad_rows_kernel` assembles dÂ from the C×C matrices as one GEMM into an fp32 (B, N, C) buffer;
+`chain_backward_kernel` does the next three lines in one pass per row block; `maxpool_scatter_kernel` the last.
+(One kernel for both, recomputing dÂ twice per row block, held 255 registers and spilled ~7 KB a thread.)
 """
 from __future__ import annotations
 
@@ -20,11 +22,12 @@ import torch
 import triton
 import triton.language as tl
 
-from ._launch import (
+from .launcher import (
     acc_dtype,
     channel_block,
     dot_precision,
     feature_strides,
+    gemm_config,
     launch,
     load_inv_norm,
     load_mixed_tile,
@@ -46,13 +49,13 @@ def row_norm_kernel(
     sumsq = tl.zeros((BLOCK_N,), dtype=ACC)
     for c0 in range(0, n_chan, BLOCK_C):
         chans = c0 + tl.arange(0, BLOCK_C)
-        g = load_mixed_tile(f_b, w_ptr + b * n_chan, stride_c, stride_h, stride_w, width, n_pix, n_chan,
-                            rows, chans, ACC)
+        pix = (rows // width) * stride_h + (rows % width) * stride_w
+        mask = (rows[:, None] < n_pix) & (chans[None, :] < n_chan)
+        x = tl.load(f_b + pix[:, None] + chans[None, :] * stride_c, mask=mask, other=0.0).to(ACC)
+        w = tl.load(w_ptr + b * n_chan + chans, mask=chans < n_chan, other=0.0).to(ACC)
+        g = x * w[None, :]
         sumsq += tl.sum(g * g, axis=1)
-        if COUNT_TIES:
-            pix = (rows // width) * stride_h + (rows % width) * stride_w
-            mask = (rows[:, None] < n_pix) & (chans[None, :] < n_chan)
-            x = tl.load(f_b + pix[:, None] + chans[None, :] * stride_c, mask=mask, other=0.0).to(ACC)
+        if COUNT_TIES:  # from the same tile: one read of F gives the norms and the max-pool ties
             a = tl.load(amax_ptr + b * n_chan + chans, mask=chans < n_chan, other=0.0).to(ACC)
             hit = (x == a[None, :]) & mask
             ties = tl.sum(hit.to(tl.int32), axis=0)
@@ -61,81 +64,78 @@ def row_norm_kernel(
 
 
 @triton.jit
-def _grad_rows_chunk(
-    da_ptr, f_b, w_b, inv, o_b, w_o, inv_o, x_ptr, y_ptr, rows, cj,
-    stride_c, stride_h, stride_w, o_stride_c, o_stride_h, o_stride_w,
-    width, o_width, n_pix, n_chan, n_chan_o,
-    FROM_BUFFER: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
+def grad_rows_kernel(
+    f_ptr, w_ptr, norm_ptr, o_ptr, w_o_ptr, norm_o_ptr, x_ptr, y_ptr, da_ptr,
+    stride_b, stride_c, stride_h, stride_w, width,
+    o_stride_b, o_stride_c, o_stride_h, o_stride_w, o_width,
+    n_pix, n_chan, n_chan_o, eps,
+    BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
     ACC: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    """dÂ[rows, cj]: read from the buffer, or Â·X + B̂·Y with this image's small matrices X, Y."""
-    if FROM_BUFFER:
-        mask = (rows[:, None] < n_pix) & (cj[None, :] < n_chan)
-        return tl.load(da_ptr + rows[:, None] * n_chan + cj[None, :], mask=mask, other=0.0).to(ACC)
-    else:
-        acc = tl.zeros((BLOCK_N, BLOCK_C), dtype=ACC)
-        for k0 in range(0, n_chan, BLOCK_C):
-            ck = k0 + tl.arange(0, BLOCK_C)
-            a = load_mixed_tile(f_b, w_b, stride_c, stride_h, stride_w, width, n_pix, n_chan, rows, ck, ACC)
-            a = a * inv[:, None]
-            xm = (ck[:, None] < n_chan) & (cj[None, :] < n_chan)
-            x = tl.load(x_ptr + ck[:, None] * n_chan + cj[None, :], mask=xm, other=0.0)
-            acc += tl.dot(a, x, input_precision=PRECISION, out_dtype=ACC)
-        for k0 in range(0, n_chan_o, BLOCK_C):
-            ck = k0 + tl.arange(0, BLOCK_C)
-            o = load_mixed_tile(o_b, w_o, o_stride_c, o_stride_h, o_stride_w, o_width, n_pix, n_chan_o, rows,
-                                ck, ACC)
-            o = o * inv_o[:, None]
-            ym = (ck[:, None] < n_chan_o) & (cj[None, :] < n_chan)
-            y = tl.load(y_ptr + ck[:, None] * n_chan + cj[None, :], mask=ym, other=0.0)
-            acc += tl.dot(o, y, input_precision=PRECISION, out_dtype=ACC)
-        return acc
+    """dÂ[rows, cj] = Â[rows]·X[:, cj] + B̂[rows]·Y[:, cj]: one GEMM with K = C + C_other, into the buffer.
+
+    The output channel tile is the fastest grid axis, so the programs that read one row block run together
+    and share it through L2."""
+    cj = tl.program_id(0) * BLOCK_D + tl.arange(0, BLOCK_D)
+    rows = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    b = tl.program_id(2).to(tl.int64)
+    f_b, w_b = f_ptr + b * stride_b, w_ptr + b * n_chan
+    o_b, w_o = o_ptr + b * o_stride_b, w_o_ptr + b * n_chan_o
+    inv = load_inv_norm(norm_ptr + b * n_pix, rows, n_pix, eps)
+    inv_o = load_inv_norm(norm_o_ptr + b * n_pix, rows, n_pix, eps)
+    x_b, y_b = x_ptr + b * n_chan * n_chan, y_ptr + b * n_chan_o * n_chan
+    acc = tl.zeros((BLOCK_N, BLOCK_D), dtype=ACC)
+    for k0 in range(0, n_chan, BLOCK_C):
+        ck = k0 + tl.arange(0, BLOCK_C)
+        a = load_mixed_tile(f_b, w_b, stride_c, stride_h, stride_w, width, n_pix, n_chan, rows, ck, ACC)
+        xm = (ck[:, None] < n_chan) & (cj[None, :] < n_chan)
+        x = tl.load(x_b + ck[:, None] * n_chan + cj[None, :], mask=xm, other=0.0)
+        acc += tl.dot(a * inv[:, None], x, input_precision=PRECISION, out_dtype=ACC)
+    for k0 in range(0, n_chan_o, BLOCK_C):
+        ck = k0 + tl.arange(0, BLOCK_C)
+        o = load_mixed_tile(o_b, w_o, o_stride_c, o_stride_h, o_stride_w, o_width, n_pix, n_chan_o, rows, ck, ACC)
+        ym = (ck[:, None] < n_chan_o) & (cj[None, :] < n_chan)
+        y = tl.load(y_b + ck[:, None] * n_chan + cj[None, :], mask=ym, other=0.0)
+        acc += tl.dot(o * inv_o[:, None], y, input_precision=PRECISION, out_dtype=ACC)
+    mask = (rows[:, None] < n_pix) & (cj[None, :] < n_chan)
+    tl.store(da_ptr + b * n_pix * n_chan + rows[:, None] * n_chan + cj[None, :], acc, mask=mask)
 
 
 @triton.jit
 def chain_backward_kernel(
-    f_ptr, w_ptr, norm_ptr, o_ptr, w_o_ptr, norm_o_ptr, x_ptr, y_ptr, da_ptr, df_ptr, dw_ptr,
+    f_ptr, w_ptr, norm_ptr, da_ptr, df_ptr, dw_ptr,
     stride_b, stride_c, stride_h, stride_w,
-    o_stride_b, o_stride_c, o_stride_h, o_stride_w, o_width,
     df_stride_b, df_stride_c, df_stride_h, df_stride_w,
-    width, n_pix, n_chan, n_chan_o, eps,
-    FROM_BUFFER: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
-    ACC: tl.constexpr, PRECISION: tl.constexpr,
+    width, n_pix, n_chan, eps,
+    BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, ACC: tl.constexpr,
 ):
+    """Per-row normalisation backward from the dÂ buffer: elementwise, row norms read (never recomputed)."""
     b = tl.program_id(0).to(tl.int64)
     blk = tl.program_id(1)
     rows = blk * BLOCK_N + tl.arange(0, BLOCK_N)
     f_b = f_ptr + b * stride_b
     w_b = w_ptr + b * n_chan
-    o_b = o_ptr + b * o_stride_b
-    w_o = w_o_ptr + b * n_chan_o
     r = tl.load(norm_ptr + b * n_pix + rows, mask=rows < n_pix, other=0.0)
     inv = load_inv_norm(norm_ptr + b * n_pix, rows, n_pix, eps)
-    inv_o = load_inv_norm(norm_o_ptr + b * n_pix, rows, n_pix, eps)
-    x_b = x_ptr + b * n_chan * n_chan
-    y_b = y_ptr + b * n_chan_o * n_chan
     da_b = da_ptr + b * n_pix * n_chan
 
     # Pass 1: t_n = Â_n · dÂ_n needs whole rows, so it is finished before any dF is written.
     t = tl.zeros((BLOCK_N,), dtype=ACC)
     for j0 in range(0, n_chan, BLOCK_C):
         cj = j0 + tl.arange(0, BLOCK_C)
-        d = _grad_rows_chunk(da_b, f_b, w_b, inv, o_b, w_o, inv_o, x_b, y_b, rows, cj,
-                             stride_c, stride_h, stride_w, o_stride_c, o_stride_h, o_stride_w,
-                             width, o_width, n_pix, n_chan, n_chan_o, FROM_BUFFER, BLOCK_N, BLOCK_C, ACC, PRECISION)
+        mask = (rows[:, None] < n_pix) & (cj[None, :] < n_chan)
+        d = tl.load(da_b + rows[:, None] * n_chan + cj[None, :], mask=mask, other=0.0)
         a = load_mixed_tile(f_b, w_b, stride_c, stride_h, stride_w, width, n_pix, n_chan, rows, cj, ACC)
         t += tl.sum(d * a, axis=1) * inv
     t = tl.where(r > eps, t, 0.0)
 
-    # Pass 2: recompute dÂ chunk by chunk (cheaper than a round trip through memory) and write dF.
+    # Pass 2: dF, and this block's share of dw.
     pix = (rows // width) * stride_h + (rows % width) * stride_w
     df_pix = (rows // width) * df_stride_h + (rows % width) * df_stride_w
     for j0 in range(0, n_chan, BLOCK_C):
         cj = j0 + tl.arange(0, BLOCK_C)
-        d = _grad_rows_chunk(da_b, f_b, w_b, inv, o_b, w_o, inv_o, x_b, y_b, rows, cj,
-                             stride_c, stride_h, stride_w, o_stride_c, o_stride_h, o_stride_w,
-                             width, o_width, n_pix, n_chan, n_chan_o, FROM_BUFFER, BLOCK_N, BLOCK_C, ACC, PRECISION)
         mask = (rows[:, None] < n_pix) & (cj[None, :] < n_chan)
+        d = tl.load(da_b + rows[:, None] * n_chan + cj[None, :], mask=mask, other=0.0)
         x = tl.load(f_b + pix[:, None] + cj[None, :] * stride_c, mask=mask, other=0.0).to(ACC)
         w = tl.load(w_b + cj, mask=cj < n_chan, other=0.0).to(ACC)
         a = x * w[None, :] * inv[:, None]
@@ -196,27 +196,37 @@ class MixedRows:
         self.ties = ties.sum(dim=1) if channel_mix else None
 
 
+def grad_rows(f, rows: MixedRows, other, other_rows: MixedRows, x, y) -> torch.Tensor:
+    """(B, N, C) buffer dÂ = Â·X + B̂·Y (x: (B, C, C), y: (B, C_other, C)), in the accumulation dtype."""
+    B, C, H, W = f.shape
+    acc = rows.acc
+    cfg = gemm_config(H * W, max(C, other.shape[1]))
+    da = torch.empty(B, H * W, C, device=f.device, dtype=acc)
+    launch(grad_rows_kernel, (triton.cdiv(C, cfg.block_out), triton.cdiv(H * W, cfg.block_rows), B),
+           dict(f_ptr=f, w_ptr=rows.w, norm_ptr=rows.norm, o_ptr=other, w_o_ptr=other_rows.w,
+                norm_o_ptr=other_rows.norm, x_ptr=x.to(acc).contiguous(), y_ptr=y.to(acc).contiguous(), da_ptr=da,
+                **feature_strides(f), **feature_strides(other, "o_"), n_pix=H * W, n_chan=C,
+                n_chan_o=other.shape[1], eps=rows.eps),
+           dict(BLOCK_N=cfg.block_rows, BLOCK_C=cfg.block_k, BLOCK_D=cfg.block_out, ACC=tl_dtype(acc),
+                PRECISION=dot_precision(acc)), **cfg.options)
+    return da
+
+
 def chain_backward(f, rows: MixedRows, other=None, other_rows: MixedRows | None = None,
                    x=None, y=None, da_buffer=None) -> torch.Tensor:
     """dF for one map, from dÂ = Â·X + B̂·Y (x, y: (B, C, C) and (B, C_other, C)) or from `da_buffer`."""
     B, C, H, W = f.shape
     acc = rows.acc
-    from_buffer = da_buffer is not None
-    if from_buffer:  # the unused operands only need to be valid pointers
-        other, other_rows, x, y = f, rows, rows.w, rows.w
-    else:
-        x, y = x.to(acc).contiguous(), y.to(acc).contiguous()
-        da_buffer = rows.w
-    bn, bc = row_block(H * W), channel_block(max(C, other.shape[1]))
+    if da_buffer is None:
+        da_buffer = grad_rows(f, rows, other, other_rows, x, y)
+    bn, bc = row_block(H * W), channel_block(C)
     n_blocks = triton.cdiv(H * W, bn)
     df = torch.empty_like(f)
     dw_part = torch.empty(B, n_blocks, C, device=f.device, dtype=acc)
     launch(chain_backward_kernel, (B, n_blocks),
-           dict(f_ptr=f, w_ptr=rows.w, norm_ptr=rows.norm, o_ptr=other, w_o_ptr=other_rows.w,
-                norm_o_ptr=other_rows.norm, x_ptr=x, y_ptr=y, da_ptr=da_buffer, df_ptr=df, dw_ptr=dw_part,
-                **feature_strides(f), **feature_strides(other, "o_"), **feature_strides(df, "df_", width=False),
-                n_pix=H * W, n_chan=C, n_chan_o=other.shape[1], eps=rows.eps),
-           dict(FROM_BUFFER=from_buffer, BLOCK_N=bn, BLOCK_C=bc, ACC=tl_dtype(acc), PRECISION=dot_precision(acc)))
+           dict(f_ptr=f, w_ptr=rows.w, norm_ptr=rows.norm, da_ptr=da_buffer, df_ptr=df, dw_ptr=dw_part,
+                **feature_strides(f), **feature_strides(df, "df_", width=False), n_pix=H * W, n_chan=C, eps=rows.eps),
+           dict(BLOCK_N=bn, BLOCK_C=bc, ACC=tl_dtype(acc)))
     if rows.channel_mix:
         dw = dw_part.sum(dim=1)
         da = rows.w * (dw - (rows.w * dw).sum(dim=1, keepdim=True))
@@ -228,4 +238,4 @@ def chain_backward(f, rows: MixedRows, other=None, other_rows: MixedRows | None 
     return df
 
 
-__all__ = ["MixedRows", "chain_backward", "acc_dtype"]
+__all__ = ["MixedRows", "acc_dtype", "chain_backward", "grad_rows"]

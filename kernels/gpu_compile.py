@@ -1,17 +1,26 @@
-"""Compile cocofast's kernels for real GPUs on a machine without one, and read their resource usage.
+"""Compile cocofast's kernels for real GPUs on a machine without one, and read what ptxas made of them.
 
-The Triton interpreter accepts code that a GPU rejects (dots smaller than 16, unmasked out-of-bounds loads),
-so this is the guard: every launch spec recorded by `_launch.launch` is compiled for sm_80 and sm_90 with
-`triton.compile(ASTSource(...), target=GPUTarget("cuda", arch, 32))`, and the cubin is read with the wheel's
-own cuobjdump (registers, spills, shared memory) and nvdisasm (tensor-core instructions).
+The Triton interpreter accepts code that a GPU rejects (dots smaller than 16, unmasked out-of-bounds loads)
+and says nothing about registers, so this is the guard: every launch spec recorded by `launcher.launch` at
+the networks' production channel counts is compiled for sm_80 and sm_90 with
+`triton.compile(ASTSource(...), target=GPUTarget("cuda", arch, 32))`, and read three ways:
 
-    python -m cocofast.kernels.gpu_compile            # record the standard launches, compile, print a table
+- `ptxas -v` on the PTX gives registers and spill stores / loads. cuobjdump's LOCAL field stays 0 when ptxas
+  spills (spills land in the stack frame), so the stack frame is read as well and any non-zero one fails.
+- the TTGIR gives every dot and its layout: a dot that lowered to FMAs keeps a blocked layout instead of
+  `#mma` (HMMA) or becoming `ttng.warp_group_dot` (wgmma); nvdisasm's SASS must then show HMMA / HGMMA.
+- registers, warps and shared memory give CTAs per SM (occupancy), computed as the CUDA occupancy
+  calculator does.
+
+    python -m cocofast.kernels.gpu_compile     # record every production launch, compile, print the table
 
 Recording runs in the interpreter with COCOFAST_GPU_CONFIG=1 (GPU tile sizes); compiling must run without
-TRITON_INTERPRET, so each step is its own process.
+TRITON_INTERPRET, so each step is its own process. ptxas reports are cached by PTX hash next to Triton's
+own cache, so a second run only re-reads cubins Triton already has.
 """
 from __future__ import annotations
 
+import hashlib
 import importlib
 import json
 import os
@@ -22,24 +31,40 @@ import tempfile
 from pathlib import Path
 
 ARCHS = (80, 90)
+# (C₁, C₂) pairs the networks hand the kernels (README / SPEC §4): Mobile U-Net 24, ENet and ERFNet 64, the
+# FANet teacher 256 (its deepest encoder stage 512), and a teacher-student pair for similarity_distance and
+# the CPKD pixel relation (256 with 24). 96 is the channel count the interpreter tests like.
+PRODUCTION_PAIRS = ((24, 24), (64, 64), (96, 96), (256, 256), (512, 512), (256, 24))
+DTYPES = ("float32", "float16", "bfloat16")
+# Per-SM resources the occupancy figure needs (CUDA occupancy calculator, compute capability 8.0 and 9.0).
+SM_LIMITS = {
+    80: dict(regs=65536, shared=167936, warps=64, ctas=32),
+    90: dict(regs=65536, shared=233472, warps=64, ctas=32),
+}
+SHARED_RESERVED_PER_CTA = 1024  # the driver keeps 1 KiB per CTA on sm_80 and later
+MMA = re.compile(r"\b(HMMA|HGMMA|DMMA|IMMA)\b")
 
 
-def record_standard_launches(dtypes=("float32", "bfloat16")) -> list:
-    """Run every kernel path on tiny inputs (mixed and plain channels) and return the launch specs."""
+def record_launches(pairs=PRODUCTION_PAIRS, dtypes=DTYPES, side: int = 8) -> list:
+    """Run every kernel path forward and backward on (1, C, side, side) maps for each channel pair and dtype;
+    return the recorded launch specs. side = 8 gives N = 64, the first size at which the GPU tiles are full."""
     import torch
 
-    import cocofast
-    from cocofast.kernels import _launch
+    from . import launcher
+    from .gram import gram_stats
+    from .pixel_relation import pixel_relation_rows
+    from .tiled import tiled_stats
 
     torch.manual_seed(0)
-    for dtype in (getattr(torch, d) for d in dtypes):
-        for backend in ("triton", "tiled"):
-            a = torch.randn(2, 24, 5, 7, dtype=dtype, requires_grad=True)
-            b = torch.randn(2, 96, 7, 5, dtype=dtype, requires_grad=True)
-            phi = cocofast.cross_layer_correlation(a, b, backend=backend)
-            d = cocofast.similarity_distance(a, b, channel_mix=False, backend=backend)
-            (phi.sum() + d).backward()
-    return list(_launch.LAUNCHED.values())
+    for c1, c2 in pairs:
+        for dtype in (getattr(torch, d) for d in dtypes):
+            for mix in (True, False):
+                a = torch.randn(1, c1, side, side, dtype=dtype, requires_grad=True)
+                b = torch.randn(1, c2, side, side, dtype=dtype, requires_grad=True)
+                for stats in (gram_stats, tiled_stats):
+                    sum(s.sum() for s in stats(a, b, mix)).backward()
+                pixel_relation_rows(a.detach(), b, 0.5, mix).sum().backward()
+    return list(launcher.LAUNCHED.values())
 
 
 def _resolve_constexpr(value):
@@ -50,78 +75,158 @@ def _resolve_constexpr(value):
     return value
 
 
+def _cache_dir() -> Path:
+    root = Path(os.environ.get("TRITON_CACHE_DIR", Path.home() / ".triton" / "cache"))
+    path = root / "cocofast-ptxas"
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def ptxas_report(ptx: str, arch: int) -> dict:
+    """Registers, spill stores / loads and stack frame from `ptxas -v`: the ptxas and flags Triton uses."""
+    from triton.backends.nvidia.compiler import get_ptxas
+
+    ptxas = get_ptxas(arch).path
+    key = hashlib.sha256(f"{arch}\n{ptx}".encode()).hexdigest()
+    cached = _cache_dir() / f"{key}.json"
+    if cached.exists():
+        return json.loads(cached.read_text())
+    gpu = f"sm_{arch}a" if arch >= 90 else f"sm_{arch}"
+    with tempfile.TemporaryDirectory() as tmp:
+        src = Path(tmp) / "k.ptx"
+        src.write_text(ptx)
+        out = subprocess.run([str(ptxas), "-lineinfo", "-v", "--regAllocOptLevel=2", f"--gpu-name={gpu}",
+                              str(src), "-o", str(Path(tmp) / "k.o")], capture_output=True, text=True, check=True)
+    report = parse_ptxas_log(out.stderr + out.stdout)
+    cached.write_text(json.dumps(report))
+    return report
+
+
+def parse_ptxas_log(log: str) -> dict:
+    """The numbers of one kernel's `ptxas -v` report; missing fields read as 0."""
+    grab = lambda pattern: int(m.group(1)) if (m := re.search(pattern, log)) else 0  # noqa: E731
+    return {
+        "registers": grab(r"Used (\d+) registers"),
+        "stack": grab(r"(\d+) bytes stack frame"),
+        "spill_stores": grab(r"(\d+) bytes spill stores"),
+        "spill_loads": grab(r"(\d+) bytes spill loads"),
+    }
+
+
+def dot_layouts(ttgir: str) -> dict:
+    """How many dots the kernel has and how many of them lowered to tensor cores (mma layout or wgmma)."""
+    dots = [line for line in ttgir.splitlines() if re.search(r"= (tt\.dot|ttng\.warp_group_dot)\b", line)]
+    on_mma = [line for line in dots if "warp_group_dot" in line or re.search(r"->\s*tensor<[^>]*#mma", line)]
+    return {"dots": len(dots), "dots_on_mma": len(on_mma)}
+
+
+def ctas_per_sm(arch: int, registers: int, num_warps: int, shared: int) -> tuple[int, str]:
+    """Resident CTAs per SM and the resource that limits them (registers are allocated per warp in units
+    of 256, i.e. per-thread counts round up to a multiple of 8)."""
+    lim = SM_LIMITS[arch]
+    warp_regs = -(-max(registers, 1) * 32 // 256) * 256
+    by = {
+        "registers": (lim["regs"] // warp_regs) // num_warps,
+        "shared": lim["shared"] // (shared + SHARED_RESERVED_PER_CTA),
+        "warps": lim["warps"] // num_warps,
+        "ctas": lim["ctas"],
+    }
+    limiter = min(by, key=by.get)
+    return by[limiter], limiter
+
+
 def compile_specs(specs: list, archs=ARCHS) -> list[dict]:
-    """Compile each (module, kernel, signature, constexprs) for each arch; returns one row per pair."""
+    """Compile each (module, kernel, signature, constexprs, options) for each arch; one row per pair."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
     bin_dir = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
     rows = []
-    for module, name, signature, constexprs in specs:
+    for module, name, signature, constexprs, options in specs:
         fn = getattr(importlib.import_module(module), name)
         consts = {k: _resolve_constexpr(v) for k, v in constexprs.items()}
         sig = dict(signature)
         sig.update({k: "constexpr" for k in consts})
         for arch in archs:
             src = ASTSource(fn=fn, signature=sig, constexprs=consts)
-            compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32))
-            row = {"kernel": name, "arch": f"sm_{arch}", "constexprs": constexprs,
-                   "signature": ",".join(signature.values())}
-            row.update(_resource_usage(compiled.asm["cubin"], bin_dir))
-            row["shared_bytes"] = compiled.metadata.shared  # dynamic shared memory: cuobjdump can't see it
+            compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=dict(options))
+            row = {"kernel": name, "arch": f"sm_{arch}", "dtype": next(iter(signature.values())),
+                   "constexprs": constexprs, "options": dict(options), "signature": ",".join(signature.values())}
+            row.update(ptxas_report(compiled.asm["ptx"], arch))
+            row.update(dot_layouts(compiled.asm["ttgir"]))
+            row["mma"] = sorted(set(MMA.findall(_sass(compiled.asm["cubin"], bin_dir))))
+            row["shared_bytes"] = compiled.metadata.shared
+            row["ctas_per_sm"], row["limited_by"] = ctas_per_sm(arch, row["registers"], options["num_warps"],
+                                                                row["shared_bytes"])
             rows.append(row)
     return rows
 
 
-def _resource_usage(cubin: bytes, bin_dir: Path) -> dict:
+def _sass(cubin: bytes, bin_dir: Path) -> str:
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "k.cubin"
         path.write_bytes(cubin)
-        usage = subprocess.run([str(bin_dir / "cuobjdump"), "--dump-resource-usage", str(path)],
-                               capture_output=True, text=True, check=True).stdout
-        sass = subprocess.run([str(bin_dir / "nvdisasm"), str(path)], capture_output=True, text=True,
+        return subprocess.run([str(bin_dir / "nvdisasm"), str(path)], capture_output=True, text=True,
                               check=True).stdout
-    grab = lambda key: int(m.group(1)) if (m := re.search(rf"\b{key}:(\d+)", usage)) else 0  # noqa: E731
-    return {
-        "registers": grab("REG"),
-        "stack": grab("STACK"),
-        "spill_bytes": grab("LOCAL"),
-        "tensor_core": bool(re.search(r"\b(HMMA|HGMMA|DMMA)\b", sass)),
-    }
 
 
-def _python(code: str, env: dict) -> str:
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+def problems(row: dict) -> list[str]:
+    """Why a compiled kernel is not GPU-grade: spills, a stack frame, or a dot off the tensor cores."""
+    out = []
+    if row["spill_stores"] or row["spill_loads"] or row["stack"]:
+        out.append(f"spills {row['spill_stores']} B stores / {row['spill_loads']} B loads, "
+                   f"stack {row['stack']} B")
+    if row["dots_on_mma"] < row["dots"] or (row["dots"] and not row["mma"]):
+        out.append(f"{row['dots'] - row['dots_on_mma']} of {row['dots']} dots off the tensor cores "
+                   f"(SASS MMA: {row['mma'] or 'none'})")
+    return out
+
+
+def run_python(code: str, env: dict, stdin: str | None = None) -> str:
+    """Run `code` in a fresh interpreter with `env`; its stdout, or a RuntimeError carrying its stderr."""
+    out = subprocess.run([sys.executable, "-c", code], input=stdin, capture_output=True, text=True, env=env)
     if out.returncode != 0:
-        raise RuntimeError(f"subprocess failed:\n{out.stderr[-4000:]}")
+        raise RuntimeError(f"subprocess failed:\n{out.stderr[-6000:]}")
     return out.stdout
 
 
-def check_all(archs=ARCHS, dtypes=("float32", "bfloat16")) -> list[dict]:
+def compile_in_subprocess(specs: list, archs=ARCHS) -> list[dict]:
+    """compile_specs in a process without TRITON_INTERPRET (the caller's may have it set)."""
+    base = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "COCOFAST_GPU_CONFIG")}
+    code = ("import json, sys; from cocofast.kernels.gpu_compile import compile_specs; "
+            f"print(json.dumps(compile_specs(json.loads(sys.stdin.read()), {tuple(archs)!r})))")
+    return json.loads(run_python(code, base, stdin=json.dumps(specs)).strip().splitlines()[-1])
+
+
+def check_all(archs=ARCHS, pairs=PRODUCTION_PAIRS, dtypes=DTYPES) -> list[dict]:
     """Record (interpreter, GPU tiles) then compile (no interpreter), each in a fresh process."""
     base = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "COCOFAST_GPU_CONFIG")}
-    specs = _python("import json; from cocofast.kernels.gpu_compile import record_standard_launches as r; "
-                    f"print(json.dumps(r({tuple(dtypes)!r})))",
-                    {**base, "TRITON_INTERPRET": "1", "COCOFAST_GPU_CONFIG": "1"})
-    code = (f"import json, sys; from cocofast.kernels.gpu_compile import compile_specs; "
-            f"print(json.dumps(compile_specs(json.loads(sys.stdin.read()), {tuple(archs)!r})))")
-    out = subprocess.run([sys.executable, "-c", code], input=specs.strip().splitlines()[-1], capture_output=True,
-                         text=True, env=base)
-    if out.returncode != 0:
-        raise RuntimeError(f"GPU compile failed:\n{out.stderr[-6000:]}")
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    specs = run_python("import json; from cocofast.kernels.gpu_compile import record_launches as r; "
+                       f"print(json.dumps(r({tuple(pairs)!r}, {tuple(dtypes)!r})))",
+                       {**base, "TRITON_INTERPRET": "1", "COCOFAST_GPU_CONFIG": "1"})
+    return compile_in_subprocess(json.loads(specs.strip().splitlines()[-1]), archs)
 
 
 def format_table(rows: list[dict]) -> str:
-    lines = ["| kernel | arch | registers | spill bytes | shared bytes | tensor cores | tiles |",
-             "|---|---|---|---|---|---|---|"]
+    lines = ["| kernel | arch | dtype | tiles | warps/stages | registers | spill st/ld B | stack B | shared B | "
+             "CTAs/SM (limit) | dots on MMA | SASS MMA |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        tiles = ",".join(f"{k}={v}" for k, v in r["constexprs"].items() if k.startswith("BLOCK") or k == "ACC")
-        lines.append(f"| {r['kernel']} | {r['arch']} | {r['registers']} | {r['spill_bytes']} | "
-                     f"{r['shared_bytes']} | {'yes' if r['tensor_core'] else 'no'} | {tiles} |")
+        tiles = ",".join(f"{k.removeprefix('BLOCK_')}={v}" for k, v in r["constexprs"].items()
+                         if k.startswith("BLOCK") or k in ("FUSED", "FROM_BUFFER"))
+        lines.append(f"| {r['kernel']} | {r['arch']} | {r['dtype'].lstrip('*')} | {tiles} | "
+                     f"{r['options']['num_warps']}/{r['options']['num_stages']} | {r['registers']} | "
+                     f"{r['spill_stores']}/{r['spill_loads']} | {r['stack']} | {r['shared_bytes']} | "
+                     f"{r['ctas_per_sm']} ({r['limited_by']}) | {r['dots_on_mma']}/{r['dots']} | "
+                     f"{','.join(r['mma']) or '-'} |")
     return "\n".join(lines)
 
 
 if __name__ == "__main__":
-    print(format_table(check_all(dtypes=("float32", "bfloat16", "float64"))))
+    table = check_all()
+    print(format_table(table))
+    bad = [(r["kernel"], r["arch"], r["dtype"], p) for r in table for p in problems(r)]
+    print(f"\n{len(table)} compiles, {len(bad)} problems")
+    for b in bad:
+        print(" ", *b)

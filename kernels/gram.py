@@ -22,16 +22,15 @@ import torch
 import triton
 import triton.language as tl
 
-from ._launch import (
+from .launcher import (
     acc_dtype,
-    channel_block,
     check_runnable,
     dot_precision,
     feature_strides,
+    gemm_config,
     launch,
     load_inv_norm,
     load_mixed_tile,
-    row_block,
     tl_dtype,
 )
 from .cmss_rows import MixedRows, chain_backward
@@ -39,18 +38,22 @@ from .cmss_rows import MixedRows, chain_backward
 
 @triton.jit
 def gram_partial_kernel(
-    fa_ptr, wa_ptr, na_ptr, fb_ptr, wb_ptr, nb_ptr, out_ptr,
+    fa_ptr, wa_ptr, na_ptr, fb_ptr, wb_ptr, nb_ptr, pairs_ptr, out_ptr,
     a_stride_b, a_stride_c, a_stride_h, a_stride_w, a_width,
     b_stride_b, b_stride_c, b_stride_h, b_stride_w, b_width,
     n_pix, n_chan_a, n_chan_b, eps,
     SPLITS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
     ACC: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    b = (pid // SPLITS).to(tl.int64)
-    split = pid % SPLITS
-    ci = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-    cj = tl.program_id(2) * BLOCK_C + tl.arange(0, BLOCK_C)
+    # The tile pair is the fastest grid axis: the programs of one row split run side by side and read the
+    # same row blocks, so L2 serves all but the first read of each (see traffic.py's DRAM model).
+    pair = tl.program_id(0)
+    ti = tl.load(pairs_ptr + 2 * pair)
+    tj = tl.load(pairs_ptr + 2 * pair + 1)
+    b = (tl.program_id(1) // SPLITS).to(tl.int64)
+    split = tl.program_id(1) % SPLITS
+    ci = ti * BLOCK_C + tl.arange(0, BLOCK_C)
+    cj = tj * BLOCK_C + tl.arange(0, BLOCK_C)
     fa_b = fa_ptr + b * a_stride_b
     fb_b = fb_ptr + b * b_stride_b
     acc = tl.zeros((BLOCK_C, BLOCK_C), dtype=ACC)
@@ -71,24 +74,37 @@ def gram_partial_kernel(
 # ----------------------------------------------------------------------------------------------- host
 
 
-def _splits(batch: int, n_pix: int, block_n: int) -> int:
-    # Enough programs to fill a GPU at batch 1, few enough that the partial sums stay small.
-    return max(1, min(triton.cdiv(n_pix, block_n), 64 // min(batch, 8)))
+def _splits(batch: int, n_pix: int, block_n: int, n_pairs: int) -> int:
+    # About 264 programs (two per SM of a 132-SM H100) over batch and tile pairs, few enough splits that the
+    # (B, SPLITS, C_a, C_b) partial sums stay small next to the maps themselves.
+    want = max(1, 264 // max(1, batch * n_pairs))
+    return max(1, min(triton.cdiv(n_pix, block_n), want, 64))
 
 
-def gram_matrix(fa, ra: MixedRows, fb, rb: MixedRows) -> torch.Tensor:
-    """(B, C_a, C_b) = ÂₐᵀÂ_b per image, in the accumulation dtype."""
+def gram_matrix(fa, ra: MixedRows, fb, rb: MixedRows, symmetric: bool = False) -> torch.Tensor:
+    """(B, C_a, C_b) = ÂₐᵀÂ_b per image, in the accumulation dtype. With `symmetric` (fa is fb), only the
+    tile pairs on and above the diagonal are computed and the rest mirrored: 10 of 16 at C = 256."""
     B, Ca, H, W = fa.shape
     Cb = fb.shape[1]
-    bn, bc = row_block(H * W), channel_block(max(Ca, Cb))
-    splits = _splits(B, H * W, bn)
+    cfg = gemm_config(H * W, max(Ca, Cb))
+    bc = cfg.block_out
+    ta, tb = triton.cdiv(Ca, bc), triton.cdiv(Cb, bc)
+    pairs = [(i, j) for i in range(ta) for j in range(tb) if not symmetric or i <= j]
+    pair_table = torch.tensor(pairs, dtype=torch.int32, device=fa.device)
+    splits = _splits(B, H * W, cfg.block_rows, len(pairs))
     part = torch.empty(B, splits, Ca, Cb, device=fa.device, dtype=ra.acc)
-    launch(gram_partial_kernel, (B * splits, triton.cdiv(Ca, bc), triton.cdiv(Cb, bc)),
-           dict(fa_ptr=fa, wa_ptr=ra.w, na_ptr=ra.norm, fb_ptr=fb, wb_ptr=rb.w, nb_ptr=rb.norm, out_ptr=part,
-                **feature_strides(fa, "a_"), **feature_strides(fb, "b_"), n_pix=H * W, n_chan_a=Ca,
+    launch(gram_partial_kernel, (len(pairs), B * splits),
+           dict(fa_ptr=fa, wa_ptr=ra.w, na_ptr=ra.norm, fb_ptr=fb, wb_ptr=rb.w, nb_ptr=rb.norm, pairs_ptr=pair_table,
+                out_ptr=part, **feature_strides(fa, "a_"), **feature_strides(fb, "b_"), n_pix=H * W, n_chan_a=Ca,
                 n_chan_b=Cb, eps=ra.eps),
-           dict(SPLITS=splits, BLOCK_N=bn, BLOCK_C=bc, ACC=tl_dtype(ra.acc), PRECISION=dot_precision(ra.acc)))
-    return part.sum(dim=1)
+           dict(SPLITS=splits, BLOCK_N=cfg.block_rows, BLOCK_C=bc, ACC=tl_dtype(ra.acc),
+                PRECISION=dot_precision(ra.acc)), **cfg.options)
+    gram = part.sum(dim=1)
+    if symmetric:
+        tile = torch.arange(Ca, device=fa.device) // bc
+        upper = tile[:, None] <= tile[None, :]
+        gram = torch.where(upper, gram, gram.transpose(1, 2))
+    return gram
 
 
 class GramStats(torch.autograd.Function):
@@ -99,7 +115,7 @@ class GramStats(torch.autograd.Function):
         check_runnable(f1, f2)
         acc = acc_dtype(f1, f2)
         r1, r2 = MixedRows(f1, channel_mix, eps, acc), MixedRows(f2, channel_mix, eps, acc)
-        s1, s2, k = gram_matrix(f1, r1, f1, r1), gram_matrix(f2, r2, f2, r2), gram_matrix(f1, r1, f2, r2)
+        s1, s2, k = gram_matrix(f1, r1, f1, r1, True), gram_matrix(f2, r2, f2, r2, True), gram_matrix(f1, r1, f2, r2)
         ctx.save_for_backward(f1, f2, s1, s2, k)
         ctx.rows = (r1, r2)
         sq = lambda m: m.double().square().sum(dim=(1, 2))  # noqa: E731 - combine in fp64 (SPEC §2)

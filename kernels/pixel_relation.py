@@ -35,18 +35,18 @@ import torch
 import triton
 import triton.language as tl
 
-from ._launch import (
+from .launcher import (
     GPU_CONFIG,
     INTERPRETED,
     LAUNCHED,
     acc_dtype,
-    channel_block,
     dot_precision,
     feature_strides,
     launch,
     load_inv_norm,
     load_mixed_tile,
     next_pow2,
+    tile_walk_config,
     tl_dtype,
 )
 from .cmss_rows import MixedRows, chain_backward
@@ -113,19 +113,19 @@ def pixel_relation_backward_kernel(
     t_stride_b, t_stride_c, t_stride_h, t_stride_w, t_width,
     s_stride_b, s_stride_c, s_stride_h, s_stride_w, s_width,
     n_pix, n_chan_t, n_chan_s, eps, inv_tau,
-    BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_C: tl.constexpr,
+    BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
     ACC: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    b = tl.program_id(0).to(tl.int64)
+    b = tl.program_id(2).to(tl.int64)
     ri = tl.program_id(1) * BLOCK_I + tl.arange(0, BLOCK_I)  # output rows (J in the header)
-    cout = tl.program_id(2) * BLOCK_C + tl.arange(0, BLOCK_C)
+    cout = tl.program_id(0) * BLOCK_D + tl.arange(0, BLOCK_D)
     ft_b, wt_b, nt_b = ft_ptr + b * t_stride_b, wt_ptr + b * n_chan_t, nt_ptr + b * n_pix
     fs_b, ws_b, ns_b = fs_ptr + b * s_stride_b, ws_ptr + b * n_chan_s, ns_ptr + b * n_pix
     keep_i = ri < n_pix
     lse_t_i = tl.load(lse_t_ptr + b * n_pix + ri, mask=keep_i, other=0.0)
     lse_s_i = tl.load(lse_s_ptr + b * n_pix + ri, mask=keep_i, other=0.0)
     g_i = tl.load(g_ptr + b * n_pix + ri, mask=keep_i, other=0.0)
-    acc = tl.zeros((BLOCK_I, BLOCK_C), dtype=ACC)
+    acc = tl.zeros((BLOCK_I, BLOCK_D), dtype=ACC)
     for j0 in range(0, n_pix, BLOCK_J):
         rj = j0 + tl.arange(0, BLOCK_J)  # streamed rows (I in the header)
         keep_j = rj < n_pix
@@ -177,14 +177,15 @@ class PixelRelationKL(torch.autograd.Function):
         rt, rs = MixedRows(ft, channel_mix, eps, acc), MixedRows(fs, channel_mix, eps, acc)
         B, Ct, H, W = ft.shape
         n_pix, Cs = H * W, fs.shape[1]
+        cfg = tile_walk_config(n_pix, max(Ct, Cs))
         tile = block or pixel_tiles(n_pix)
         kl, lse_t, lse_s = (torch.empty(B, n_pix, device=fs.device, dtype=acc) for _ in range(3))
         launch(pixel_relation_forward_kernel, (B, triton.cdiv(n_pix, tile)),
                dict(ft_ptr=ft, wt_ptr=rt.w, nt_ptr=rt.norm, fs_ptr=fs, ws_ptr=rs.w, ns_ptr=rs.norm, kl_ptr=kl,
                     lse_t_ptr=lse_t, lse_s_ptr=lse_s, **feature_strides(ft, "t_"), **feature_strides(fs, "s_"),
                     n_pix=n_pix, n_chan_t=Ct, n_chan_s=Cs, eps=eps, inv_tau=1.0 / tau),
-               dict(BLOCK_I=tile, BLOCK_J=tile, BLOCK_C=channel_block(max(Ct, Cs)), ACC=tl_dtype(acc),
-                    PRECISION=dot_precision(acc)))
+               dict(BLOCK_I=tile, BLOCK_J=tile, BLOCK_C=cfg.block_k, ACC=tl_dtype(acc),
+                    PRECISION=dot_precision(acc)), **cfg.options)
         ctx.save_for_backward(ft, fs, lse_t, lse_s)
         ctx.rows, ctx.tau, ctx.tile = (rt, rs), tau, tile
         return kl
@@ -198,14 +199,15 @@ class PixelRelationKL(torch.autograd.Function):
         acc = rs.acc
         B, Ct, H, W = ft.shape
         n_pix, Cs = H * W, fs.shape[1]
-        bc = channel_block(max(Ct, Cs))
+        cfg = tile_walk_config(n_pix, Cs)
         da = torch.empty(B, n_pix, Cs, device=fs.device, dtype=acc)
-        launch(pixel_relation_backward_kernel, (B, triton.cdiv(n_pix, ctx.tile), triton.cdiv(Cs, bc)),
+        launch(pixel_relation_backward_kernel, (triton.cdiv(Cs, cfg.block_out), triton.cdiv(n_pix, ctx.tile), B),
                dict(ft_ptr=ft, wt_ptr=rt.w, nt_ptr=rt.norm, fs_ptr=fs, ws_ptr=rs.w, ns_ptr=rs.norm,
                     lse_t_ptr=lse_t, lse_s_ptr=lse_s, g_ptr=g.to(acc).contiguous(), da_ptr=da,
                     **feature_strides(ft, "t_"), **feature_strides(fs, "s_"), n_pix=n_pix, n_chan_t=Ct,
                     n_chan_s=Cs, eps=rs.eps, inv_tau=1.0 / ctx.tau),
-               dict(BLOCK_I=ctx.tile, BLOCK_J=ctx.tile, BLOCK_C=bc, ACC=tl_dtype(acc), PRECISION=dot_precision(acc)))
+               dict(BLOCK_I=ctx.tile, BLOCK_J=ctx.tile, BLOCK_C=cfg.block_k, BLOCK_D=cfg.block_out,
+                    ACC=tl_dtype(acc), PRECISION=dot_precision(acc)), **cfg.options)
         return None, chain_backward(fs, rs, da_buffer=da), None, None, None, None
 
 
@@ -232,26 +234,18 @@ def record_launches(dtypes=("float32", "bfloat16")) -> list:
 
 
 def check_compile(archs=(80, 90), dtypes=("float32", "bfloat16")) -> list[dict]:
-    """Compile this module's kernels for real GPUs without one, as gpu_compile.check_all does for the core
-    kernels: record at GPU tile sizes under the interpreter, then compile without it, each in its own process."""
+    """Compile this module's kernels for real GPUs without one, as gpu_compile.check_all does for all kernels:
+    record at GPU tile sizes under the interpreter, then compile without it, each in its own process."""
     import json
     import os
-    import subprocess
-    import sys
 
-    from .gpu_compile import _python
+    from .gpu_compile import compile_in_subprocess, run_python
 
     base = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "COCOFAST_GPU_CONFIG")}
     record = ("import json; from cocofast.kernels.pixel_relation import record_launches as r; "
               f"print(json.dumps(r({tuple(dtypes)!r})))")
-    specs = _python(record, {**base, "TRITON_INTERPRET": "1", "COCOFAST_GPU_CONFIG": "1"})
-    code = ("import json, sys; from cocofast.kernels.gpu_compile import compile_specs; "
-            f"print(json.dumps(compile_specs(json.loads(sys.stdin.read()), {tuple(archs)!r})))")
-    out = subprocess.run([sys.executable, "-c", code], input=specs.strip().splitlines()[-1], capture_output=True,
-                         text=True, env=base)
-    if out.returncode != 0:
-        raise RuntimeError(f"GPU compile of the pixel-relation kernels failed:\n{out.stderr[-6000:]}")
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    specs = run_python(record, {**base, "TRITON_INTERPRET": "1", "COCOFAST_GPU_CONFIG": "1"})
+    return compile_in_subprocess(json.loads(specs.strip().splitlines()[-1]), archs)
 
 
 __all__ = ["PixelRelationKL", "check_compile", "pixel_relation_rows", "pixel_tiles", "record_launches"]

@@ -19,17 +19,15 @@ import torch
 import triton
 import triton.language as tl
 
-from ._launch import (
-    GPU_CONFIG,
+from .launcher import (
     acc_dtype,
-    channel_block,
     check_runnable,
     dot_precision,
     feature_strides,
     launch,
     load_inv_norm,
     load_mixed_tile,
-    next_pow2,
+    tile_walk_config,
     tl_dtype,
 )
 from .cmss_rows import MixedRows, chain_backward
@@ -66,25 +64,26 @@ def tiled_forward_kernel(
     ri = blk * BLOCK_I + tl.arange(0, BLOCK_I)
     f1_b, w1_b, n1_b = f1_ptr + b * a_stride_b, w1_ptr + b * n_chan_1, n1_ptr + b * n_pix
     f2_b, w2_b, n2_b = f2_ptr + b * b_stride_b, w2_ptr + b * n_chan_2, n2_ptr + b * n_pix
-    k = tl.zeros((BLOCK_I, BLOCK_J), dtype=ACC)
-    p = tl.zeros((BLOCK_I, BLOCK_J), dtype=ACC)
-    q = tl.zeros((BLOCK_I, BLOCK_J), dtype=ACC)
-    d = tl.zeros((BLOCK_I, BLOCK_J), dtype=ACC)
+    # Row-vector accumulators: four full-tile ones cost 4·BLOCK_I·BLOCK_J registers and made ptxas spill.
+    k = tl.zeros((BLOCK_I,), dtype=ACC)
+    p = tl.zeros((BLOCK_I,), dtype=ACC)
+    q = tl.zeros((BLOCK_I,), dtype=ACC)
+    d = tl.zeros((BLOCK_I,), dtype=ACC)
     for j0 in range(0, n_pix, BLOCK_J):
         rj = j0 + tl.arange(0, BLOCK_J)
         m1 = similarity_tile(f1_b, w1_b, n1_b, a_stride_c, a_stride_h, a_stride_w, a_width, n_pix, n_chan_1,
                               ri, rj, eps, BLOCK_I, BLOCK_J, BLOCK_C, ACC, PRECISION)
         m2 = similarity_tile(f2_b, w2_b, n2_b, b_stride_c, b_stride_h, b_stride_w, b_width, n_pix, n_chan_2,
                               ri, rj, eps, BLOCK_I, BLOCK_J, BLOCK_C, ACC, PRECISION)
-        k += m1 * m2
-        p += m1 * m1
-        q += m2 * m2
-        d += (m1 - m2) * (m1 - m2)
+        k += tl.sum(m1 * m2, axis=1)
+        p += tl.sum(m1 * m1, axis=1)
+        q += tl.sum(m2 * m2, axis=1)
+        d += tl.sum((m1 - m2) * (m1 - m2), axis=1)
     out = out_ptr + (b * tl.num_programs(1) + blk) * 4
-    tl.store(out + 0, tl.sum(tl.sum(k, axis=1), axis=0))
-    tl.store(out + 1, tl.sum(tl.sum(p, axis=1), axis=0))
-    tl.store(out + 2, tl.sum(tl.sum(q, axis=1), axis=0))
-    tl.store(out + 3, tl.sum(tl.sum(d, axis=1), axis=0))
+    tl.store(out + 0, tl.sum(k, axis=0))
+    tl.store(out + 1, tl.sum(p, axis=0))
+    tl.store(out + 2, tl.sum(q, axis=0))
+    tl.store(out + 3, tl.sum(d, axis=0))
 
 
 @triton.jit
@@ -93,17 +92,17 @@ def tiled_backward_kernel(
     s_stride_b, s_stride_c, s_stride_h, s_stride_w, s_width,
     o_stride_b, o_stride_c, o_stride_h, o_stride_w, o_width,
     n_pix, n_chan_s, n_chan_o, eps,
-    BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_C: tl.constexpr,
+    BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
     ACC: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    b = tl.program_id(0).to(tl.int64)
+    b = tl.program_id(2).to(tl.int64)
     ri = tl.program_id(1) * BLOCK_I + tl.arange(0, BLOCK_I)
-    cout = tl.program_id(2) * BLOCK_C + tl.arange(0, BLOCK_C)
+    cout = tl.program_id(0) * BLOCK_D + tl.arange(0, BLOCK_D)
     fs_b, ws_b, ns_b = fs_ptr + b * s_stride_b, ws_ptr + b * n_chan_s, ns_ptr + b * n_pix
     fo_b, wo_b, no_b = fo_ptr + b * o_stride_b, wo_ptr + b * n_chan_o, no_ptr + b * n_pix
     alpha = tl.load(alpha_ptr + b)
     beta = tl.load(beta_ptr + b)
-    acc = tl.zeros((BLOCK_I, BLOCK_C), dtype=ACC)
+    acc = tl.zeros((BLOCK_I, BLOCK_D), dtype=ACC)
     for j0 in range(0, n_pix, BLOCK_J):
         rj = j0 + tl.arange(0, BLOCK_J)
         m_self = similarity_tile(fs_b, ws_b, ns_b, s_stride_c, s_stride_h, s_stride_w, s_width, n_pix, n_chan_s,
@@ -122,12 +121,6 @@ def tiled_backward_kernel(
 # ----------------------------------------------------------------------------------------------- host
 
 
-def _tiles(n_pix: int) -> tuple[int, int]:
-    cap = 64 if GPU_CONFIG else 256
-    t = max(16, min(cap, next_pow2(n_pix)))
-    return t, t
-
-
 class TiledStats(torch.autograd.Function):
     """(f₁, f₂) -> (k, p, q, d), each (B,) in float64; see the module docstring."""
 
@@ -137,15 +130,15 @@ class TiledStats(torch.autograd.Function):
         acc = acc_dtype(f1, f2)
         r1, r2 = MixedRows(f1, channel_mix, eps, acc), MixedRows(f2, channel_mix, eps, acc)
         B, C1, H, W = f1.shape
-        bi, bj = _tiles(H * W)
-        n_blocks = triton.cdiv(H * W, bi)
+        cfg = tile_walk_config(H * W, max(C1, f2.shape[1]))
+        n_blocks = triton.cdiv(H * W, cfg.block_rows)
         part = torch.empty(B, n_blocks, 4, device=f1.device, dtype=acc)
         launch(tiled_forward_kernel, (B, n_blocks),
                dict(f1_ptr=f1, w1_ptr=r1.w, n1_ptr=r1.norm, f2_ptr=f2, w2_ptr=r2.w, n2_ptr=r2.norm, out_ptr=part,
                     **feature_strides(f1, "a_"), **feature_strides(f2, "b_"), n_pix=H * W, n_chan_1=C1,
                     n_chan_2=f2.shape[1], eps=eps),
-               dict(BLOCK_I=bi, BLOCK_J=bj, BLOCK_C=channel_block(max(C1, f2.shape[1])), ACC=tl_dtype(acc),
-                    PRECISION=dot_precision(acc)))
+               dict(BLOCK_I=cfg.block_rows, BLOCK_J=cfg.block_rows, BLOCK_C=cfg.block_k, ACC=tl_dtype(acc),
+                    PRECISION=dot_precision(acc)), **cfg.options)
         ctx.save_for_backward(f1, f2)
         ctx.rows = (r1, r2)
         k, p, q, d = part.double().sum(dim=1).unbind(dim=1)
@@ -167,15 +160,15 @@ class TiledStats(torch.autograd.Function):
 def _backward_one(fs, rs: MixedRows, fo, ro: MixedRows, alpha, beta) -> torch.Tensor:
     B, Cs, H, W = fs.shape
     acc = rs.acc
-    bi, bj = _tiles(H * W)
-    bc = channel_block(max(Cs, fo.shape[1]))
+    cfg = tile_walk_config(H * W, Cs)
     da = torch.empty(B, H * W, Cs, device=fs.device, dtype=acc)
-    launch(tiled_backward_kernel, (B, triton.cdiv(H * W, bi), triton.cdiv(Cs, bc)),
+    launch(tiled_backward_kernel, (triton.cdiv(Cs, cfg.block_out), triton.cdiv(H * W, cfg.block_rows), B),
            dict(fs_ptr=fs, ws_ptr=rs.w, ns_ptr=rs.norm, fo_ptr=fo, wo_ptr=ro.w, no_ptr=ro.norm,
                 alpha_ptr=alpha.to(acc).contiguous(), beta_ptr=beta.to(acc).contiguous(), da_ptr=da,
                 **feature_strides(fs, "s_"), **feature_strides(fo, "o_"), n_pix=H * W, n_chan_s=Cs, n_chan_o=fo.shape[1],
                 eps=rs.eps),
-           dict(BLOCK_I=bi, BLOCK_J=bj, BLOCK_C=bc, ACC=tl_dtype(acc), PRECISION=dot_precision(acc)))
+           dict(BLOCK_I=cfg.block_rows, BLOCK_J=cfg.block_rows, BLOCK_C=cfg.block_k, BLOCK_D=cfg.block_out,
+                ACC=tl_dtype(acc), PRECISION=dot_precision(acc)), **cfg.options)
     return chain_backward(fs, rs, da_buffer=da)
 
 

@@ -7,6 +7,7 @@ machine without a GPU: the CPU interpreter accepts code that a GPU rejects, so t
 from __future__ import annotations
 
 import os
+from typing import NamedTuple
 
 import torch
 import triton
@@ -17,8 +18,9 @@ INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
 # there); COCOFAST_GPU_CONFIG=1 forces them, so the compile check sees the launches a GPU would get.
 GPU_CONFIG = not INTERPRETED or os.environ.get("COCOFAST_GPU_CONFIG", "0") == "1"
 
-# (module, kernel name, signature, constexprs) of every distinct launch since import.
-LAUNCHED: dict[tuple, tuple[str, str, dict, dict]] = {}
+# (module, kernel name, signature, constexprs, options) of every distinct launch since import; options are
+# the launch's num_warps / num_stages, which the compile check must reproduce.
+LAUNCHED: dict[tuple, tuple[str, str, dict, dict, dict]] = {}
 
 _TRITON_TYPES = {
     torch.float16: "*fp16",
@@ -71,14 +73,17 @@ def _signature_of(value) -> str:
     raise TypeError(f"cannot describe kernel argument of type {type(value).__name__}")
 
 
-def launch(kernel, grid, args: dict, constexprs: dict) -> None:
-    """Launch `kernel` with keyword `args` (runtime values) and `constexprs`, recording the spec."""
+def launch(kernel, grid, args: dict, constexprs: dict, num_warps: int = 4, num_stages: int = 3) -> None:
+    """Launch `kernel` with keyword `args` (runtime values), `constexprs` and launch options, recording the spec."""
     fn = getattr(kernel, "fn", kernel)
     signature = {name: _signature_of(value) for name, value in args.items()}
-    key = (fn.__module__, fn.__name__, tuple(signature.items()), tuple(sorted(constexprs.items(), key=str)))
+    options = {"num_warps": num_warps, "num_stages": num_stages}
+    key = (fn.__module__, fn.__name__, tuple(signature.items()), tuple(sorted(constexprs.items(), key=str)),
+           num_warps, num_stages)
     if key not in LAUNCHED:
-        LAUNCHED[key] = (fn.__module__, fn.__name__, signature, {k: _plain(v) for k, v in constexprs.items()})
-    kernel[grid](**args, **constexprs)
+        LAUNCHED[key] = (fn.__module__, fn.__name__, signature, {k: _plain(v) for k, v in constexprs.items()},
+                         options)
+    kernel[grid](**args, **constexprs, num_warps=num_warps, num_stages=num_stages)
 
 
 def _plain(value):
@@ -93,14 +98,58 @@ def next_pow2(x: int) -> int:
 
 
 def channel_block(channels: int) -> int:
-    """Channel tile: whole channel range in the interpreter (fewer Python-level loop trips), 64 on GPU."""
-    cap = 64 if GPU_CONFIG else 256
+    """Channel tile of the elementwise row kernels: whole channel range in the interpreter (fewer Python-level
+    loop trips), 32 on a GPU (at 64, the two-pass normalisation backward spilled on sm_80 and sm_90)."""
+    cap = 32 if GPU_CONFIG else 256
     return max(16, min(cap, next_pow2(channels)))
 
 
 def row_block(pixels: int) -> int:
     cap = 64 if GPU_CONFIG else 1024
     return max(16, min(cap, next_pow2(pixels)))
+
+
+class TileConfig(NamedTuple):
+    """Tiles and launch options of one kernel launch; `launch(..., **cfg.options)` applies the options."""
+
+    block_rows: int     # pixels per program (BLOCK_N / BLOCK_I; also BLOCK_J for the N×N walks)
+    block_k: int        # channel tile a dot reduces over (BLOCK_C)
+    block_out: int      # channel tile a program writes (BLOCK_D / the Gram's C-tile)
+    num_warps: int
+    num_stages: int
+
+    @property
+    def options(self) -> dict:
+        return {"num_warps": self.num_warps, "num_stages": self.num_stages}
+
+
+def gemm_config(pixels: int, channels: int) -> TileConfig:
+    """The N-reduction Gram and the dÂ assembly: a (64 pixels × 64 channels) fp32 accumulator.
+
+    GPU: 8 warps hold the 64×64 accumulator plus the tf32x3 hi/lo operand splits in ≤ 128 registers a thread
+    (4 warps spilled at 255), so two 8-warp CTAs fit an SM's 64 K registers; 2 stages double-buffer the
+    operand tiles. Channel counts ≤ 32 (Mobile U-Net's 24) take 32-wide tiles so no dot is mostly padding.
+    """
+    if not GPU_CONFIG:
+        return TileConfig(row_block(pixels), max(16, min(256, next_pow2(channels))),
+                          max(16, min(256, next_pow2(channels))), 4, 1)
+    c = 32 if channels <= 32 else 64
+    return TileConfig(row_block(pixels), c, c, 8, 2)
+
+
+def tile_walk_config(pixels: int, channels: int) -> TileConfig:
+    """The flash-style N×N walks (tiled CoCo statistics, CPKD pixel relations): 64×64 pixel tiles.
+
+    GPU: per program two 64×64 fp32 similarity tiles, a 64×64 output accumulator (backward) and the tf32x3
+    split operands. A 16-channel reduction tile and 8 warps with a single stage keep that at ≤ 176 registers
+    on sm_80 and ≤ 220 on sm_90: one 8-warp CTA per SM, which keeps the tensor cores fed (two warpgroups
+    issuing wgmma on sm_90), where 32-channel tiles or 4 warps spilled. The output channel tile (block_out)
+    stays 64 wide so the relation tiles are rebuilt only ⌈C/64⌉ times in the backward.
+    """
+    if not GPU_CONFIG:
+        t = max(16, min(256, next_pow2(pixels)))
+        return TileConfig(t, max(16, min(256, next_pow2(channels))), max(16, min(256, next_pow2(channels))), 4, 1)
+    return TileConfig(max(16, min(64, next_pow2(pixels))), 16, 32 if channels <= 32 else 64, 8, 1)
 
 
 def feature_strides(f: torch.Tensor, prefix: str = "", width: bool = True) -> dict:
