@@ -36,7 +36,7 @@ from torch import nn
 from cocofast.checkpoint import CheckpointError, model_spec, read_checkpoint
 from cocofast.io import atomic_path, atomic_write_text
 from cocofast.models import create_model
-from cocofast.segment import checkpoint_normalisation
+from cocofast.segment import checkpoint_normalisation, logits_of
 
 WEIGHTS_FORMAT = "cocofast-weights"
 DEFAULT_OPSET = 17
@@ -51,10 +51,7 @@ class LogitsOnly(nn.Module):
         self.network = network
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:
-        out = self.network(image)
-        if isinstance(out, torch.Tensor):
-            return out
-        return out.logits if hasattr(out, "logits") else out[0]
+        return logits_of(self.network(image))
 
 
 class ScatterMaxUnpool2d(nn.Module):

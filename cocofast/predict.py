@@ -72,7 +72,9 @@ class Job:
 def predict_image(job: Job, model: torch.nn.Module, norm: Normalisation, settings: Settings,
                   device: torch.device) -> np.ndarray:
     """Segment one image into job.mask (and its outline overlay); returns the pixel count of each class."""
-    num_classes, in_channels = int(model.num_classes), int(model.in_channels)
+    kwargs = getattr(model, "model_kwargs", {})  # networks registered elsewhere may lack the attributes
+    num_classes = int(getattr(model, "num_classes", kwargs.get("num_classes", 2)))
+    in_channels = int(getattr(model, "in_channels", kwargs.get("in_channels", 3)))
     level, factor = settings.level, settings.downscale
     if settings.mpp is not None:
         level, factor, _ = level_for_mpp(job.image, settings.mpp, settings.reader)
