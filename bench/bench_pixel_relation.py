@@ -21,11 +21,12 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 from common import environment, free_bytes, has_cuda, run_child, vm_hwm, write_csv
 
+from cocofast.pixel_relation import NAIVE_MATRICES
+
 # (teacher channels, student channels): FANet's taps against each student's (SPEC §4).
 PAIRS = {"FANet 256 → Mobile U-Net 24": (256, 24), "FANet 256 → ENet/ERFNet 64": (256, 64)}
 SIZES = {"256² input (N=4,096)": 64, "512² input (N=16,384)": 128, "1024² input (N=65,536)": 256}
 BACKENDS = ("naive", "chunked", "triton")
-NAIVE_MATRICES = 6  # N×N buffers the naive backend holds at its peak (cocofast/pixel_relation.py)
 PROBE_SIDE = 32     # N = 1,024: four 256-pixel interpreter tiles a side, so tiles are full as at large N
 
 

@@ -51,9 +51,9 @@ def free_bytes() -> int:
 
     if torch.cuda.is_available():
         return torch.cuda.mem_get_info()[0]
-    from cocofast.similarity import _available_host_memory
+    from cocofast.ops.checks import available_host_memory
 
-    return _available_host_memory()
+    return available_host_memory()
 
 
 def run_child(module: str, args: dict, timeout: float, interpret: bool = False) -> dict:

@@ -53,10 +53,44 @@ def _image(f: torch.Tensor, b: int, acc: torch.dtype) -> torch.Tensor:
 _BLOCK_BYTES = 1 << 20
 
 
-def pixel_block(n_pix: int, channels: int) -> int:
-    """Pixels per block: every buffer a block touches then fits in a core's L2 cache (about 1 MiB here), where
-    the streaming passes run several times faster than from DRAM; at least 1,024 so the GEMMs stay efficient."""
+def pixel_block(n_pix: int, channels: int, device: torch.device) -> int:
+    """Pixels per block. On CPU a block's buffers then stay in cache across the passes over them, and every
+    temporary is small whatever N; at least 1,024 pixels so the GEMMs stay efficient. On a GPU each block
+    would be another round of launches, so the whole image is one block."""
+    if device.type != "cpu":
+        return n_pix
     return max(1024, min(n_pix, (_BLOCK_BYTES // (4 * channels)) // 256 * 256))
+
+
+def traffic(batch: int, n_pix: int, c1: int, c2: int, element_bytes: int = 4) -> list[tuple[str, float, float]]:
+    """(step, bytes, GEMM FLOPs) of one forward + backward with channel mixing, summed over the batch: every
+    pass of the code below, as if each streamed its operands from memory once (a GPU's HBM; on CPU the pixel
+    blocks keep them in cache). Accumulation is fp32; C×C and per-pixel vectors are left out."""
+    maps = []
+    for c in (c1, c2):
+        m = batch * n_pix * c * 4            # one map in fp32
+        raw = batch * n_pix * c * element_bytes
+        cast = 2 * m if element_bytes != 4 else 0  # fp16/bf16 maps are widened once per pass over the image
+        maps.append((m, raw, cast))
+    m1, m2 = maps[0][0], maps[1][0]
+    flops = lambda a, b: 2 * batch * n_pix * a * b  # noqa: E731
+    steps = [("input checks (aminmax)", maps[0][1] + maps[1][1], 0.0)]
+    for i, (m, _, cast) in enumerate(maps, 1):
+        steps += [(f"map {i} forward: widen to fp32", cast, 0.0), (f"map {i} forward: channel max", m, 0.0),
+                  (f"map {i} forward: square", 2 * m, 0.0), (f"map {i} forward: norm GEMV", m, 0.0),
+                  (f"map {i} forward: scale to Y", 2 * m, 0.0)]
+    steps += [("forward GEMM Y₁Y₁ᵀ", m1, flops(c1, c1)), ("forward GEMM Y₂Y₂ᵀ", m2, flops(c2, c2)),
+              ("forward GEMM Y₁Y₂ᵀ", m1 + m2, flops(c1, c2))]
+    for i, ((m, _, cast), c) in enumerate(zip(maps, (c1, c2)), 1):
+        out_bytes = batch * n_pix * c * element_bytes
+        steps += [(f"map {i} backward: widen to fp32", cast, 0.0), (f"map {i} backward: rebuild Y", 2 * m, 0.0),
+                  (f"map {i} backward: GEMM [coef] [Y₁; Y₂]", m1 + m2 + m, flops(c, c1 + c2)),
+                  (f"map {i} backward: Y∘E", 3 * m, 0.0), (f"map {i} backward: two GEMV sums", 2 * m, 0.0),
+                  (f"map {i} backward: Y∘t", 2 * m, 0.0), (f"map {i} backward: E − w²Z", 3 * m, 0.0),
+                  (f"map {i} backward: Z∘Y and its GEMV", 4 * m, 0.0),
+                  (f"map {i} backward: ÷ρ into the gradient", m + out_bytes, 0.0),
+                  (f"map {i} backward: max-pool spans", m, 0.0)]
+    return [s for s in steps if s[1] or s[2]]
 
 
 class TorchGramStats(torch.autograd.Function):
@@ -65,7 +99,7 @@ class TorchGramStats(torch.autograd.Function):
         acc = torch.float64 if torch.float64 in (f1.dtype, f2.dtype) else torch.float32
         B, C1, C2 = f1.shape[0], f1.shape[1], f2.shape[1]
         n_pix = f1.shape[2] * f1.shape[3]
-        blk = pixel_block(n_pix, C1 + C2)
+        blk = pixel_block(n_pix, C1 + C2, f1.device)
         ycat = torch.empty(C1 + C2, blk, dtype=acc, device=f1.device)
         w1, w2 = f1.new_empty(B, C1, dtype=acc), f2.new_empty(B, C2, dtype=acc)
         rho1, rho2 = (f1.new_empty(B, n_pix, dtype=acc) for _ in range(2))
@@ -101,7 +135,7 @@ class TorchGramStats(torch.autograd.Function):
         need = ctx.needs_input_grad[:2]
         B, C1, C2 = f1.shape[0], f1.shape[1], f2.shape[1]
         n_pix = f1.shape[2] * f1.shape[3]
-        blk = pixel_block(n_pix, C1 + C2)
+        blk = pixel_block(n_pix, C1 + C2, f1.device)
         grads = [torch.empty(B, f.shape[1], n_pix, dtype=f.dtype, device=f.device) if n else None
                  for f, n in zip((f1, f2), need)]
         ycat = torch.empty(C1 + C2, blk, dtype=acc, device=f1.device)

@@ -22,6 +22,8 @@ Backends:
     chunked  plain torch, a block of rows at a time (about 64 MiB each), forward and backward; exact.
     triton   the flash-style kernels, forward and backward; O(N) memory beyond the inputs.
     auto     triton for CUDA tensors, chunked otherwise.
+
+The backend table is cocofast.ops.backends.PIXEL_RELATION_BACKENDS; the input checks are cocofast.ops.checks.
 """
 from __future__ import annotations
 
@@ -29,37 +31,30 @@ import math
 
 import torch
 
+from cocofast.ops.backends import PIXEL_RELATION_BACKENDS, check_backend
+from cocofast.ops.checks import NaiveTooLargeError, accumulation_dtype, check_naive_fits, check_pair
 from cocofast.pixel_relation_torch import chunked_rows
-from cocofast.similarity import NaiveTooLargeError, _available_host_memory, _check_pair, cmss
+from cocofast.similarity import cmss
 
-BACKENDS = ("naive", "chunked", "triton", "auto")
+BACKENDS = PIXEL_RELATION_BACKENDS  # the name cocofast.losses.cpkd has always used
 # N×N buffers the naive backend holds at its peak: R and log P per network, P_T and the KL summand.
-_NAIVE_MATRICES = 6
+NAIVE_MATRICES = 6
 
 
 def _resolve(backend: str, t: torch.Tensor) -> str:
-    if backend not in BACKENDS:
-        raise ValueError(f"pixel_relation_kl: backend must be one of {', '.join(BACKENDS)}; got {backend!r}")
+    check_backend("pixel_relation", backend)
     if backend == "auto":
         return "triton" if t.is_cuda else "chunked"
     return backend
 
 
-def _naive_guard(batch: int, n_pix: int, element_bytes: int, device: torch.device) -> None:
-    need = batch * n_pix * n_pix * element_bytes * _NAIVE_MATRICES
-    avail = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else _available_host_memory()
-    if need > avail:
-        raise NaiveTooLargeError(
-            f"pixel_relation_kl(backend='naive') would materialise {_NAIVE_MATRICES} sets of B={batch} N×N "
-            f"matrices with N={n_pix} (about {need / 2**30:.1f} GiB) but only {avail / 2**30:.1f} GiB is available "
-            f"on {device}; use backend='chunked' or 'triton', which never store N×N")
-
-
 def naive_rows(f_teacher: torch.Tensor, f_student: torch.Tensor, tau: float, channel_mix: bool,
                eps: float = 1e-6) -> torch.Tensor:
     """Per-row KL (B, N) from the explicit N×N matrices, in fp32 (fp64 when either input is fp64)."""
-    acc = torch.float64 if torch.float64 in (f_teacher.dtype, f_student.dtype) else torch.float32
-    _naive_guard(f_student.shape[0], f_student.shape[2] * f_student.shape[3], acc.itemsize, f_student.device)
+    acc = accumulation_dtype(f_teacher, f_student)
+    check_naive_fits("pixel_relation_kl", batch=f_student.shape[0], n_pix=f_student.shape[2] * f_student.shape[3],
+                     matrices=NAIVE_MATRICES, element_bytes=acc.itemsize, device=f_student.device,
+                     alternatives="backend='chunked' or 'triton'")
     a_t = cmss(f_teacher.detach(), channel_mix=channel_mix, eps=eps).to(acc)
     a_s = cmss(f_student, channel_mix=channel_mix, eps=eps).to(acc)
     log_p_t = torch.log_softmax(a_t @ a_t.transpose(1, 2) / tau, dim=2)
@@ -76,7 +71,7 @@ def pixel_relation_kl(f_teacher: torch.Tensor, f_student: torch.Tensor, *, tau: 
     Gradient to f_student only.
     """
     fn = "pixel_relation_kl"
-    _check_pair(fn, ("f_teacher", "f_student"), f_teacher, f_student)
+    check_pair(fn, ("f_teacher", "f_student"), f_teacher, f_student)
     if isinstance(tau, bool) or not isinstance(tau, (int, float)) or not math.isfinite(tau) or tau <= 0:
         raise ValueError(f"{fn}: `tau` must be a finite number > 0, got {tau!r}")
     if not isinstance(channel_mix, bool):
@@ -87,16 +82,16 @@ def pixel_relation_kl(f_teacher: torch.Tensor, f_student: torch.Tensor, *, tau: 
     if backend == "naive":
         rows = naive_rows(f_teacher, f_student, float(tau), channel_mix, float(eps))
     elif backend == "chunked":
-        acc = torch.float64 if torch.float64 in (f_teacher.dtype, f_student.dtype) else torch.float32
+        acc = accumulation_dtype(f_teacher, f_student)
         a_t = cmss(f_teacher.detach(), channel_mix=channel_mix, eps=eps).to(acc)
         rows = chunked_rows(a_t, cmss(f_student, channel_mix=channel_mix, eps=eps).to(acc), float(tau))
     else:
         from cocofast.kernels.pixel_relation import pixel_relation_rows
 
         rows = pixel_relation_rows(f_teacher, f_student, float(tau), channel_mix, float(eps))
-    out = torch.float64 if torch.float64 in (f_teacher.dtype, f_student.dtype) else torch.float32
+    out = accumulation_dtype(f_teacher, f_student)
     # Sum in fp64: N·B terms of similar size, where fp32 would drift at N = 65,536.
     return rows.double().mean().to(out)
 
 
-__all__ = ["BACKENDS", "naive_rows", "pixel_relation_kl"]
+__all__ = ["BACKENDS", "NAIVE_MATRICES", "NaiveTooLargeError", "naive_rows", "pixel_relation_kl"]
