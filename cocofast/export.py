@@ -35,8 +35,8 @@ from torch import nn
 
 from cocofast.checkpoint import CheckpointError, model_spec, read_checkpoint
 from cocofast.io import atomic_path, atomic_write_text
-from cocofast.models import create_model
-from cocofast.segment import checkpoint_normalisation, logits_of
+from cocofast.models import create_model, logits_of
+from cocofast.segment import checkpoint_normalisation
 
 WEIGHTS_FORMAT = "cocofast-weights"
 DEFAULT_OPSET = 17

@@ -32,8 +32,9 @@ from cocofast.data.normalise import Normalisation, image_stats
 from cocofast.data.slides import DownscaledReader, level_for_mpp, open_reader
 from cocofast.data.writers import open_row_writer
 from cocofast.io import atomic_path, atomic_write_text
+from cocofast.models import logits_of
 from cocofast.overlay import DEFAULT_THICKNESS, OutlineStream, display_rgb, paint_outlines
-from cocofast.segment import argmax_rows, blended_bands, checkpoint_normalisation, logits_of, model_from_checkpoint
+from cocofast.segment import argmax_rows, blended_bands, checkpoint_normalisation, model_from_checkpoint
 
 SUFFIXES = tuple(dict.fromkeys(IMAGE_SUFFIXES + TIFF_SUFFIXES + OPENSLIDE_SUFFIXES))
 FAILURES_FILE = "failures.txt"
@@ -227,7 +228,8 @@ def main(argv=None) -> int:
         if not images:
             raise ValueError(f"{source}: holds no images (looked for {', '.join(SUFFIXES)})")
         jobs = plan_jobs(images, Path(args.out), settings)
-    except (ValueError, OSError, UnicodeDecodeError) as err:
+    # TypeError and RuntimeError: a checkpoint whose arguments or weights do not fit its network.
+    except (ValueError, OSError, UnicodeDecodeError, TypeError, RuntimeError) as err:
         print(f"cocofast predict: error: {err}", file=sys.stderr)
         return 2
     return run_jobs(jobs, model, norm, settings, device, Path(args.out), overwrite=args.overwrite)

@@ -108,6 +108,11 @@ def test_bad_arguments_exit_2_before_writing_anything(tmp_path, folder, checkpoi
     assert "holds no images" in capsys.readouterr().err
     assert run([str(source), "--out", str(out), "--role", "teacher"], ckpt) == 2
     assert "'teacher'" in capsys.readouterr().err
+    entry = {"model_name": "enet", "model_kwargs": {"in_channels": 3, "num_classes": 2, "width": 0.5},
+             "state_dict": checkpoint[1].state_dict()}  # weights of a network half as wide
+    atomic_save({"models": {"student": entry}}, tmp_path / "mismatch.pt")
+    assert run([str(source), "--out", str(out)], tmp_path / "mismatch.pt") == 2
+    assert "size mismatch" in capsys.readouterr().err
     assert not out.exists()
     listing = tmp_path / "list.txt"
     listing.write_text(f"{source / 'a.png'}\n{out / 'masks' / 'b.png'}\n")
