@@ -121,3 +121,15 @@ def test_bad_arguments_exit_2_before_writing_anything(tmp_path, folder, checkpoi
     assert run([str(listing), "--out", str(out)], ckpt) == 2
     assert "refusing to overwrite" in capsys.readouterr().err
     assert sorted(p.name for p in out.rglob("*")) == ["b.png", "masks"]
+
+
+def test_downscaled_inference_writes_full_resolution_masks_and_overlays(tmp_path, folder, checkpoint):
+    source, images = folder
+    out = tmp_path / "out"
+    assert run([str(source / "c.png"), "--out", str(out), "--downscale", "2"], checkpoint[0]) == 0
+    mask = np.asarray(Image.open(out / "masks" / "c.png"))
+    overlay = np.asarray(Image.open(out / "overlays" / "c.png"))
+    assert mask.shape == SIZES["c"] and overlay.shape == images["c"].shape
+    ring = outline_labels(mask // 255)
+    assert np.array_equal(overlay[ring == 0], images["c"][ring == 0])
+    assert np.array_equal(mask[::2, ::2].repeat(2, 0).repeat(2, 1)[:mask.shape[0], :mask.shape[1]], mask)
