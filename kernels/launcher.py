@@ -126,30 +126,32 @@ class TileConfig(NamedTuple):
 def gemm_config(pixels: int, channels: int) -> TileConfig:
     """The N-reduction Gram and the dÂ assembly: a (64 pixels × 64 channels) fp32 accumulator.
 
-    GPU: 8 warps hold the 64×64 accumulator plus the tf32x3 hi/lo operand splits in ≤ 128 registers a thread
-    (4 warps spilled at 255), so two 8-warp CTAs fit an SM's 64 K registers; 2 stages double-buffer the
-    operand tiles. Channel counts ≤ 32 (Mobile U-Net's 24) take 32-wide tiles so no dot is mostly padding.
+    GPU: 8 warps, 2 stages (the operand tiles double-buffered in shared memory). The 64×64 fp32 accumulator
+    and the tf32x3 hi/lo operand splits take 160-255 registers a thread, so one 8-warp CTA runs per SM
+    (16 warps of 64): enough to keep the MMA pipes busy, as the wgmma/HMMA pipeline, not latency hiding
+    across CTAs, bounds this loop. 4 warps spilled (255 registers + 70-560 B); a 64-wide reduction tile in
+    the dÂ assembly made sm_80's ptxas spill 10 KB, so that reduces over 32-channel tiles. Channel counts
+    ≤ 32 (Mobile U-Net's 24) take 32-wide output tiles so no dot is mostly padding.
     """
     if not GPU_CONFIG:
         return TileConfig(row_block(pixels), max(16, min(256, next_pow2(channels))),
                           max(16, min(256, next_pow2(channels))), 4, 1)
-    c = 32 if channels <= 32 else 64
-    return TileConfig(row_block(pixels), c, c, 8, 2)
+    return TileConfig(row_block(pixels), 32, 32 if channels <= 32 else 64, 8, 2)
 
 
 def tile_walk_config(pixels: int, channels: int) -> TileConfig:
     """The flash-style N×N walks (tiled CoCo statistics, CPKD pixel relations): 64×64 pixel tiles.
 
-    GPU: per program two 64×64 fp32 similarity tiles, a 64×64 output accumulator (backward) and the tf32x3
-    split operands. A 16-channel reduction tile and 8 warps with a single stage keep that at ≤ 176 registers
-    on sm_80 and ≤ 220 on sm_90: one 8-warp CTA per SM, which keeps the tensor cores fed (two warpgroups
-    issuing wgmma on sm_90), where 32-channel tiles or 4 warps spilled. The output channel tile (block_out)
-    stays 64 wide so the relation tiles are rebuilt only ⌈C/64⌉ times in the backward.
+    GPU: per program two 64×64 fp32 similarity tiles, a 64×32 output accumulator (backward) and the tf32x3
+    split operands. A 16-channel reduction tile and 8 warps with a single stage keep that at 134-255
+    registers without spills: one 8-warp CTA per SM (two warpgroups issuing wgmma on sm_90, as flash
+    attention runs), where 32-channel reduction tiles, 4 warps, or a 64-wide output tile spilled on sm_80.
+    The price of the 32-wide output tile: the backward rebuilds the relation tiles ⌈C/32⌉ times.
     """
     if not GPU_CONFIG:
         t = max(16, min(256, next_pow2(pixels)))
         return TileConfig(t, max(16, min(256, next_pow2(channels))), max(16, min(256, next_pow2(channels))), 4, 1)
-    return TileConfig(max(16, min(64, next_pow2(pixels))), 16, 32 if channels <= 32 else 64, 8, 1)
+    return TileConfig(max(16, min(64, next_pow2(pixels))), 16, 32, 8, 1)
 
 
 def feature_strides(f: torch.Tensor, prefix: str = "", width: bool = True) -> dict:
