@@ -57,7 +57,7 @@ def check_map(fn: str, name: str, t) -> None:
         raise ValueError(
             f"{fn}: `{name}` (shape {shape_str(t)}) has values up to {max(-lo, hi):.3g} in magnitude, finite but "
             f"too large: the {str(acc)[6:]} accumulation of squares in the row norms overflows above "
-            f"{limit:.3g} for C={t.shape[1]} channels; rescale the features (the losses are scale-invariant)")
+            f"{limit:.3g} for C={t.shape[1]} channels; rescale the features")
 
 
 def check_pair(fn: str, names: tuple[str, str], a: torch.Tensor, b: torch.Tensor) -> None:
