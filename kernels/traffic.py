@@ -1,0 +1,268 @@
+"""Count the global-memory traffic of cocofast's kernels by running them in Triton's CPU interpreter.
+
+    report = count_traffic(lambda: gram_stats(f1, f2))       # needs TRITON_INTERPRET=1
+    report.load_bytes, report.store_bytes                    # issued: every masked-in element of every tl.load
+    report.dram_bytes                                        # DRAM model: each byte once per kernel launch
+    for row in report.rows: row.kernel, row.tensor, row.loads, row.stores, ...
+
+How: while `launch()` runs, the interpreter's masked load / store builders are wrapped to sum the bytes of
+masked-in elements per kernel argument (a pointer is mapped back to the torch tensor whose storage holds
+it), and a TorchDispatchMode counts the torch ops between the kernels (torch.amax, the partial-sum
+reductions) as reading their inputs and writing their outputs once.
+
+Two figures, because a GPU is between them: `issued` is what the kernels ask for (L1/L2 requests);
+`dram` counts each byte once per kernel launch, the DRAM traffic when L2 serves every re-read within a
+launch. The kernels order their grids so that the programs re-reading one row block (one per channel-tile
+pair) run side by side, which is what makes the DRAM model the relevant one for the Gram path: a tiled GEMM
+has to re-read its operands ⌈C/tile⌉ times from somewhere (Hong & Kung's I/O bound for a register-sized
+tile), and L2 is where that happens. Use `dram_bytes` for time = max(bytes / HBM bandwidth, FLOPs / peak).
+
+    python -m cocofast.kernels.traffic     # forward and backward traffic as multiples of the minimum
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+
+@dataclass
+class TensorTraffic:
+    """Bytes one kernel (or torch op) moved through one of its tensor arguments, summed over its launches."""
+
+    kernel: str
+    tensor: str
+    loads: int = 0          # issued load bytes (masked-in elements × element size)
+    stores: int = 0
+    dram_loads: int = 0     # distinct bytes loaded, counted once per launch
+    dram_stores: int = 0
+
+
+@dataclass
+class TrafficReport:
+    rows: list[TensorTraffic] = field(default_factory=list)
+
+    @property
+    def load_bytes(self) -> int:
+        return sum(r.loads for r in self.rows)
+
+    @property
+    def store_bytes(self) -> int:
+        return sum(r.stores for r in self.rows)
+
+    @property
+    def issued_bytes(self) -> int:
+        return self.load_bytes + self.store_bytes
+
+    @property
+    def dram_bytes(self) -> int:
+        return sum(r.dram_loads + r.dram_stores for r in self.rows)
+
+    def by_kernel(self) -> dict[str, tuple[int, int]]:
+        """kernel -> (issued bytes, DRAM-model bytes)."""
+        out: dict[str, tuple[int, int]] = {}
+        for r in self.rows:
+            i, d = out.get(r.kernel, (0, 0))
+            out[r.kernel] = (i + r.loads + r.stores, d + r.dram_loads + r.dram_stores)
+        return out
+
+
+class _Launch:
+    """Address ranges of one kernel launch's tensor arguments and the bytes touched in each."""
+
+    def __init__(self, kernel: str, named: dict[str, torch.Tensor]):
+        self.kernel = kernel
+        self.ranges = []
+        for name, t in named.items():
+            storage = t.untyped_storage()
+            start = storage.data_ptr()
+            self.ranges.append((name, start, start + storage.nbytes()))
+        self.rows = {name: TensorTraffic(kernel, name) for name, _, _ in self.ranges}
+        self.touched = {name: (np.zeros(end - start, dtype=bool), np.zeros(end - start, dtype=bool))
+                        for name, start, end in self.ranges}
+
+    def record(self, addresses: np.ndarray, mask: np.ndarray, size: int, is_store: bool) -> None:
+        addr = np.asarray(addresses, dtype=np.uint64).ravel()[np.broadcast_to(mask, np.shape(addresses)).ravel()]
+        for name, start, end in self.ranges:
+            inside = addr[(addr >= start) & (addr < end)]
+            if inside.size == 0:
+                continue
+            row = self.rows[name]
+            if is_store:
+                row.stores += inside.size * size
+            else:
+                row.loads += inside.size * size
+            offsets = (inside - np.uint64(start)).astype(np.int64)[:, None] + np.arange(size)[None, :]
+            self.touched[name][int(is_store)][offsets.ravel()] = True
+
+    def finish(self) -> list[TensorTraffic]:
+        for name, (loaded, stored) in self.touched.items():
+            self.rows[name].dram_loads = int(loaded.sum())
+            self.rows[name].dram_stores = int(stored.sum())
+        return [r for r in self.rows.values() if r.loads or r.stores]
+
+
+class _TorchOps(TorchDispatchMode):
+    """Torch ops between kernels: each reads its tensor inputs and writes its outputs once."""
+
+    def __init__(self, report: TrafficReport, paused: list):
+        super().__init__()
+        self.report, self.paused = report, paused
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        name = str(func.overloadpacket.__name__)
+        if self.paused[0] or name in _FREE_OPS:
+            return out
+        size = lambda t: t.numel() * t.element_size() if isinstance(t, torch.Tensor) else 0  # noqa: E731
+        flat_in = [a for a in torch.utils._pytree.tree_leaves((args, kwargs)) if isinstance(a, torch.Tensor)]
+        flat_out = [o for o in torch.utils._pytree.tree_leaves(out) if isinstance(o, torch.Tensor)]
+        if name in _WRITE_ONLY_OPS:
+            flat_in = []
+        row = TensorTraffic(f"torch.{name}", "inputs/outputs", loads=sum(map(size, flat_in)),
+                            stores=sum(map(size, flat_out)))
+        row.dram_loads, row.dram_stores = row.loads, row.stores
+        self.report.rows.append(row)
+        return out
+
+
+# Ops that move no data (views, allocation metadata) or only fill: counted as free / write-only.
+_FREE_OPS = {"empty", "empty_like", "empty_strided", "view", "_unsafe_view", "t", "transpose", "permute", "expand",
+             "unsqueeze", "squeeze", "select", "slice", "as_strided", "detach", "alias", "lift_fresh", "unbind",
+             "split", "_to_copy_meta", "new_empty", "new_empty_strided", "is_same_size", "_local_scalar_dense"}
+_WRITE_ONLY_OPS = {"zeros", "ones", "full", "fill_", "zero_", "zeros_like", "ones_like", "full_like", "arange",
+                   "new_zeros", "new_ones", "scalar_tensor", "lift_fresh_copy"}
+
+
+def count_traffic(launch: Callable[[], object]) -> TrafficReport:
+    """Run `launch()` (forward, backward, anything) with every kernel's and torch op's traffic counted.
+
+    Needs the interpreter: set TRITON_INTERPRET=1 before cocofast's kernels are imported."""
+    if os.environ.get("TRITON_INTERPRET", "0") != "1":
+        raise RuntimeError("count_traffic runs kernels in Triton's CPU interpreter: set TRITON_INTERPRET=1 "
+                           "before importing cocofast.kernels")
+    from triton.runtime import interpreter
+
+    report = TrafficReport()
+    current: list[_Launch | None] = [None]
+    paused = [False]
+    builder = interpreter.InterpreterBuilder
+    real_load, real_store = builder.create_masked_load, builder.create_masked_store
+    real_call, real_init = interpreter.GridExecutor.__call__, interpreter.GridExecutor._init_args_hst
+
+    def masked_load(self, ptrs, mask, other, cache_policy, is_volatile):
+        if current[0] is not None:
+            size = np.dtype(interpreter._get_np_dtype(ptrs.get_element_ty())).itemsize
+            current[0].record(ptrs.data, mask.data, size, is_store=False)
+        return real_load(self, ptrs, mask, other, cache_policy, is_volatile)
+
+    def masked_store(self, ptrs, value, mask, cache_policy):
+        if current[0] is not None:
+            size = np.dtype(interpreter._get_np_dtype(ptrs.get_element_ty())).itemsize
+            current[0].record(ptrs.data, mask.data, size, is_store=True)
+        return real_store(self, ptrs, value, mask, cache_policy)
+
+    def init_args(self, args_dev, kwargs):
+        args_hst, kwargs_hst = real_init(self, args_dev, kwargs)
+        names = self.fn.__code__.co_varnames[:self.fn.__code__.co_argcount]
+        named = dict(zip(names, args_hst))
+        named.update(kwargs_hst)
+        current[0] = _Launch(self.fn.__name__, {k: v for k, v in named.items() if isinstance(v, torch.Tensor)})
+        return args_hst, kwargs_hst
+
+    def call(self, *args, **kwargs):
+        paused[0] = True  # the interpreter's own host copies are not kernel traffic
+        try:
+            return real_call(self, *args, **kwargs)
+        finally:
+            if current[0] is not None:
+                report.rows.extend(current[0].finish())
+            current[0] = None
+            paused[0] = False
+
+    builder.create_masked_load, builder.create_masked_store = masked_load, masked_store
+    interpreter.GridExecutor.__call__, interpreter.GridExecutor._init_args_hst = call, init_args
+    try:
+        with _TorchOps(report, paused):
+            launch()
+    finally:
+        builder.create_masked_load, builder.create_masked_store = real_load, real_store
+        interpreter.GridExecutor.__call__, interpreter.GridExecutor._init_args_hst = real_call, real_init
+    return report
+
+
+# ------------------------------------------------------------------------------------------ the table
+
+
+def map_bytes(*maps: torch.Tensor) -> int:
+    return sum(m.numel() * m.element_size() for m in maps)
+
+
+def path_traffic(path: str, c1: int, c2: int, side: int = 32, dtype=torch.float32, mix: bool = True) -> dict:
+    """Forward and backward traffic of one kernel path on (1, C, side, side) maps, in bytes and as multiples
+    of the minimum: each map read once forward; read once and its gradient written once backward."""
+    from .gram import gram_stats
+    from .pixel_relation import pixel_relation_rows
+    from .tiled import tiled_stats
+
+    torch.manual_seed(0)
+    f1 = torch.randn(1, c1, side, side, dtype=dtype, requires_grad=True)
+    f2 = torch.randn(1, c2, side, side, dtype=dtype, requires_grad=True)
+    if path == "pixel_relation":  # the teacher (f1) is a constant: no gradient, so no dF₁ to write
+        run = lambda: pixel_relation_rows(f1.detach(), f2, 1.0, mix)  # noqa: E731
+        grads = map_bytes(f2)
+    else:
+        stats = {"gram": gram_stats, "tiled": tiled_stats}[path]
+        run = lambda: sum(s.sum() for s in stats(f1, f2, mix))  # noqa: E731
+        grads = map_bytes(f1, f2)
+    holder = {}
+    fwd = count_traffic(lambda: holder.setdefault("out", run()))
+    bwd = count_traffic(lambda: holder["out"].sum().backward())
+    minimum_fwd = map_bytes(f1, f2)
+    minimum_bwd = map_bytes(f1, f2) + grads
+    if path == "pixel_relation":
+        minimum_bwd = map_bytes(f1, f2) + grads
+    return {
+        "path": path, "c1": c1, "c2": c2, "n_pix": side * side, "dtype": str(dtype).removeprefix("torch."),
+        "forward": fwd, "backward": bwd, "minimum_forward": minimum_fwd, "minimum_backward": minimum_bwd,
+        "dram_multiple": (fwd.dram_bytes + bwd.dram_bytes) / (minimum_fwd + minimum_bwd),
+        "issued_multiple": (fwd.issued_bytes + bwd.issued_bytes) / (minimum_fwd + minimum_bwd),
+        "dram_multiple_forward": fwd.dram_bytes / minimum_fwd,
+        "dram_multiple_backward": bwd.dram_bytes / minimum_bwd,
+    }
+
+
+def format_table(results: list[dict]) -> str:
+    lines = ["| path | C₁/C₂ | N | dtype | fwd DRAM ×min | bwd DRAM ×min | fwd+bwd DRAM ×min | fwd+bwd issued ×min |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in results:
+        lines.append(f"| {r['path']} | {r['c1']}/{r['c2']} | {r['n_pix']} | {r['dtype']} | "
+                     f"{r['dram_multiple_forward']:.2f} | {r['dram_multiple_backward']:.2f} | "
+                     f"{r['dram_multiple']:.2f} | {r['issued_multiple']:.2f} |")
+    return "\n".join(lines)
+
+
+def format_kernels(result: dict) -> str:
+    lines = [f"{result['path']} C={result['c1']}/{result['c2']} N={result['n_pix']}: bytes per kernel "
+             "(issued / DRAM model), as multiples of one pass over both maps"]
+    unit = result["minimum_forward"]
+    for phase in ("forward", "backward"):
+        for kernel, (issued, dram) in result[phase].by_kernel().items():
+            lines.append(f"  {phase:8s} {kernel:32s} {issued / unit:7.2f} {dram / unit:7.2f}")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    with contextlib.suppress(Exception):
+        torch.set_num_threads(1)
+    results = [path_traffic("gram", c, c) for c in (24, 256)]
+    results += [path_traffic("tiled", c, c, side=16) for c in (24, 256)]
+    results += [path_traffic("pixel_relation", 256, 24, side=16)]
+    print(format_table(results))
+    for r in results:
+        print(format_kernels(r))
