@@ -125,6 +125,8 @@ def test_source_digests_follow_the_weights_not_the_file(tmp_path):
         check_sources(recorded, source_digests(teacher=other), "last.pt")
     with pytest.raises(CheckpointError, match="does not record"):
         check_sources(None, recorded, "last.pt")
+    with pytest.warns(UserWarning, match="does not record"):
+        check_sources(None, recorded, "last.pt", finished=True)
     pair = torch.nn.ModuleList([create_model("paraphraser", in_channels=8, k=4)] * 2)
     assert set(source_digests(teacher=teacher, paraphraser=pair, critic=None)) == {
         "teacher", "paraphraser0", "paraphraser1"}

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import os
 import random
+import warnings
 from typing import Any
 
 import numpy as np
@@ -131,10 +132,17 @@ def source_digests(**networks: nn.Module | nn.ModuleList | None) -> dict[str, st
     return found
 
 
-def check_sources(saved: dict[str, str] | None, current: dict[str, str], path) -> None:
-    """Refuse to resume a stage against different teacher/paraphraser weights than it was trained from."""
+def check_sources(saved: dict[str, str] | None, current: dict[str, str], path, finished: bool = False) -> None:
+    """Refuse to resume a stage against different teacher/paraphraser weights than it was trained from.
+
+    A checkpoint from before sources were recorded cannot be checked: an unfinished one is refused (training
+    would go on against networks nobody can compare), a finished one, which is only skipped, gets a warning.
+    """
     if saved is None:
-        if current:
+        if current and finished:
+            warnings.warn(f"{path} does not record which {', '.join(current)} it was trained from (an older "
+                          f"checkpoint); it is kept as finished without that check", stacklevel=2)
+        elif current:
             raise CheckpointError(f"cannot resume from {path}: it does not record which {', '.join(current)} "
                                   f"it was trained from, so a change of them could not be noticed (written by an "
                                   f"older version; use --overwrite to start this stage afresh)")

@@ -98,7 +98,7 @@ def run_stage(stage: Stage, cfg: TrainConfig, rt: Runtime, loader, sampler: Resu
                               f"start the {stage.name} stage afresh")
         ckpt = load_checkpoint(last_path)  # on CPU: RNG states must stay CPU tensors; weights are copied over
         check_config(ckpt["config"], wanted_config, last_path)
-        check_sources(ckpt.get("sources"), stage.sources, last_path)
+        check_sources(ckpt.get("sources"), stage.sources, last_path, finished=bool(ckpt.get("finished")))
         if ckpt.get("finished"):
             _log(rt, f"[{stage.name}] already finished ({last_path}); skipping")
             best = check_best_matches(ckpt, best_path)
