@@ -8,6 +8,7 @@ need, estimated from the largest case of the same backend and pair run so far on
 small probe run).
 
     python bench/bench_pixel_relation.py [--budget-s 120] [--interpreter-budget-s 60] [--repeats 3] [--quick]
+                                         [--sizes 4096,65536] [--batches 1,8] [--out bench/results/...csv]
 """
 from __future__ import annotations
 
@@ -74,6 +75,7 @@ def run_case(backend: str, batch: int, side: int, c_t: int, c_s: int, repeats: i
     peak = (torch.cuda.max_memory_allocated() if dev == "cuda" else vm_hwm()) - base
     times.sort()
     return {"median_s": times[len(times) // 2], "peak_extra_bytes": peak, "input_bytes": input_bytes,
+            "student_bytes": fs.numel() * fs.element_size(),
             "loss": value, "device": torch.cuda.get_device_name() if dev == "cuda" else "cpu"}
 
 
@@ -88,7 +90,10 @@ def main(argv=None) -> list[dict]:
                     help="budget for the Triton CPU interpreter, which only shows that the kernels run")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--quick", action="store_true", help="only N=4,096 (a smoke run)")
-    args = ap.parse_args(argv)
+    ap.add_argument("--sizes", default="", help="comma-separated N values to run (default: all)")
+    ap.add_argument("--batches", default="1,8", help="comma-separated batch sizes")
+    ap.add_argument("--out", type=Path, default=HERE / "results" / "pixel_relation.csv")
+    args, _ = ap.parse_known_args(argv)
     cuda = has_cuda()
     interpreted = not cuda
     env = environment()
@@ -101,9 +106,13 @@ def main(argv=None) -> list[dict]:
                 rates[pair, backend] = flops(backend, 1, PROBE_SIDE**2, c_t, c_s) / res["median_s"]
     rows = []
     sizes = list(SIZES.items())[:1] if args.quick else list(SIZES.items())
+    if args.sizes:
+        wanted = {int(n) for n in args.sizes.split(",")}
+        sizes = [(name, side) for name, side in sizes if side * side in wanted]
+    batches = [int(b) for b in args.batches.split(",")]
     for pair, (c_t, c_s) in PAIRS.items():
         for size_name, side in sizes:
-            for batch in (1, 8):
+            for batch in batches:
                 n = side * side
                 for backend in BACKENDS:
                     row = {"pair": pair, "size": size_name, "N": n, "batch": batch, "backend": backend,
@@ -128,7 +137,13 @@ def main(argv=None) -> list[dict]:
                             rates[pair, backend] = flops(backend, batch, n, c_t, c_s) / res["median_s"]
                     rows.append(row)
                     print(_line(row), flush=True)
-    write_csv(HERE / "results" / "pixel_relation.csv", rows, env)
+    # The fused kernel against the eager row-block path, case by case, from this same run.
+    for r in rows:
+        eager = next((c for c in rows if c["backend"] == "chunked" and "median_ms" in c and
+                      (c["pair"], c["N"], c["batch"]) == (r["pair"], r["N"], r["batch"])), None)
+        if r["backend"] == "triton" and "median_ms" in r and eager and cuda:
+            r["time_over_chunked"] = round(r["median_ms"] / eager["median_ms"], 3)
+    write_csv(args.out, rows, env)
     print(markdown(rows))
     return rows
 
@@ -141,6 +156,9 @@ def _fill(row: dict, res: dict, backend: str, interpreted: bool) -> None:
     row["peak_extra_MiB"] = round(res["peak_extra_bytes"] / 2**20, 1)
     row["peak_extra_over_input"] = round(res["peak_extra_bytes"] / res["input_bytes"], 2)
     row["GFLOP_per_s"] = round(row["GFLOP"] / res["median_s"], 1)
+    row["TFLOP_per_s"] = round(row["GFLOP"] / res["median_s"] / 1e3, 3)
+    # Least traffic any algorithm needs: both maps read forward and backward, the student's gradient written.
+    row["GB_per_s_min_traffic"] = round((2 * res["input_bytes"] + res["student_bytes"]) / res["median_s"] / 1e9, 1)
     row["loss"] = f"{res['loss']:.6e}"
     if backend == "triton" and interpreted:
         row["note"] = "Triton CPU interpreter (correctness path, not a speed figure)"
@@ -160,7 +178,7 @@ def _line(row: dict) -> str:
 
 def markdown(rows: list[dict]) -> str:
     cols = ["pair", "size", "batch", "backend", "GFLOP", "median_ms", "peak_extra_MiB", "peak_extra_over_input",
-            "GFLOP_per_s", "loss", "note"]
+            "GFLOP_per_s", "GB_per_s_min_traffic", "time_over_chunked", "loss", "note"]
     out = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for r in rows:
         out.append("| " + " | ".join(str(r.get(c, "")) for c in cols) + " |")

@@ -5,7 +5,8 @@ runs in its own subprocess so that peak memory is clean: on CPU the VmHWM delta 
 max_memory_allocated minus the input bytes. Cases a backend cannot fit (naive at large N) or would take
 longer than the budget (the Triton interpreter on CPU) are not run: the table says what they would need.
 
-    python bench/bench_similarity.py [--budget-s 120] [--repeats 3] [--quick]
+    python bench/bench_similarity.py [--budget-s 120] [--repeats 3] [--quick] [--sizes 4096,65536]
+                                     [--batches 1,8] [--out bench/results/similarity.csv]
 """
 from __future__ import annotations
 
@@ -81,7 +82,10 @@ def main(argv=None) -> list[dict]:
                     help="budget for the Triton CPU interpreter, which only shows that the kernels run")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--quick", action="store_true", help="only N=4,096 (a smoke run)")
-    args = ap.parse_args(argv)
+    ap.add_argument("--sizes", default="", help="comma-separated N values to run (default: all)")
+    ap.add_argument("--batches", default="1,8", help="comma-separated batch sizes")
+    ap.add_argument("--out", type=Path, default=HERE / "results" / "similarity.csv")
+    args, _ = ap.parse_known_args(argv)
     cuda = has_cuda()
     interp_budget = min(args.interpreter_budget_s, args.budget_s)
     env = environment()
@@ -94,9 +98,13 @@ def main(argv=None) -> list[dict]:
         if "median_s" in res:
             rates[backend] = flops(backend, 1, probe["side"] ** 2, 64) / res["median_s"]
     sizes = list(SIZES.items())[:1] if args.quick else list(SIZES.items())
+    if args.sizes:
+        wanted = {int(n) for n in args.sizes.split(",")}
+        sizes = [(name, side) for name, side in sizes if side * side in wanted]
+    batches = [int(b) for b in args.batches.split(",")]
     for pair, channels in PAIRS.items():
         for size_name, side in sizes:
-            for batch in (1, 8):
+            for batch in batches:
                 n = side * side
                 for backend in BACKENDS:
                     row = {"pair": pair, "size": size_name, "batch": batch, "backend": backend,
@@ -125,6 +133,7 @@ def main(argv=None) -> list[dict]:
                             gbps = 5 * res["input_bytes"] / res["median_s"] / 1e9
                             row["GB_per_s_min_traffic"] = round(gbps, 1)
                             peak = next((v for k, v in DEVICE_PEAKS.items() if k in res["device"]), None)
+                            row["TFLOP_per_s"] = round(work / res["median_s"] / 1e12, 3)
                             if cuda and peak:
                                 row["of_peak_GB_per_s"] = f"{gbps / peak[0]:.1%}"
                                 row["of_peak_TF32_TFLOP_per_s"] = f"{work / res['median_s'] / 1e12 / peak[1]:.1%}"
@@ -132,16 +141,22 @@ def main(argv=None) -> list[dict]:
                                 row["note"] = "Triton CPU interpreter (correctness path, not a speed figure)"
                     rows.append(row)
                     print(_line(row), flush=True)
+    # Fused kernels against the eager path, case by case, from this same run.
+    for r in rows:
+        gram = next((g for g in rows if g["backend"] == "gram" and "median_ms" in g and
+                     (g["pair"], g["size"], g["batch"]) == (r["pair"], r["size"], r["batch"])), None)
+        if r["backend"] in ("triton", "tiled") and "median_ms" in r and gram and cuda:
+            r["time_over_gram"] = round(r["median_ms"] / gram["median_ms"], 3)
     # The side-by-side ratio at N = 4,096, from this same run.
     for pair in PAIRS:
-        for batch in (1, 8):
+        for batch in batches:
             got = {r["backend"]: r for r in rows if r["pair"] == pair and r["batch"] == batch
                    and r["size"].startswith("256²") and "median_ms" in r}
             if "naive" in got and "gram" in got:
                 ratio = got["naive"]["median_ms"] / got["gram"]["median_ms"]
                 print(f"naive/gram time ratio, {pair}, N=4,096, batch {batch}: {ratio:.1f}×")
                 got["gram"]["naive_over_gram"] = round(ratio, 1)
-    write_csv(HERE / "results" / "similarity.csv", rows, env)
+    write_csv(args.out, rows, env)
     print(markdown(rows))
     return rows
 
@@ -154,7 +169,7 @@ def markdown(rows: list[dict]) -> str:
     cols = ["pair", "size", "batch", "backend", "median_ms", "peak_extra_MiB", "peak_extra_over_input",
             "GFLOP_per_s", "GB_per_s_min_traffic", "note"]
     if any("of_peak_GB_per_s" in r for r in rows):
-        cols[-1:-1] = ["of_peak_GB_per_s", "of_peak_TF32_TFLOP_per_s"]
+        cols[-1:-1] = ["of_peak_GB_per_s", "of_peak_TF32_TFLOP_per_s", "time_over_gram"]
     out = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for r in rows:
         out.append("| " + " | ".join(str(r.get(c, "")) for c in cols) + " |")

@@ -148,3 +148,23 @@ def test_auto_follows_the_model():
     small = roofline.gram_torch_steps(8, 65_536, 24, 24, matmul_math="fp32")
     assert roofline.modelled_time(heavy, gpu) > roofline.modelled_time(small, gpu)
     assert roofline.gpu_spec("NVIDIA A100-SXM4-80GB") is gpu and roofline.gpu_spec("Tesla T4").name == "H100 SXM"
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_on_cuda_auto_runs_what_the_model_picks_and_every_gram_path_agrees():
+    """At a 1024² patch's H/4 maps: the eager and fused paths agree in value and gradient, and 'auto' runs
+    whichever the roofline picks for this GPU."""
+    g = torch.Generator(device="cuda").manual_seed(0)
+    f1 = torch.randn(2, 24, 256, 256, device="cuda", generator=g).relu_().requires_grad_(True)
+    f2 = torch.randn(2, 64, 256, 256, device="cuda", generator=g).requires_grad_(True)
+    out = {}
+    for backend in ("gram", "triton", "auto"):
+        phi = cocofast.cross_layer_correlation(f1, f2, backend=backend)
+        out[backend] = (phi.detach(), *torch.autograd.grad(phi.sum(), [f1, f2]))
+    for got in (out["triton"], out["auto"]):
+        assert torch.allclose(got[0], out["gram"][0], rtol=1e-5)
+        for a, b in zip(got[1:], out["gram"][1:]):
+            assert ((a - b).norm() / b.norm()).item() < 1e-4
+    picked = roofline.similarity_auto_backend(f1, f2)
+    assert picked in ("gram", "triton") and torch.equal(out["auto"][0], out[picked][0])

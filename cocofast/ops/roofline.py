@@ -77,10 +77,12 @@ def gram_torch_steps(batch: int, n_pix: int, c1: int, c2: int, element_bytes: in
             gram_torch_traffic(batch, n_pix, c1, c2, element_bytes)]
 
 
-# Passes over each N×C map of today's fused kernels (perf-notes, main @ 2abf59f: ptxas and code reading):
-# the forward re-reads each map per channel-tile pair, the backward reads both maps and writes the gradient.
-TRITON_FORWARD_PASSES = 15
-TRITON_BACKWARD_PASSES = 4
+# Passes over both N×C maps of the fused kernels, as cocofast.kernels.traffic counts them (DRAM model, GPU
+# tiles, N = 1,024, kernels at 2ea08f8): forward 6.8 (C = 24) to 9.3 (C = 64); backward 3.7 × (maps +
+# gradients), i.e. about 6 reads and the gradient write. bench/bench_roofline.py recounts them at every run.
+TRITON_FORWARD_PASSES = 8
+TRITON_BACKWARD_PASSES = 6
+GRAM_TILE = 64  # the kernels' channel tile: the symmetric Grams compute the upper tile pairs only
 
 
 def triton_gram_steps(batch: int, n_pix: int, c1: int, c2: int, element_bytes: int = 4, *,
@@ -88,13 +90,14 @@ def triton_gram_steps(batch: int, n_pix: int, c1: int, c2: int, element_bytes: i
                       math: str = "tf32x3") -> list[Step]:
     """The fused `triton` path: one forward and one backward step. Bytes default to the pass counts above;
     pass counted figures (kernels/traffic.py) as forward_bytes / backward_bytes to model the kernels as they
-    are. FLOPs: the forward forms all three Grams in full (2·N·(C₁² + C₂² + C₁C₂)), the backward evaluates
-    dÂ = Â·S + Â'·K twice per map (once for the row sums, once for the gradient)."""
+    are. FLOPs: the forward forms K in full and S₁, S₂ on their upper channel-tile pairs; the backward
+    evaluates dÂ = Â·S + Â'·K once per map (a GEMM with inner dimension C₁ + C₂)."""
     maps = batch * n_pix * (c1 + c2) * element_bytes
     fwd_bytes = maps * TRITON_FORWARD_PASSES if forward_bytes is None else forward_bytes
     bwd_bytes = maps * (TRITON_BACKWARD_PASSES + 1) if backward_bytes is None else backward_bytes
-    fwd_flops = 2 * batch * n_pix * (c1 * c1 + c2 * c2 + c1 * c2)
-    bwd_flops = 2 * (2 * batch * n_pix * (c1 + c2) * (c1 + c2))
+    upper = lambda c: min(c * c, c * (c + GRAM_TILE) / 2)  # noqa: E731
+    fwd_flops = 2 * batch * n_pix * (upper(c1) + upper(c2) + c1 * c2)
+    bwd_flops = 2 * batch * n_pix * (c1 + c2) * (c1 + c2)
     return [Step("triton forward", fwd_bytes, fwd_flops, math), Step("triton backward", bwd_bytes, bwd_flops, math)]
 
 
@@ -123,4 +126,4 @@ def similarity_auto_backend(f1: torch.Tensor, f2: torch.Tensor) -> str:
 
 __all__ = ["GPUS", "GPUSpec", "Step", "TRITON_BACKWARD_PASSES", "TRITON_FORWARD_PASSES", "faster_backend",
            "gpu_spec", "gram_torch_steps", "modelled_time", "similarity_auto_backend", "step_time",
-           "torch_matmul_math", "triton_gram_steps"]
+           "torch_matmul_math", "triton_gram_steps", "GRAM_TILE"]

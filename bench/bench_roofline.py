@@ -1,0 +1,146 @@
+"""Modelled GPU time of every similarity path at 1024² patches: max(bytes / HBM bandwidth, FLOPs / peak).
+
+Per path and shape, the bytes come from counting, not from reading the code:
+- the Triton kernels (gram, tiled, pixel relation): cocofast.kernels.traffic runs them in the CPU
+  interpreter at the GPU tile configs (COCOFAST_GPU_CONFIG=1) on small maps and reports their DRAM traffic
+  as multiples of one pass over the maps; the multiple is applied at the full shape. Without that module,
+  the pass counts in cocofast.ops.roofline stand in, and the `bytes_source` column says so;
+- the eager `gram` path: cocofast.gram_torch.traffic, its own list of passes, checked here against the
+  dispatch-level counter (cocofast.ops.torch_traffic) on a small shape (`counted_over_model`).
+FLOPs are each algorithm's multiply-adds × 2. Maps are fp32; the kernels' dots run as tf32x3 (a third of the
+TF32 tensor-core peak), torch's fp32 matmul on the FP32 units (its default, allow_tf32 = False). Peaks are
+in cocofast/ops/roofline.py (H100 SXM 3.35 TB/s, A100 SXM 2.0 TB/s). `auto_picks` is what backend='auto'
+runs on that GPU at that shape.
+
+    python bench/bench_roofline.py [--quick] [--out bench/results/roofline.csv]
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from common import environment, run_child, write_csv
+
+BATCH, N_PIX = 8, 65_536
+SIMILARITY_CHANNELS = (24, 64, 256)
+PIXEL_RELATION_PAIRS = ((256, 24), (256, 64))  # FANet teacher against each student
+PROBE_SIDE = {"gram": 32, "tiled": 16, "pixel_relation": 16}  # interpreter time grows as N² for the last two
+MODEL_GPUS = ("H100", "A100")
+
+
+def run_case(path: str, c1: int, c2: int, side: int) -> dict:
+    """Runs in a child with the interpreter: DRAM-model multiples of one kernel path (kernels/traffic.py)."""
+    from cocofast.kernels.traffic import path_traffic
+
+    r = path_traffic(path, c1, c2, side=side)
+    return {k: r[k] for k in ("dram_multiple_forward", "dram_multiple_backward", "minimum_forward",
+                              "minimum_backward")}
+
+
+def kernel_multiples(path: str, c1: int, c2: int) -> dict | None:
+    try:
+        import cocofast.kernels.traffic  # noqa: F401 - only whether it exists
+    except ImportError:
+        return None
+    os.environ["COCOFAST_GPU_CONFIG"] = "1"  # the tiles a GPU would launch, so re-reads are a GPU's
+    res = run_child("bench_roofline", dict(path=path, c1=c1, c2=c2, side=PROBE_SIDE[path]), timeout=600,
+                    interpret=True)
+    return None if "error" in res else res
+
+
+def kernel_steps(path: str, c1: int, c2: int, multiples: dict | None):
+    from cocofast.ops.roofline import Step, triton_gram_steps
+
+    maps = BATCH * N_PIX * (c1 + c2) * 4
+    if path == "gram":
+        if multiples is None:
+            return triton_gram_steps(BATCH, N_PIX, c1, c2), "pass-count defaults (cocofast/ops/roofline.py)"
+        grads = maps  # both maps get a gradient
+        return (triton_gram_steps(BATCH, N_PIX, c1, c2, forward_bytes=multiples["dram_multiple_forward"] * maps,
+                                  backward_bytes=multiples["dram_multiple_backward"] * (maps + grads)),
+                "kernels/traffic.py DRAM model")
+    if multiples is None:
+        return None, "not counted: cocofast.kernels.traffic unavailable"
+    n2 = BATCH * N_PIX * N_PIX
+    if path == "tiled":  # forward M₁ and M₂ tiles; the backward rebuilds both tiles per gradient
+        fwd_flops, bwd_flops, grads = 2 * n2 * (c1 + c2), 2 * n2 * (c1 + c2) * 3, maps
+    else:  # pixel relation: R_T, R_S forward; backward rebuilds both and forms (G + Gᵀ)Â_S
+        fwd_flops, bwd_flops, grads = 2 * n2 * (c1 + c2), 2 * n2 * (c1 + c2) + 2 * n2 * c2, BATCH * N_PIX * c2 * 4
+    steps = [Step(f"{path} forward", multiples["dram_multiple_forward"] * maps, fwd_flops, "tf32x3"),
+             Step(f"{path} backward", multiples["dram_multiple_backward"] * (maps + grads), bwd_flops, "tf32x3")]
+    return steps, "kernels/traffic.py DRAM model"
+
+
+def counted_over_model(c1: int, c2: int) -> float:
+    """The eager gram path's listed passes against the bytes its ops actually move, at B = 2, N = 4,096."""
+    import torch
+
+    from cocofast.gram_torch import TorchGramStats, traffic
+    from cocofast.ops.torch_traffic import TrafficCounter
+
+    f1 = torch.randn(2, c1, 64, 64).relu_().requires_grad_(True)
+    f2 = torch.randn(2, c2, 64, 64).requires_grad_(True)
+    with TrafficCounter() as counter:
+        torch.aminmax(f1.detach()), torch.aminmax(f2.detach())
+        k, p, q = TorchGramStats.apply(f1, f2, True, 1e-6)
+        (k / (p * q).sqrt()).sum().backward()
+    return counter.total_bytes / sum(b for _, b, _ in traffic(2, 64 * 64, c1, c2))
+
+
+def row(path, c1, c2, steps, source, gpu_key) -> dict:
+    from cocofast.ops.roofline import GPUS, modelled_time
+
+    gpu = GPUS[gpu_key]
+    nbytes, flops = sum(s.bytes for s in steps), sum(s.flops for s in steps)
+    memory = sum(s.bytes / gpu.hbm_bytes_per_s for s in steps)
+    compute = sum(s.flops / gpu.peak(s.math) for s in steps)
+    total = modelled_time(steps, gpu)
+    bound = "memory" if memory >= compute else "compute"
+    return {"path": path, "gpu": gpu.name, "batch": BATCH, "N": N_PIX, "C1": c1, "C2": c2, "maps": "fp32",
+            "bytes_source": source, "GB": round(nbytes / 1e9, 3), "GFLOP": round(flops / 1e9, 1),
+            "math": "/".join(sorted({s.math for s in steps if s.flops})),
+            "memory_ms": round(memory * 1e3, 3), "compute_ms": round(compute * 1e3, 3),
+            "modelled_ms": round(total * 1e3, 3), "bound": bound}
+
+
+def main(argv=None) -> list[dict]:
+    from cocofast.ops.roofline import GPUS, faster_backend, gram_torch_steps, modelled_time
+
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="the gram paths only (no tiled / pixel-relation counts)")
+    ap.add_argument("--out", type=Path, default=HERE / "results" / "roofline.csv")
+    args, _ = ap.parse_known_args(argv)
+    rows = []
+    for c in SIMILARITY_CHANNELS:
+        eager = gram_torch_steps(BATCH, N_PIX, c, c, matmul_math="fp32")
+        check = round(counted_over_model(c, c), 3)
+        fused, source = kernel_steps("gram", c, c, kernel_multiples("gram", c, c))
+        tiled = None if args.quick else kernel_steps("tiled", c, c, kernel_multiples("tiled", c, c))
+        for g in MODEL_GPUS:
+            times = {"triton": modelled_time(fused, GPUS[g]), "gram": modelled_time(eager, GPUS[g])}
+            r_eager = row("gram (eager torch)", c, c, eager, "cocofast.gram_torch.traffic", g)
+            r_eager["counted_over_model"] = check
+            r_fused = row("triton (fused Gram kernels)", c, c, fused, source, g)
+            r_fused["triton_over_gram"] = round(times["triton"] / times["gram"], 3)
+            r_fused["auto_picks"] = faster_backend(times)
+            rows += [r_eager, r_fused]
+            if tiled and tiled[0]:
+                rows.append(row("tiled (flash-style kernels)", c, c, tiled[0], tiled[1], g))
+    if not args.quick:
+        for ct, cs in PIXEL_RELATION_PAIRS:
+            steps, source = kernel_steps("pixel_relation", ct, cs, kernel_multiples("pixel_relation", ct, cs))
+            for g in MODEL_GPUS:
+                if steps:
+                    rows.append(row("pixel relation (flash-style KL)", ct, cs, steps, source, g))
+    for r in rows:
+        print(" | ".join(f"{k}={v}" for k, v in r.items() if k not in ("batch", "N", "maps")), flush=True)
+    write_csv(args.out, rows, environment())
+    return rows
+
+
+if __name__ == "__main__":
+    main()
