@@ -34,7 +34,14 @@ class ConfigError(ValueError):
 def _f(default, group: str, help: str, choices: Sequence[str] | None = None):
     # group says which stage's checkpoint a key belongs to: resuming that stage with a different value is refused.
     # "run" keys steer this invocation only (where to write, when to stop, progress bars) and may change freely.
-    return field(default=default, metadata={"group": group, "help": help, "choices": choices})
+    metadata = {"group": group, "help": help, "choices": choices}
+    if isinstance(default, (list, dict)):  # mutable defaults: a fresh copy per config
+        return field(default_factory=lambda: type(default)(default), metadata=metadata)
+    return field(default=default, metadata=metadata)
+
+
+def default_of(f: dataclasses.Field):
+    return f.default_factory() if f.default is dataclasses.MISSING else f.default
 
 
 @dataclass
@@ -57,6 +64,8 @@ class TrainConfig:
     stop_after_iters: int = _f(0, "run", "debugging: stop abruptly, without saving, after N iterations "
                                          "of this invocation (0: never); simulates a killed job")
     num_overlays: int = _f(4, "run", "validation patches drawn in overlays_*.png")
+    threads: int = _f(0, "run", "torch CPU threads per process (0: the machine's cores; 1 per process under "
+                                "torchrun on the CPU). On a busy machine fewer threads than cores can be faster")
 
     # --- data ---
     seed: int = _f(0, "all", "seeds weights, data order and augmentation; data order is a function of (seed, epoch)")
@@ -88,9 +97,21 @@ class TrainConfig:
     eval_batch_size: int = _f(8, "run", "per-process batch size for evaluation")
 
     # --- networks ---
-    teacher_model: str = _f("fanet", "all", "teacher network name in cocofast.models")
+    teacher_model: str = _f("fanet", "all", "teacher network: a name in cocofast.models or an import path "
+                                            "'package.module:factory' (docs/own-networks.md)")
+    teacher_model_kwargs: dict = _f({}, "all", "arguments of the teacher's factory (a mapping; for built-in "
+                                               "networks added to in_channels, num_classes, width)")
+    teacher_taps: list = _f([], "all", "dotted module paths of the teacher's (shallow, deep) taps (empty: "
+                                       "the built-in network's own)")
     teacher_width: float = _f(1.0, "all", "teacher channel-width multiplier (1.0 = the paper's network)")
-    student_model: str = _f("mobile_unet", "paraphraser", "student network name in cocofast.models")
+    student_model: str = _f("mobile_unet", "paraphraser", "student network: a name in cocofast.models or an "
+                                                          "import path 'package.module:factory'")
+    student_model_kwargs: dict = _f({}, "paraphraser", "arguments of the student's factory (a mapping)")
+    student_taps: list = _f([], "paraphraser", "dotted module paths of the student's (shallow, deep) taps "
+                                               "(empty: the built-in network's own)")
+    teacher_chain: list = _f([], "student", "module paths of the teacher's chain of taps for graph losses "
+                                            "(empty: the built-in network's graph_tap_paths)")
+    student_chain: list = _f([], "student", "module paths of the student's chain of taps for graph losses")
     student_width: float = _f(1.0, "paraphraser", "student channel-width multiplier")
 
     # --- optimisation (poly lr; 'poly_step' also multiplies by lr_step_gamma every lr_step_epochs epochs) ---
@@ -169,7 +190,7 @@ class TrainConfig:
                 raise ConfigError(f"config key '{name}': must be >= 1, got {getattr(self, name)}")
         if self.num_classes < 2:
             raise ConfigError(f"config key 'num_classes': must be >= 2, got {self.num_classes}")
-        for name in ("num_workers", "save_every_iters", "stop_after_iters", "num_overlays", "patch_size",
+        for name in ("num_workers", "threads", "save_every_iters", "stop_after_iters", "num_overlays", "patch_size",
                      "patch_stride"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"config key '{name}': must be >= 0, got {getattr(self, name)}")
@@ -274,7 +295,7 @@ def _coerce(key: str, value: Any, source: str) -> Any:
     """Check (YAML) or convert (command line strings) one value to the type of field `key`."""
     if key not in _FIELDS:
         raise ConfigError(f"unknown config key '{key}' in {source}{_close_names(key)}")
-    kind = type(_FIELDS[key].default)
+    kind = type(default_of(_FIELDS[key]))
     from_cli = source == "the command line"
     bad = ConfigError(f"config key '{key}' in {source}: expected {kind.__name__}, got {value!r}")
     if kind is bool:
@@ -309,6 +330,23 @@ def _coerce(key: str, value: Any, source: str) -> Any:
         if isinstance(value, str):
             return value
         raise bad
+    if kind is list:  # YAML: a list of names; command line: comma-separated
+        if from_cli and isinstance(value, str):
+            value = [item.strip() for item in value.split(",") if item.strip()]
+        if isinstance(value, list) and all(isinstance(item, str) for item in value):
+            return list(value)
+        raise ConfigError(f"config key '{key}' in {source}: expected a list of names (YAML) or "
+                          f"'a,b' (command line), got {value!r}")
+    if kind is dict:  # YAML: a mapping; command line: a YAML/JSON mapping such as '{base: 16}'
+        if from_cli and isinstance(value, str):
+            try:
+                value = yaml.safe_load(value) if value.strip() else {}
+            except yaml.YAMLError:
+                raise bad from None
+        if isinstance(value, dict) and all(isinstance(k, str) for k in value):
+            return dict(value)
+        raise ConfigError(f"config key '{key}' in {source}: expected a mapping such as '{{base: 16}}', "
+                          f"got {value!r}")
     raise AssertionError(f"unsupported field type {kind} for {key}")
 
 
@@ -374,5 +412,5 @@ def describe() -> str:
     """One line per key: name, default, help (printed by `distill.py --help`)."""
     lines = []
     for f in dataclasses.fields(TrainConfig):
-        lines.append(f"  {'--' + f.name + '=' + repr(f.default):<34} {f.metadata['help']}")
+        lines.append(f"  {'--' + f.name + '=' + repr(default_of(f)):<34} {f.metadata['help']}")
     return "\n".join(lines)

@@ -37,7 +37,8 @@ class UniqueKeyLoader(yaml.SafeLoader):
 
 def check_values(cfg) -> None:
     """Raise ConfigError (from train/config.py) on the first value of `cfg` that cannot work."""
-    from cocofast.models import SEGMENTATION_MODELS
+    from cocofast.models import SEGMENTATION_MODELS, NetworkError, is_import_path
+    from cocofast.models.user import import_factory
 
     from .config import ConfigError
 
@@ -46,9 +47,19 @@ def check_values(cfg) -> None:
         if isinstance(value, float) and not math.isfinite(value):
             raise ConfigError(f"config key '{f.name}': must be a finite number, got {value}")
     for key in ("teacher_model", "student_model"):
-        if getattr(cfg, key) not in SEGMENTATION_MODELS:
-            raise ConfigError(f"config key '{key}': unknown segmentation network {getattr(cfg, key)!r}; "
-                              f"choose one of {', '.join(SEGMENTATION_MODELS)}")
+        name = getattr(cfg, key)
+        if is_import_path(name):
+            try:
+                import_factory(name)
+            except NetworkError as err:
+                raise ConfigError(f"config key '{key}': {err}") from None
+        elif name not in SEGMENTATION_MODELS:
+            raise ConfigError(f"config key '{key}': unknown segmentation network {name!r}; choose one of "
+                              f"{', '.join(SEGMENTATION_MODELS)} or give an import path 'package.module:factory'")
+    for key in ("teacher_taps", "student_taps"):
+        if getattr(cfg, key) and len(getattr(cfg, key)) != 2:
+            raise ConfigError(f"config key '{key}': expected two module paths (shallow, deep), got "
+                              f"{getattr(cfg, key)}")
     ranges = {
         "teacher_width": (0, None), "student_width": (0, None), "disc_width": (0, None),
         # A learning rate of 0 freezes a network (tests use it to compare initial weights); negative ones diverge.

@@ -15,10 +15,14 @@ SPLIT_SEED_OFFSETS = {"train": 0, "val": 1_000_003, "test": 2_000_003}
 
 def build_dataset(cfg: TrainConfig, split: str):
     """split: 'train', 'val' or 'test'. Synthetic splits use disjoint seeds; folder splits are sub-folders."""
+    options = cfg.data_options()
+    # Augmentation (flips, stain and brightness jitter) on the training split only, drawn per sample from
+    # (seed, epoch, index): the same on every rank and worker and after a resume.
+    augment = options["augment"] if split == "train" else None
     if cfg.dataset == "synthetic":
         length = cfg.train_samples if split == "train" else cfg.val_samples
         return SyntheticPathology(length, size=cfg.image_size, seed=cfg.data_seed + SPLIT_SEED_OFFSETS[split],
-                                  in_channels=cfg.in_channels, flips=False)
+                                  in_channels=cfg.in_channels, augment=augment, augment_seed=cfg.seed)
     root = Path(cfg.data_root)
     folder = root / split
     if split == "test" and not folder.is_dir():
@@ -28,7 +32,8 @@ def build_dataset(cfg: TrainConfig, split: str):
     try:
         return FolderDataset(folder, mask_values=cfg.mask_mapping(), num_classes=cfg.num_classes,
                              in_channels=cfg.in_channels, patch_size=cfg.patch_size or None,
-                             stride=cfg.patch_stride or None, resize=cfg.image_size)
+                             stride=cfg.patch_stride or None, resize=cfg.image_size,
+                             normalise=options["normalise"], augment=augment, seed=cfg.seed)
     except ValueError as err:  # the dataset lists every bad file; say which split and key it came from
         raise ConfigError(f"config key 'data_root': the {split} split in {folder} is not usable: {err}") from None
 

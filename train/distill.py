@@ -37,6 +37,7 @@ from cocofast.io import WriteError
 from cocofast.train.checkpoint import CheckpointError
 from cocofast.train.config import ConfigError, describe, parse_args
 from cocofast.train.loop import IterationBudget, TrainingInterrupted
+from cocofast.train.networks import check_networks
 from cocofast.train.rundir import hold_run_dir
 from cocofast.train.runtime import configure_determinism, init_runtime, shutdown
 from cocofast.train.stages import evaluate_all, train_paraphrasers, train_student, train_teacher
@@ -57,6 +58,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         lock = hold_run_dir(cfg.run_dir, rt)
         configure_determinism(cfg)
+        check_networks(cfg)  # every name, import path and tap path, and the tap shapes, before any training
         budget = IterationBudget(cfg.stop_after_iters)
         for stage in cfg.stages():
             if stage == "teacher":

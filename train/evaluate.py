@@ -17,7 +17,7 @@ from cocofast.models.taps import unwrap_model as unwrap
 from .checkpoint import CheckpointError, load_checkpoint, load_weights, model_spec
 from .config import TrainConfig
 from .data import build_dataset
-from .networks import teacher_path
+from .networks import load_teacher, teacher_path
 from .runtime import Runtime, eval_loader
 
 
@@ -35,8 +35,22 @@ def evaluate_segmentation(model: nn.Module, loader, cfg: TrainConfig, rt: Runtim
     matrix.all_reduce()
     result = matrix.compute()
     model.train(was_training)
-    return {f"{prefix}acc": float(result["acc"]), f"{prefix}miou": float(result["miou"]),
-            f"{prefix}mdice": float(result["mdice"])}
+    scores = {f"{prefix}acc": float(result["acc"]), f"{prefix}miou": float(result["miou"]),
+              f"{prefix}mdice": float(result["mdice"])}
+    scores.update({f"{prefix}iou{k}": float(v) for k, v in enumerate(result["iou"])})
+    predicted = single_predicted_class(matrix.matrix)
+    if predicted is not None and rt.is_main:
+        name = getattr(model, "model_name", type(model).__name__)
+        print(f"[warning] {name} predicted class {predicted} for every pixel it was scored on: it has "
+              f"collapsed to one class (mIoU {scores[f'{prefix}miou']:.4f} is that of a constant map); check "
+              f"the learning rate, the loss weights and the class balance", flush=True)
+    return scores
+
+
+def single_predicted_class(matrix: torch.Tensor) -> int | None:
+    """The one class a network predicted everywhere (columns of the confusion matrix), or None."""
+    used = (matrix.sum(dim=0) > 0).nonzero().flatten().tolist()
+    return used[0] if len(used) == 1 else None
 
 
 def overlay_drawer(model: nn.Module, dataset, cfg: TrainConfig, rt: Runtime):
@@ -61,6 +75,10 @@ def overlay_drawer(model: nn.Module, dataset, cfg: TrainConfig, rt: Runtime):
 def evaluate_all(cfg: TrainConfig, rt: Runtime) -> list[dict]:
     """Score the teacher and the listed students on the test split; print and save one table (eval.csv)."""
     test_set = build_dataset(cfg, "test")
+    split = scored_split(cfg)
+    if rt.is_main and split != "test":
+        print(f"[eval] {cfg.data_root} has no test/ split: scoring on {split}/, the split that chose each "
+              f"stage's best.pt, so these figures are optimistic", flush=True)
     loader = eval_loader(test_set, cfg, rt)
     entries = [("teacher", teacher_path(cfg), "teacher")]
     entries += [(name, Path(cfg.run_dir) / name / "best.pt", "student") for name in cfg.students_to_eval()]
@@ -70,17 +88,20 @@ def evaluate_all(cfg: TrainConfig, rt: Runtime) -> list[dict]:
             if rt.is_main:
                 print(f"[eval] {name}: no checkpoint at {path}; skipped", flush=True)
             continue
-        spec = model_spec(load_checkpoint(path), role, path)
-        net = create_model(spec["model_name"], **spec["model_kwargs"])
-        load_weights(net, spec, role, path)
-        metrics = evaluate_segmentation(net.to(rt.device), loader, cfg, rt, prefix="")
-        with torch.device("meta"):  # shapes only: counting a full-size teacher costs no compute
-            shadow = create_model(spec["model_name"], **spec["model_kwargs"])
-        size = (1, cfg.in_channels, cfg.image_size, cfg.image_size)
-        rows.append({"name": name, "model": spec["model_name"], "width": spec["model_kwargs"].get("width", 1.0),
-                     "params": count_parameters(net),
-                     f"gmacs@{cfg.image_size}": count_macs(shadow, torch.empty(size, device="meta")) / 1e9,
-                     **metrics, "checkpoint": str(path)})
+        if role == "teacher":  # a cocofast checkpoint, a TorchScript file or a plain state-dict
+            net = load_teacher(cfg, rt)
+        else:
+            spec = model_spec(load_checkpoint(path), role, path)
+            net = create_model(spec["model_name"], **spec["model_kwargs"])
+            load_weights(net, spec, role, path)
+        net = net.to(rt.device)
+        metrics = evaluate_segmentation(net, loader, cfg, rt, prefix="")
+        collapsed = single_predicted_class_of(net, loader, rt)
+        rows.append({"name": name, "model": net.model_name, "width": net.model_kwargs.get("width", 1.0),
+                     "params": count_parameters(net), f"gmacs@{cfg.image_size}": gmacs(net, cfg),
+                     **metrics, "split": split,
+                     "warning": "" if collapsed is None else f"predicts class {collapsed} only",
+                     "checkpoint": str(path)})
     if not rows:
         raise CheckpointError(f"nothing to evaluate: no teacher or student best.pt under {cfg.run_dir} "
                               f"(students looked for: {', '.join(cfg.students_to_eval())})")
@@ -90,6 +111,41 @@ def evaluate_all(cfg: TrainConfig, rt: Runtime) -> list[dict]:
         atomic_write_text(json.dumps(rows, indent=2), out / "eval.json")
         print(format_table(rows, cfg.image_size), flush=True)
     return rows
+
+
+def scored_split(cfg: TrainConfig) -> str:
+    if cfg.dataset == "folder" and not (Path(cfg.data_root) / "test").is_dir():
+        return "val"
+    return "test"
+
+
+@torch.no_grad()
+def single_predicted_class_of(net: nn.Module, loader, rt: Runtime) -> int | None:
+    """evaluate_segmentation's collapse check, for the eval table (one more pass over the test split)."""
+    net.eval()
+    counts = None
+    for images, _ in loader:
+        with rt.autocast():
+            pred = net(images.to(rt.device)).logits.argmax(dim=1)
+        hist = torch.bincount(pred.flatten(), minlength=net(images[:1].to(rt.device)).logits.shape[1])
+        counts = hist if counts is None else counts + hist
+    counts = rt.all_reduce_sum(counts.double().cpu()) if counts is not None else None
+    if counts is None:
+        return None
+    used = (counts > 0).nonzero().flatten().tolist()
+    return used[0] if len(used) == 1 else None
+
+
+def gmacs(net: nn.Module, cfg: TrainConfig) -> float:
+    """Multiply-adds per image at the training size, counted on the meta device where the network can be
+    rebuilt there (shapes only: a full-size teacher costs no compute), else on a real input."""
+    size = (1, cfg.in_channels, cfg.image_size, cfg.image_size)
+    if net.model_name != "torchscript":
+        with torch.device("meta"):
+            shadow = create_model(net.model_name, **net.model_kwargs)
+        return count_macs(shadow, torch.empty(size, device="meta")) / 1e9
+    device = next(net.parameters()).device
+    return count_macs(net, torch.zeros(size, device=device)) / 1e9
 
 
 def format_table(rows: list[dict], image_size: int) -> str:

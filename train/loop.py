@@ -33,7 +33,7 @@ from . import report
 from .checkpoint import (CheckpointError, capture_rng, check_config, check_sources, load_checkpoint, model_entry,
                          restore_rng, save_checkpoint, unwrap)
 from .config import ConfigError, TrainConfig, dump_yaml
-from .runtime import ResumableSampler, Runtime, random_flips
+from .runtime import ResumableSampler, Runtime
 
 
 class TrainingInterrupted(RuntimeError):
@@ -154,6 +154,8 @@ def run_stage(stage: Stage, cfg: TrainConfig, rt: Runtime, loader, sampler: Resu
         stage.out_dir.mkdir(parents=True, exist_ok=True)
     while epoch < stage.epochs:
         sampler.set_epoch(epoch)
+        if hasattr(loader.dataset, "set_epoch"):  # augmentation drawn from (seed, epoch, index)
+            loader.dataset.set_epoch(epoch)
         sampler.start_at(batch_in_epoch * per_rank_batch)
         for module in stage.trained:
             module.train()
@@ -163,8 +165,6 @@ def run_stage(stage: Stage, cfg: TrainConfig, rt: Runtime, loader, sampler: Resu
         for images, masks in loader:
             images = images.to(rt.device, non_blocking=True)
             masks = masks.to(rt.device, non_blocking=True)
-            if cfg.flips:
-                images, masks = random_flips(images, masks, cfg.seed, epoch, batch_in_epoch, rt.rank)
             terms = stage.train_step(images, masks)
             if not all(math.isfinite(v) for v in terms.values()):
                 raise FloatingPointError(

@@ -6,16 +6,96 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from cocofast.models import create_model
+from cocofast.models import (NetworkError, ScriptedNetwork, TapNotFoundError, TappedModel, create_model,
+                             is_import_path, probe, unwrap_model)
+from cocofast.models.user import is_torchscript
 
 from .checkpoint import CheckpointError, check_model, load_checkpoint, load_weights
 from .config import ConfigError, TrainConfig
 from .runtime import Runtime
 
 
+def model_name(cfg: TrainConfig, role: str) -> str:
+    return cfg.teacher_model if role == "teacher" else cfg.student_model
+
+
 def seg_kwargs(cfg: TrainConfig, role: str) -> dict:
-    width = cfg.teacher_width if role == "teacher" else cfg.student_width
-    return {"in_channels": cfg.in_channels, "num_classes": cfg.num_classes, "width": width}
+    """create_model's arguments for the teacher or the student: what a checkpoint records to rebuild it."""
+    teacher = role == "teacher"
+    user = dict(cfg.teacher_model_kwargs if teacher else cfg.student_model_kwargs)
+    if is_import_path(model_name(cfg, role)):
+        kwargs = user  # a user's factory takes only what the user gives it
+    else:
+        width = cfg.teacher_width if teacher else cfg.student_width
+        kwargs = {"in_channels": cfg.in_channels, "num_classes": cfg.num_classes, "width": width, **user}
+    taps, chain = (cfg.teacher_taps, cfg.teacher_chain) if teacher else (cfg.student_taps, cfg.student_chain)
+    if taps:
+        kwargs["taps"] = list(taps)
+    if chain:
+        kwargs["chain"] = list(chain)
+    return kwargs
+
+
+def build_network(cfg: TrainConfig, role: str) -> nn.Module:
+    """The configured teacher or student; a bad name, import path, argument or tap path is a ConfigError."""
+    try:
+        return create_model(model_name(cfg, role), **seg_kwargs(cfg, role))
+    except (NetworkError, TapNotFoundError, TypeError, ValueError) as err:
+        raise ConfigError(f"config key '{role}_model' ({model_name(cfg, role)}): {err}") from None
+
+
+def tap_channels(cfg: TrainConfig, model: nn.Module, role: str) -> tuple[int, int]:
+    """The (shallow, deep) channel counts: declared by built-in networks, found by a dry forward otherwise."""
+    inner = unwrap_model(model)
+    known = inner.known_tap_channels if isinstance(inner, TappedModel) else getattr(inner, "tap_channels", None)
+    if known:
+        return tuple(known)
+    shapes = probe(inner, cfg.in_channels, cfg.image_size)
+    if shapes.shallow is None:
+        raise ConfigError(f"config key '{role}_taps': the {role} ({model_name(cfg, role)}) has no taps; name "
+                          f"two module paths, e.g. --{role}_taps=encoder.layer2,decoder.up1")
+    return shapes.shallow[1], shapes.deep[1]
+
+
+def check_networks(cfg: TrainConfig) -> None:
+    """Before any stage: both networks build, take the configured input, give K-class logits at the input's
+    size, and (where taps are named or built in) two taps of equal H·W; names, paths and shapes in errors."""
+    needs_taps = cfg.losses.strip().lower() not in ("", "none") and bool(
+        {"paraphraser", "student"} & set(cfg.stages()))
+    for role in ("teacher", "student"):
+        if role == "teacher" and cfg.teacher_checkpoint and is_torchscript(cfg.teacher_checkpoint):
+            continue  # checked when loaded: a TorchScript teacher is whatever its file holds
+        with torch.device("meta"):  # shapes only: no weights are allocated, no arithmetic is done
+            net = build_network(cfg, role)
+        check_image_size(cfg, unwrap_model(net), role)
+        try:
+            shapes = probe(net, cfg.in_channels, cfg.image_size)
+        except NetworkError:  # an op without a meta kernel: one real forward at the configured size
+            try:
+                shapes = probe(build_network(cfg, role), cfg.in_channels, cfg.image_size)
+            except NetworkError as err:
+                raise ConfigError(f"config key '{role}_model': {err}") from None
+        check_shapes(cfg, role, shapes, net, needs_taps)
+
+
+def check_shapes(cfg: TrainConfig, role: str, shapes, net: nn.Module, needs_taps: bool) -> None:
+    name, size = model_name(cfg, role), cfg.image_size
+    wanted = (1, cfg.num_classes, size, size)
+    if shapes.logits != wanted:
+        raise ConfigError(f"the {role} ({name}) returns logits of shape {shapes.logits} for a "
+                          f"(1, {cfg.in_channels}, {size}, {size}) input; expected {wanted} (num_classes="
+                          f"{cfg.num_classes}, logits at the input's size)")
+    if shapes.shallow is None:
+        if needs_taps:
+            raise ConfigError(f"config key '{role}_taps': the {role} ({name}) has no taps, and the losses "
+                              f"{cfg.losses!r} need them; name two module paths (shallow, deep), e.g. "
+                              f"--{role}_taps=down2,up1")
+        return
+    if shapes.shallow[2] * shapes.shallow[3] != shapes.deep[2] * shapes.deep[3]:
+        paths = getattr(unwrap_model(net), "tap_paths", ("shallow", "deep"))
+        raise ConfigError(f"config key '{role}_taps': the {role}'s taps must share H·W (their cross-layer "
+                          f"correlation pairs pixel i with pixel i), got {paths[0]} {shapes.shallow} and "
+                          f"{paths[1]} {shapes.deep}")
 
 
 def check_image_size(cfg: TrainConfig, model: nn.Module, role: str) -> None:
@@ -43,10 +123,28 @@ def paraphraser_path(cfg: TrainConfig) -> Path:
 
 
 def load_teacher(cfg: TrainConfig, rt: Runtime) -> nn.Module:
+    """From a cocofast checkpoint, a TorchScript file, or a plain state-dict of the configured teacher."""
     path = teacher_path(cfg)
     if not path.is_file():
         raise CheckpointError(f"teacher checkpoint not found: {path}; run --stage teacher first "
                               f"or set --teacher_checkpoint")
+    if is_torchscript(path):
+        try:
+            teacher = ScriptedNetwork(str(path))
+        except NetworkError as err:
+            raise CheckpointError(str(err)) from None
+        check_shapes(cfg, "teacher", probe(teacher, cfg.in_channels, cfg.image_size), teacher, False)
+        return frozen(teacher.to(rt.device))
+    state = plain_state_dict(path)
+    if state is not None:  # the user's own training: weights of the configured teacher network
+        teacher = build_network(cfg, "teacher")
+        target = teacher.model if isinstance(teacher, TappedModel) else teacher  # the user's own module
+        try:
+            target.load_state_dict(state)
+        except RuntimeError as err:
+            raise CheckpointError(f"{path}: a plain state-dict that does not fit the configured teacher "
+                                  f"{cfg.teacher_model}: {err}") from None
+        return frozen(teacher.to(rt.device))
     ckpt = load_checkpoint(path)
     spec = check_model(ckpt, "teacher", path, cfg.teacher_model, seg_kwargs(cfg, "teacher"))
     teacher = create_model(spec["model_name"], **spec["model_kwargs"])
@@ -54,10 +152,24 @@ def load_teacher(cfg: TrainConfig, rt: Runtime) -> nn.Module:
     return frozen(teacher.to(rt.device))
 
 
+def plain_state_dict(path: Path) -> dict | None:
+    """The file's tensors when it is a bare {name: tensor} state-dict (not a cocofast checkpoint), else None."""
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:
+        return None  # not a weights-only torch file: the checkpoint reader reports what it is
+    if isinstance(obj, dict) and obj and "models" not in obj and all(
+            isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items()):
+        return obj
+    return None
+
+
 def paraphraser_kwargs(cfg: TrainConfig, teacher: nn.Module) -> list[dict]:
     """One paraphraser per teacher tap, k = the student's channels at the matching tap."""
-    student = create_model(cfg.student_model, **seg_kwargs(cfg, "student"))
-    return [{"in_channels": c_t, "k": c_s} for c_t, c_s in zip(teacher.tap_channels, student.tap_channels)]
+    with torch.device("meta"):
+        student = build_network(cfg, "student")
+    pairs = zip(tap_channels(cfg, teacher, "teacher"), tap_channels(cfg, student, "student"))
+    return [{"in_channels": c_t, "k": c_s} for c_t, c_s in pairs]
 
 
 def load_paraphrasers(cfg: TrainConfig, rt: Runtime, teacher: nn.Module) -> nn.ModuleList:

@@ -105,12 +105,23 @@ def init_runtime(cfg: TrainConfig) -> Runtime:
         device = torch.device("cpu")
     else:
         raise ConfigError(f"config key 'device': expected 'auto', 'cpu' or 'cuda', got {cfg.device!r}")
+    torch.set_num_threads(cpu_threads(cfg.threads, world_size, device))
     if world_size > 1 and not dist.is_initialized():
         dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
     if cfg.batch_size % world_size:
         raise ConfigError(f"config key 'batch_size': {cfg.batch_size} does not split evenly over "
                           f"{world_size} processes")
     return Runtime(rank, world_size, local_rank, device, amp_dtype(cfg.amp, device))
+
+
+def cpu_threads(threads: int, world_size: int, device: torch.device) -> int:
+    """The `threads` key resolved: as given, else 1 per process for CPU training under torchrun (several
+    processes each with every core oversubscribe the machine several times over), else every core."""
+    if threads > 0:
+        return threads
+    if world_size > 1 and device.type == "cpu":
+        return 1
+    return os.cpu_count() or 1
 
 
 def amp_dtype(amp: str, device: torch.device) -> torch.dtype | None:
@@ -199,20 +210,3 @@ def eval_loader(dataset: Dataset, cfg: TrainConfig, rt: Runtime) -> DataLoader:
     return DataLoader(dataset, batch_size=cfg.eval_batch_size, sampler=ShardSampler(len(dataset), rt),
                       num_workers=cfg.num_workers, pin_memory=rt.device.type == "cuda",
                       persistent_workers=cfg.num_workers > 0)
-
-
-def random_flips(images: torch.Tensor, masks: torch.Tensor, seed: int, epoch: int, step: int, rank: int):
-    """Per-sample horizontal and vertical flips drawn from (seed, epoch, step, rank) alone.
-
-    Keeping augmentation out of the global RNG and out of the dataset makes it identical across resumes and
-    independent of the number of loader workers.
-    """
-    gen = torch.Generator().manual_seed(hash((seed, epoch, step, rank)) & 0x7FFF_FFFF_FFFF)
-    flip_h, flip_v = (torch.rand(2, images.shape[0], generator=gen) < 0.5).to(images.device)
-    h_img, v_img = flip_h.view(-1, 1, 1, 1), flip_v.view(-1, 1, 1, 1)
-    h_msk, v_msk = flip_h.view(-1, 1, 1), flip_v.view(-1, 1, 1)
-    images = torch.where(h_img, images.flip(-1), images)
-    masks = torch.where(h_msk, masks.flip(-1), masks)
-    images = torch.where(v_img, images.flip(-2), images)
-    masks = torch.where(v_msk, masks.flip(-2), masks)
-    return images, masks

@@ -46,6 +46,11 @@ class PartlyLabelled(Dataset):
     def __len__(self) -> int:
         return len(self.dataset)
 
+    def set_epoch(self, epoch: int) -> None:
+        """The wrapped set's augmentation follows the epoch, as the training loop asks of every training set."""
+        if hasattr(self.dataset, "set_epoch"):
+            self.dataset.set_epoch(epoch)
+
     def __getitem__(self, index: int):
         image, mask = self.dataset[index]
         if index not in self.labelled:

@@ -40,11 +40,11 @@ class SyntheticPathology(Dataset):
 
     Mask 0 = normal tissue, 1 = cancer. Sample i is the same for a given seed on every machine and in
     every process; with flips=True (or an `augment`), call set_epoch(e) to redraw the augmentation each
-    epoch (deterministically, from (seed, epoch, index)).
+    epoch (deterministically, from (seed, augment_seed, epoch, index)).
     """
 
     def __init__(self, length: int, size: int = 256, seed: int = 0, in_channels: int = 3,
-                 flips: bool = False, augment: Augmentation | None = None):
+                 flips: bool = False, augment: Augmentation | None = None, augment_seed: int = 0):
         if length < 1:
             raise ValueError(f"length must be positive, got {length}")
         if size < 32:
@@ -52,6 +52,7 @@ class SyntheticPathology(Dataset):
         if in_channels not in (1, 3):
             raise ValueError(f"in_channels must be 1 (grayscale) or 3 (RGB), got {in_channels}")
         self.length, self.size, self.seed = length, size, seed
+        self.augment_seed = augment_seed  # the training seed: augmentation varies with it, the patches do not
         self.in_channels = in_channels
         self.augment = augment if augment is not None else Augmentation(flips=flips)
         self.augment.check_channels(in_channels)
@@ -73,7 +74,7 @@ class SyntheticPathology(Dataset):
             image[None] if image.ndim == 2 else image.transpose(2, 0, 1)))
         mask = torch.from_numpy(mask.astype(np.int64))
         if self.augment.active:
-            rng = np.random.default_rng((self.seed, int(self._epoch.item()), index, 1))
+            rng = np.random.default_rng((self.seed, self.augment_seed, int(self._epoch.item()), index, 1))
             image, mask = augment_pair(image, mask, rng, self.augment)
         return image, mask
 

@@ -27,6 +27,7 @@ from .fanet import FANet
 from .mobile_unet import MobileUNet
 from .paraphraser import Paraphraser
 from .taps import FeatureTaps, TapNotFoundError, TappedModel, get_submodule, unwrap_model
+from .user import NetworkError, ScriptedNetwork, UserNetwork, build_user_network, is_import_path, probe
 
 _REGISTRY: dict[str, Callable[..., nn.Module]] = {}
 
@@ -62,7 +63,18 @@ def list_models() -> list[str]:
 
 
 def create_model(name: str, **kwargs) -> nn.Module:
-    """Build a registered network by name; unknown names and arguments are errors that say what exists."""
+    """Build a network by registered name or import path ('package.module:factory', cocofast/models/user.py);
+    unknown names and arguments are errors that say what exists.
+
+    `taps=[shallow, deep]` and `chain=[...]` (dotted module paths) tap any network, a built-in one too; they
+    are recorded in `model_kwargs` with the rest.
+    """
+    taps, chain = kwargs.pop("taps", None), kwargs.pop("chain", None)
+    recorded = {**kwargs, **({"taps": list(taps)} if taps else {}), **({"chain": list(chain)} if chain else {})}
+    if is_import_path(name):
+        model = build_user_network(name, kwargs, taps, chain)
+        model.model_name, model.model_kwargs = name, recorded
+        return model
     if name not in _REGISTRY:
         near = difflib.get_close_matches(name, list(_REGISTRY), n=3)
         hint = f" (did you mean {', '.join(map(repr, near))}?)" if near else ""
@@ -73,12 +85,19 @@ def create_model(name: str, **kwargs) -> nn.Module:
         if "unexpected keyword argument" in str(error):
             raise TypeError(f"create_model({name!r}): {error}") from None
         raise
+    if taps or chain:
+        model = UserNetwork(model, taps or model.tap_paths, chain or getattr(model, "graph_tap_paths", None))
     model.model_name = name
-    model.model_kwargs = dict(kwargs)
+    model.model_kwargs = recorded
     return model
 
 
 __all__ = [
+    "NetworkError",
+    "ScriptedNetwork",
+    "UserNetwork",
+    "is_import_path",
+    "probe",
     "count_macs",
     "logits_of",
     "create_model",

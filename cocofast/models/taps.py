@@ -157,6 +157,11 @@ class TappedModel(nn.Module):
         self._taps = FeatureTaps(model, {"shallow": shallow, "deep": deep})
 
     @property
+    def known_tap_channels(self) -> tuple[int, int] | None:
+        """tap_channels, or None before the first forward pass when they were not given."""
+        return self._tap_channels
+
+    @property
     def tap_channels(self) -> tuple[int, int]:
         if self._tap_channels is None:
             raise RuntimeError("tap_channels is known after one forward pass, or pass tap_channels= to TappedModel")
