@@ -1,13 +1,15 @@
 """CPU `gram` path against its floor: φ forward + backward ÷ the bare GEMMs the Gram identity needs.
 
-The floor is the 7 matrix products of SPEC §2's identity per image, on ready-made contiguous operands: 3 in
-the forward (Â₁ᵀÂ₁, Â₂ᵀÂ₂, Â₁ᵀÂ₂, each N·C² multiply-adds) and 4 in the backward (C×C by C×N), i.e.
-14·B·N·C² FLOPs. It is timed three ways, image by image channel-major (the maps' own layout), batched
+The floor is the 7 matrix products of the identity ⟨ÂÂᵀ, Â'Â'ᵀ⟩ = ‖ÂᵀÂ'‖² per image, on ready-made contiguous
+operands: 3 in the forward (Â₁ᵀÂ₁, Â₂ᵀÂ₂, Â₁ᵀÂ₂, each N·C² multiply-adds) and 4 in the backward (C×C by C×N),
+i.e. 14·B·N·C² FLOPs. It is timed three ways, image by image channel-major (the maps' own layout), batched
 (torch.bmm over B) and pixel-major (N×C operands), and the ratio is taken against the fastest, so a layout
-trick inside `gram` cannot flatter it. Everything is timed side by side in one process, one thread, median
-of interleaved repetitions of thread CPU time (robust to a busy machine); the `gram` step is the public call (input checks included).
+trick inside `gram` cannot flatter it. Everything is timed side by side in one process, one thread, as the
+median of interleaved repetitions of thread CPU time (time spent descheduled on a busy machine would land on
+whichever call was running). The `gram` step is the public call, input checks included, and it pays for
+first-touching its fresh gradient buffers (page faults), which the floor, reusing its tensors, does not.
 
-    python bench/bench_gram_cpu.py [--repeats 5] [--quick]
+    python bench/bench_gram_cpu.py [--repeats 5] [--quick]     # COCOFAST_BENCH_CHANNELS=24,64 for a subset
 """
 from __future__ import annotations
 

@@ -1,8 +1,8 @@
 """The Gram identity in plain torch: CoCo statistics on any device with memory bounded by one image.
 
 Same contract as `cocofast.kernels.GramStats`: (f₁, f₂) -> (k, p, q) per image in float64, with
-k = ‖Â₁ᵀÂ₂‖², p = ‖Â₁ᵀÂ₁‖², q = ‖Â₂ᵀÂ₂‖² (SPEC §2 of the CoCo DistillNet reproduction; the identity is uncentred
-linear CKA). In channel-major layout, per image: X (C, N) the map, w = softmax(max-pool X) the channel weights,
+k = ‖Â₁ᵀÂ₂‖², p = ‖Â₁ᵀÂ₁‖², q = ‖Â₂ᵀÂ₂‖² (⟨ÂÂᵀ, Â'Â'ᵀ⟩ = ‖ÂᵀÂ'‖²: the uncentred linear-CKA identity of
+Kornblith et al. 2019, which removes CoCo DistillNet's N×N matrices). In channel-major layout, per image: X (C, N) the map, w = softmax(max-pool X) the channel weights,
 ρ = max(‖diag(w) X[:, n]‖, eps) the pixel norms, Y = X diag(1/ρ), and Âᵀ = diag(w) Y. Then
 
     S₁ = W₁ (Y₁Y₁ᵀ) W₁,  S₂ = W₂ (Y₂Y₂ᵀ) W₂,  K = W₁ (Y₁Y₂ᵀ) W₂      (W = diag(w): C×C work, free)
@@ -11,13 +11,14 @@ so the forward is three GEMMs on Y and four streaming passes per map (max, squar
 inputs, w, ρ and the C×C matrices are kept; the backward rebuilds Y (one pass) rather than holding it, so
 no input-sized buffer outlives the call. The backward, written out so each N×C pass does as much as it can:
 
-    E₁ = W₁ dÂ₁ᵀ = [4g_p W₁S₁W₁ | 2g_k W₁KW₂] [Y₁; Y₂]     (one GEMM, K-dimension C₁ + C₂, written into dF₁)
+    E₁ = W₁ dÂ₁ᵀ = [4g_p W₁S₁W₁ | 2g_k W₁KW₂] [Y₁; Y₂]     (one GEMM, inner dimension C₁ + C₂)
     t  = [ρ > eps] · Σ_c Y ∘ E          (the radial part removed by the normalisation)
     E ← E − w² ∘ Y ∘ t;  u = Σ_n Y ∘ E  (u = w ∘ ∂L/∂w);  dF = E / ρ
     ∂L/∂(max-pool) = u − w Σ_c u, shared equally by the pixels that attain each channel's max.
 
-Images are processed one at a time: every temporary is one image's size, and on a CPU one image's maps stay
-in the last-level cache between the passes over them (measured faster than batched bmm, see bench/).
+Work goes image by image and, on CPU, in blocks of pixels, so every temporary is a block's size and stays in
+cache across the passes over it (bench/bench_gram_cpu.py: per-image GEMMs also beat batched bmm on CPU).
+The only input-sized allocations are the gradients themselves.
 """
 from __future__ import annotations
 
@@ -125,7 +126,7 @@ class TorchGramStats(torch.autograd.Function):
         k = g[:, :C1, C1:] * (w1[:, :, None] * w2[:, None, :])
         ctx.save_for_backward(f1, f2, w1, w2, rho1, rho2, amax1, amax2, s1, s2, k)
         ctx.opts = (channel_mix, eps, acc)
-        sq = lambda m: m.double().square().sum(dim=(1, 2))  # noqa: E731 - combine in fp64 (SPEC §2)
+        sq = lambda m: m.double().square().sum(dim=(1, 2))  # noqa: E731 - in fp64: p + q − 2k cancels
         return sq(k), sq(s1), sq(s2)
 
     @staticmethod
