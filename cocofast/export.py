@@ -213,6 +213,10 @@ def network_from_checkpoint(checkpoint: str | Path, role: str = "student") -> tu
         model.load_state_dict(spec["state_dict"])
     except (ValueError, TypeError, RuntimeError) as err:
         raise CheckpointError(f"checkpoint {checkpoint}: its {role!r} network cannot be rebuilt: {err}") from None
+    config = ckpt.get("config") if isinstance(ckpt.get("config"), dict) else {}
+    for attr in ("in_channels", "num_classes"):  # a user's network need not declare what it was trained on
+        if not hasattr(model, attr) and attr in config:
+            setattr(model, attr, int(config[attr]))
     return model.eval(), ckpt
 
 

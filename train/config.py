@@ -112,6 +112,9 @@ class TrainConfig:
     teacher_chain: list = _f([], "student", "module paths of the teacher's chain of taps for graph losses "
                                             "(empty: the built-in network's graph_tap_paths)")
     student_chain: list = _f([], "student", "module paths of the student's chain of taps for graph losses")
+    teacher_input_divisor: int = _f(0, "all", "a teacher given by import path: what its input's H and W must be "
+                                              "divisible by (0: any size; built-in networks know their own)")
+    student_input_divisor: int = _f(0, "paraphraser", "the same for a student given by import path")
     student_width: float = _f(1.0, "paraphraser", "student channel-width multiplier")
 
     # --- optimisation (poly lr; 'poly_step' also multiplies by lr_step_gamma every lr_step_epochs epochs) ---
@@ -190,7 +193,7 @@ class TrainConfig:
                 raise ConfigError(f"config key '{name}': must be >= 1, got {getattr(self, name)}")
         if self.num_classes < 2:
             raise ConfigError(f"config key 'num_classes': must be >= 2, got {self.num_classes}")
-        for name in ("num_workers", "threads", "save_every_iters", "stop_after_iters", "num_overlays", "patch_size",
+        for name in ("num_workers", "threads", "teacher_input_divisor", "student_input_divisor", "save_every_iters", "stop_after_iters", "num_overlays", "patch_size",
                      "patch_stride"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"config key '{name}': must be >= 0, got {getattr(self, name)}")

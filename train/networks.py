@@ -33,6 +33,9 @@ def seg_kwargs(cfg: TrainConfig, role: str) -> dict:
         kwargs["taps"] = list(taps)
     if chain:
         kwargs["chain"] = list(chain)
+    divisor = cfg.teacher_input_divisor if teacher else cfg.student_input_divisor
+    if divisor:
+        kwargs["input_divisor"] = divisor
     return kwargs
 
 

@@ -66,15 +66,21 @@ def create_model(name: str, **kwargs) -> nn.Module:
     """Build a network by registered name or import path ('package.module:factory', cocofast/models/user.py);
     unknown names and arguments are errors that say what exists.
 
-    `taps=[shallow, deep]` and `chain=[...]` (dotted module paths) tap any network, a built-in one too; they
-    are recorded in `model_kwargs` with the rest.
+    `taps=[shallow, deep]` and `chain=[...]` (dotted module paths) tap any network, a built-in one too;
+    `input_divisor` says what a user network's H and W must be divisible by. All three are cocofast's, not
+    the factory's, and are recorded in `model_kwargs` with the rest.
     """
     taps, chain = kwargs.pop("taps", None), kwargs.pop("chain", None)
-    recorded = {**kwargs, **({"taps": list(taps)} if taps else {}), **({"chain": list(chain)} if chain else {})}
+    divisor = kwargs.pop("input_divisor", None)
+    recorded = {**kwargs, **({"taps": list(taps)} if taps else {}), **({"chain": list(chain)} if chain else {}),
+                **({"input_divisor": int(divisor)} if divisor else {})}
     if is_import_path(name):
-        model = build_user_network(name, kwargs, taps, chain)
+        model = build_user_network(name, kwargs, taps, chain, divisor or 1)
         model.model_name, model.model_kwargs = name, recorded
         return model
+    if divisor and name in _REGISTRY:
+        raise ValueError(f"create_model({name!r}): input_divisor is for networks given by import path; a built-in "
+                         f"network knows its own")
     if name not in _REGISTRY:
         near = difflib.get_close_matches(name, list(_REGISTRY), n=3)
         hint = f" (did you mean {', '.join(map(repr, near))}?)" if near else ""

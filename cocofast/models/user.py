@@ -60,15 +60,16 @@ def import_factory(path: str):
 class UserNetwork(TappedModel):
     """A user's network returning SegOutput(logits, shallow, deep); logits alone (taps None) without taps."""
 
-    def __init__(self, model: nn.Module, taps: Sequence[str] | None, chain: Sequence[str] | None):
+    def __init__(self, model: nn.Module, taps: Sequence[str] | None, chain: Sequence[str] | None,
+                 input_divisor: int = 1):
         if taps is not None and len(taps) != 2:
             raise NetworkError(f"taps: expected two module paths (shallow, deep), got {list(taps)}")
         if taps is None:
             nn.Module.__init__(self)
-            self.model, self.tap_paths, self.input_divisor, self._tap_channels = model, None, 1, None
+            self.model, self.tap_paths, self.input_divisor, self._tap_channels = model, None, input_divisor, None
             self._taps = None
         else:
-            super().__init__(model, *taps)
+            super().__init__(model, *taps, input_divisor=input_divisor)
         if chain is not None:
             if len(chain) < 2:
                 raise NetworkError(f"chain: expected at least two module paths, got {list(chain)}")
@@ -82,7 +83,7 @@ class UserNetwork(TappedModel):
         return super().forward(x, *args, **kwargs)
 
 
-def build_user_network(factory_path: str, kwargs: dict, taps=None, chain=None) -> nn.Module:
+def build_user_network(factory_path: str, kwargs: dict, taps=None, chain=None, input_divisor: int = 1) -> nn.Module:
     factory = import_factory(factory_path)
     try:
         model = factory(**kwargs)
@@ -90,7 +91,14 @@ def build_user_network(factory_path: str, kwargs: dict, taps=None, chain=None) -
         raise NetworkError(f"network {factory_path!r}: calling it with {kwargs} failed: {err}") from None
     if not isinstance(model, nn.Module):
         raise NetworkError(f"network {factory_path!r}: returned a {type(model).__name__}, not an nn.Module")
-    return UserNetwork(model, taps, chain)
+    for attr in ("in_channels", "num_classes"):  # what cocofast's tools read, when the factory was told it
+        if attr in kwargs and not hasattr(model, attr):
+            setattr(model, attr, kwargs[attr])
+    network = UserNetwork(model, taps, chain, input_divisor)
+    for attr in ("in_channels", "num_classes"):
+        if hasattr(model, attr):
+            setattr(network, attr, getattr(model, attr))
+    return network
 
 
 class ScriptedNetwork(nn.Module):
