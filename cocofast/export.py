@@ -35,7 +35,7 @@ from torch import nn
 
 from cocofast.checkpoint import CheckpointError, model_spec, read_checkpoint
 from cocofast.io import atomic_path, atomic_write_text
-from cocofast.models import create_model, logits_of
+from cocofast.models import TappedModel, create_model, logits_of
 from cocofast.segment import checkpoint_normalisation
 
 WEIGHTS_FORMAT = "cocofast-weights"
@@ -76,6 +76,10 @@ class ScatterMaxUnpool2d(nn.Module):
 
 def exportable(model: nn.Module) -> LogitsOnly:
     """An eval-mode copy of `model`, logits only, with layers the exporters cannot trace replaced."""
+    if isinstance(model, TappedModel):
+        # Logits only: the wrapped network itself. (Its tap hooks are closures over the original wrapper, so a
+        # deep copy of the wrapper would find its own taps never firing.)
+        model = model.model
     model = copy.deepcopy(model).eval()
     for name, module in list(model.named_modules()):
         if isinstance(module, nn.MaxUnpool2d):
