@@ -131,7 +131,7 @@ def test_a_teacher_trained_elsewhere(user, kind):
 @pytest.mark.parametrize("override, words", [
     ("--student_model=user_unet:Nope", ["'student_model'", "has no 'Nope'", "UNet"]),
     ("--student_model=no_such_pkg.unet:UNet", ["'student_model'", "cannot import 'no_such_pkg.unet'"]),
-    ("--student_taps=down2,upp1", ["student", "no submodule 'upp1'", "up1"]),
+    ("--student_taps=down2,upp1", ["'student_taps'", "no submodule 'upp1'", "up1"]),
     ("--student_taps=down1,up1", ["'student_taps'", "must share H·W", "down1 (1, 8, 32, 32)", "up1 (1, 16, 16, 16)"]),
     ("--student_model_kwargs={bass: 4}", ["'student_model'", "bass"]),
 ])

@@ -97,7 +97,7 @@ def evaluate_all(cfg: TrainConfig, rt: Runtime) -> list[dict]:
         net = net.to(rt.device)
         metrics = evaluate_segmentation(net, loader, cfg, rt, prefix="")
         collapsed = single_predicted_class_of(net, loader, rt)
-        rows.append({"name": name, "model": net.model_name, "width": net.model_kwargs.get("width", 1.0),
+        rows.append({"name": name, "model": net.model_name, "width": net.model_kwargs.get("width"),
                      "params": count_parameters(net), f"gmacs@{cfg.image_size}": gmacs(net, cfg),
                      **metrics, "split": split,
                      "warning": "" if collapsed is None else f"predicts class {collapsed} only",
@@ -149,9 +149,10 @@ def gmacs(net: nn.Module, cfg: TrainConfig) -> float:
 
 
 def format_table(rows: list[dict], image_size: int) -> str:
-    head = f"| model | network | params | GMACs @{image_size}² | ACC | mIoU | mDice |"
-    lines = [head, "|---|---|---:|---:|---:|---:|---:|"]
+    head = f"| model | network | params | GMACs @{image_size}² | ACC | mIoU | mDice | split | warning |"
+    lines = [head, "|---|---|---:|---:|---:|---:|---:|---|---|"]
     for r in rows:
-        lines.append(f"| {r['name']} | {r['model']} x{r['width']:g} | {r['params']:,} | "
-                     f"{r[f'gmacs@{image_size}']:.3f} | {r['acc']:.4f} | {r['miou']:.4f} | {r['mdice']:.4f} |")
+        network = r["model"] + (f" x{r['width']:g}" if r["width"] is not None else "")
+        lines.append(f"| {r['name']} | {network} | {r['params']:,} | {r[f'gmacs@{image_size}']:.3f} | "
+                     f"{r['acc']:.4f} | {r['miou']:.4f} | {r['mdice']:.4f} | {r['split']} | {r['warning']} |")
     return "\n".join(lines)

@@ -43,7 +43,9 @@ def build_network(cfg: TrainConfig, role: str) -> nn.Module:
     """The configured teacher or student; a bad name, import path, argument or tap path is a ConfigError."""
     try:
         return create_model(model_name(cfg, role), **seg_kwargs(cfg, role))
-    except (NetworkError, TapNotFoundError, TypeError, ValueError) as err:
+    except TapNotFoundError as err:
+        raise ConfigError(f"config key '{role}_taps' / '{role}_chain': {err}") from None
+    except (NetworkError, TypeError, ValueError) as err:
         raise ConfigError(f"config key '{role}_model' ({model_name(cfg, role)}): {err}") from None
 
 
