@@ -278,14 +278,14 @@ def test_bf16_autocast_computes_in_fp32():
 
 def test_bad_supervised_inputs_are_named():
     logits, lab = seg(37, 2, 3, 4).logits, labels_for(38, 2)
-    with pytest.raises(ValueError, match=r"focal_loss: `labels` \(2, 14, 15\) must be \(B, H, W\) of `logits` "
-                                         r"\(2, 2, 15, 15\)"):
+    with pytest.raises(ValueError, match=r"focal_loss: `labels` \(2, 14, 15\) must be \(B, H, W\) of the logits, "
+                                         r"i.e. \(2, 15, 15\)"):
         focal_loss(logits, lab[:, 1:])
     with pytest.raises(ValueError, match=r"dice_loss: `labels` must be an integer tensor.*torch.float32"):
         dice_loss(logits, lab.float())
     with pytest.raises(ValueError, match=r"focal_dice_loss: `logits` must be a floating-point tensor"):
         focal_dice_loss(logits[0], lab)
-    with pytest.raises(ValueError, match=r"values outside 0..1 that are not ignore_index=255, e.g. 2"):
+    with pytest.raises(ValueError, match=r"values outside 0..1 that are not the ignore index 255, e.g. 2"):
         focal_dice_loss(logits, torch.full_like(lab, 2))
     with pytest.raises(ValueError, match="gamma must be a finite number >= 0"):
         focal_loss(logits, lab, gamma=-1)

@@ -19,7 +19,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from cocofast.losses.base import shape_str
+from cocofast.losses.base import check_labels, shape_str
 
 
 def _widen(logits: torch.Tensor) -> torch.Tensor:
@@ -27,23 +27,12 @@ def _widen(logits: torch.Tensor) -> torch.Tensor:
 
 
 def check_seg_inputs(loss: str, logits, labels, ignore_index: int) -> None:
-    """Shapes, dtypes, and labels that are either a class index or `ignore_index`."""
+    """Logits (B, K, H, W) and labels that are either a class index or `ignore_index` (base.check_labels)."""
     if not isinstance(logits, torch.Tensor) or logits.dim() != 4 or not logits.is_floating_point():
         got = f"{shape_str(logits)} {logits.dtype}" if isinstance(logits, torch.Tensor) else type(logits).__name__
         raise ValueError(f"{loss}: `logits` must be a floating-point tensor (B, K, H, W), got {got}")
-    if not isinstance(labels, torch.Tensor) or labels.dim() != 3 or labels.is_floating_point() \
-            or labels.dtype == torch.bool:
-        got = f"{shape_str(labels)} {labels.dtype}" if isinstance(labels, torch.Tensor) else type(labels).__name__
-        raise ValueError(f"{loss}: `labels` must be an integer tensor (B, H, W) of class indices, got {got}")
     b, k, h, w = logits.shape
-    if tuple(labels.shape) != (b, h, w):
-        raise ValueError(f"{loss}: `labels` {shape_str(labels)} must be (B, H, W) of `logits` "
-                         f"{shape_str(logits)}, i.e. ({b}, {h}, {w})")
-    # One host sync, but an out-of-range label would otherwise silently index the wrong class (or none).
-    bad = ((labels < 0) | (labels >= k)) & (labels != ignore_index)
-    if bool(bad.any()):
-        raise ValueError(f"{loss}: `labels` hold values outside 0..{k - 1} that are not ignore_index="
-                         f"{ignore_index}, e.g. {labels[bad][0].item()}")
+    check_labels(loss, labels, k, (h, w), b, ignore_index)
 
 
 def _valid_one_hot(labels: torch.Tensor, num_classes: int, ignore_index: int, dtype: torch.dtype):
