@@ -4,8 +4,11 @@
         [--overlay overlay.png] [--role student] [--window 512] [--overlap 0.25] [--downscale 2 | --mpp 1.0]
         [--level 1] [--normalise range|range:LOW:HIGH|percentile:P:Q|meanstd:M:S]
 
-Input pixels become network input by `cocofast.data.normalise` - the rule training used; by default the
-normalisation recorded in the checkpoint's training config.
+Input pixels become network input by `cocofast.data.normalise` - the rule training used. What flags leave
+out comes from the checkpoint's training config (`trained_input`): the window is the training image_size,
+the downscale patch_size // image_size (the network saw patch_size patches resized to image_size), and
+channels, classes and normalisation are the ones it was trained with. `segment_image` is the one
+image -> mask (+ outline overlay) routine; `cocofast predict` runs it over a batch.
 
 How memory stays bounded: windows are visited one horizontal band at a time. The class-score
 accumulator covers only the current band (window rows x image width); when the next band starts lower,
@@ -26,6 +29,7 @@ import contextlib
 import os
 import sys
 import warnings
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -33,14 +37,16 @@ import numpy as np
 import torch
 
 import cocofast.checkpoint
-from cocofast.data.normalise import Normalisation, image_stats, network_input, to_unit_range, values_outside
+from cocofast.data.normalise import Normalisation, image_stats, network_input, values_outside
 from cocofast.data.slides import ArrayReader, DownscaledReader, level_for_mpp, open_reader
 from cocofast.data.tiling import axis_starts, stride_from_fraction
 from cocofast.data.writers import open_row_writer
+from cocofast.io import atomic_path
+from cocofast.models import create_model, logits_of
+from cocofast.overlay import DEFAULT_THICKNESS, OutlineStream, display_rgb, paint_outlines
 
-# Overlay colours per class (class 0 is left untinted): cancer red, then further distinct colours.
-PALETTE = np.array([[0, 0, 0], [230, 25, 45], [60, 180, 75], [0, 130, 200], [245, 130, 48], [145, 30, 180]],
-                   dtype=np.float32)
+OVERLAY_ROWS = 64  # overlay rows converted at a time: bounds the float temporaries of wide slides
+DEFAULT_WINDOW = 512  # the window of a checkpoint whose training config does not give image_size
 
 
 def gaussian_importance(window: tuple[int, int], sigma_scale: float = 0.125, device=None) -> torch.Tensor:
@@ -186,7 +192,118 @@ def sliding_window_scores(predict_fn, reader, window, overlap=0.25, batch_size=4
 
 
 # ---------------------------------------------------------------------------------------------------------
-# command line
+# one image -> mask file (and outline overlay), band by band
+
+@dataclass(frozen=True)
+class SegmentSettings:
+    """How `segment_image` turns one image into a mask: the network's input and output, and the files.
+
+    downscale: the network runs at 1/N of the level read (block means); masks and overlays are written at
+    the level's resolution. mpp, when given, picks level and downscale from the file's metadata instead.
+    """
+
+    window: int = DEFAULT_WINDOW
+    overlap: float = 0.25
+    batch_size: int = 4
+    downscale: int = 1
+    level: int = 0
+    mpp: float | None = None
+    reader: str = "auto"
+    normalise: Normalisation = field(default_factory=Normalisation)
+    in_channels: int = 3
+    num_classes: int = 2
+    mask_values: str = "spread"  # spread: class k -> k * 255 // (K - 1); index: k
+    amp: bool = True
+    progress: bool = False
+    thickness: int = DEFAULT_THICKNESS  # outline width of the overlay, in pixels
+
+
+@dataclass(frozen=True)
+class Segmented:
+    """What `segment_image` did: the mask's size, the scale the network ran at, pixels per class."""
+
+    width: int
+    height: int
+    level: int
+    downscale: int
+    counts: np.ndarray
+
+    def shares(self) -> str:
+        total = max(int(self.counts.sum()), 1)
+        return ", ".join(f"class {k}: {c / total:.1%}" for k, c in enumerate(self.counts))
+
+
+def mask_levels(num_classes: int, mask_values: str = "spread") -> np.ndarray:
+    """The stored mask value of each class: k * 255 // (K - 1) ('spread', so 0/255 for two classes) or k."""
+    if mask_values not in ("spread", "index"):
+        raise ValueError(f"mask_values must be 'spread' or 'index', got {mask_values!r}")
+    return np.array([k * 255 // max(num_classes - 1, 1) if mask_values == "spread" else k
+                     for k in range(num_classes)], dtype=np.uint8)
+
+
+def segment_image(image: str | os.PathLike, model: torch.nn.Module, settings: SegmentSettings, *,
+                  mask_path: str | os.PathLike, overlay_path: str | os.PathLike | None = None,
+                  device: str | torch.device = "cpu") -> Segmented:
+    """Segment `image` (any size) into `mask_path` and, when given, a class-outline overlay at `overlay_path`.
+
+    Both files are written row by row as bands become final (PNG or TIFF by suffix) and appear atomically:
+    after an error neither is left behind, half-written or stale. The one implementation behind
+    `cocofast segment` and `cocofast predict`.
+    """
+    device = torch.device(device)
+    level, factor = settings.level, settings.downscale
+    if settings.mpp is not None:
+        level, factor, _ = level_for_mpp(image, settings.mpp, settings.reader)
+    if factor < 1:
+        raise ValueError(f"downscale must be a positive integer (1 = full resolution), got {factor}")
+    norm = Normalisation.parse(settings.normalise)
+    num_classes = settings.num_classes
+    reader = open_reader(image, settings.reader, level)
+    try:
+        stats = image_stats(reader, norm, settings.in_channels)  # of the stored image, as training computes them
+        source = DownscaledReader(reader, factor) if factor > 1 else reader
+        height, width = reader.height, reader.width
+        levels = mask_levels(num_classes, settings.mask_values)
+        counts = np.zeros(num_classes, np.int64)
+        bands = blended_bands(lambda x: logits_of(model(x)), source, settings.window, settings.overlap,
+                              settings.batch_size, num_classes, device=device, in_channels=settings.in_channels,
+                              amp=settings.amp, normalise=norm, stats=stats,
+                              # a window bar only where it helps (slides), not a flicker per small image
+                              progress=settings.progress and source.height * source.width > 16 * settings.window**2)
+        outlines = OutlineStream(height, settings.thickness)
+        with contextlib.ExitStack() as stack:
+            mask_writer = open_row_writer(stack.enter_context(atomic_path(mask_path)), height, width, 1,
+                                          suffix=Path(mask_path).suffix)
+            overlay_writer = None
+            if overlay_path is not None:
+                overlay_writer = open_row_writer(stack.enter_context(atomic_path(overlay_path)), height, width, 3,
+                                                 suffix=Path(overlay_path).suffix)
+            for top, scores in bands:
+                labels = argmax_rows(scores)
+                if factor > 1:  # back to full resolution: each low-resolution label covers factor^2 pixels
+                    labels = labels.repeat(factor, 0).repeat(factor, 1)[:, :width]
+                    top *= factor
+                    labels = labels[:max(0, min(len(labels), height - top))]
+                counts += np.bincount(labels.ravel(), minlength=num_classes)[:num_classes]
+                mask_writer.write(levels[labels])
+                if overlay_writer is None:
+                    continue
+                # Outline rows lag the labels by `thickness` rows (they depend on the rows below them).
+                first, outline = outlines.push(labels)
+                for start in range(0, len(outline), OVERLAY_ROWS):
+                    rows = outline[start:start + OVERLAY_ROWS]
+                    pixels = reader.read(first + start, 0, len(rows), width)
+                    overlay_writer.write(paint_outlines(display_rgb(pixels, norm, stats), rows))
+            mask_writer.close()
+            if overlay_writer is not None:
+                overlay_writer.close()
+        return Segmented(width, height, level, factor, counts)
+    finally:
+        reader.close()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# checkpoints
 
 def read_checkpoint(checkpoint: str | Path) -> dict:
     """A cocofast checkpoint as a dict: {"models": {role: {"model_name", "model_kwargs", "state_dict"}},
@@ -198,19 +315,18 @@ def read_checkpoint(checkpoint: str | Path) -> dict:
 
 
 def model_from_checkpoint(ckpt: dict, role: str = "student", device="cpu", path: str | Path = "checkpoint"):
-    """(model in eval mode, its entry) for `role` of a checkpoint read by `read_checkpoint`."""
-    models = ckpt["models"]
-    if role not in models:
-        raise ValueError(f"{path}: no network for role {role!r}; roles in this checkpoint: "
-                         f"{', '.join(sorted(models)) or 'none'} (choose one with --role)")
-    entry = models[role]
-    missing = {"model_name", "model_kwargs", "state_dict"} - set(entry)
-    if missing:
-        raise ValueError(f"{path}: role {role!r} lacks {', '.join(sorted(missing))}")
-    from cocofast.models import create_model
+    """(model in eval mode, its entry) for `role` of a checkpoint read by `read_checkpoint`.
 
-    model = create_model(entry["model_name"], **entry["model_kwargs"])
-    model.load_state_dict(entry["state_dict"])
+    A network that cannot be rebuilt from its entry (arguments its factory does not take, weights of another
+    shape) is a ValueError naming the checkpoint and the role.
+    """
+    entry = cocofast.checkpoint.model_spec(ckpt, role, path)
+    try:
+        model = create_model(entry["model_name"], **entry["model_kwargs"])
+        model.load_state_dict(entry["state_dict"])
+    except (TypeError, RuntimeError) as err:  # create_model's argument errors, load_state_dict's shape errors
+        raise ValueError(f"checkpoint {path}: the {role!r} network ({entry['model_name']}) cannot be rebuilt "
+                         f"from its entry: {err}") from None
     return model.to(device).eval(), entry
 
 
@@ -225,14 +341,75 @@ def checkpoint_normalisation(ckpt: dict) -> str:
     return str(config.get("normalise") or "range") if isinstance(config, dict) else "range"
 
 
-def logits_of(output) -> torch.Tensor:
-    """The logits of a network output: a tensor, or SegOutput / a tuple whose first item is the logits."""
-    if isinstance(output, torch.Tensor):
-        return output
-    if hasattr(output, "logits"):
-        return output.logits
-    return output[0]
+@dataclass(frozen=True)
+class TrainedInput:
+    """What a network was trained on, as a checkpoint records it: the defaults of segment and predict."""
 
+    window: int  # the training input side (config image_size)
+    downscale: int  # config patch_size // image_size: patches were resized by that much before training
+    in_channels: int
+    num_classes: int
+    normalise: str
+
+
+def trained_input(ckpt: dict, entry: dict, model: torch.nn.Module | None = None,
+                  path: str | os.PathLike = "checkpoint") -> TrainedInput:
+    """The window, downscale, channels, classes and normalisation a checkpoint's network was trained with.
+
+    From the checkpoint's training config ("config": image_size, patch_size, in_channels, num_classes,
+    normalise); channels and classes fall back to the entry's model_kwargs, then to the model's attributes
+    (a network built from an import path need not take them as arguments), then to 3 and 2. Without a config
+    the window is DEFAULT_WINDOW and the downscale 1. A config value that is not a positive integer is a
+    ValueError naming the checkpoint and the key.
+    """
+    config = ckpt.get("config")
+    config = config if isinstance(config, dict) else {}
+    kwargs = entry.get("model_kwargs") or {}
+
+    def number(key: str, minimum: int = 1) -> int | None:
+        value = config.get(key)
+        if value is None:
+            return None
+        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+            raise ValueError(f"checkpoint {path}: training config {key!r} is {value!r}; expected an integer "
+                             f">= {minimum}")
+        return value
+
+    def from_network(key: str, default: int) -> int:
+        found = number(key)
+        if found is None:
+            found = kwargs.get(key, getattr(model, key, default))
+        return int(found)
+
+    window = number("image_size") or DEFAULT_WINDOW
+    patch = number("patch_size", minimum=0) or 0
+    downscale = max(1, patch // window) if patch else 1
+    if patch and patch % window:
+        warnings.warn(f"checkpoint {path}: trained on {patch} px patches resized to {window} px, not an integer "
+                      f"ratio; segmenting at downscale {downscale} (choose one with --downscale or --mpp)",
+                      stacklevel=2)
+    return TrainedInput(window, downscale, from_network("in_channels", 3), from_network("num_classes", 2),
+                        checkpoint_normalisation(ckpt))
+
+
+def check_window(window: int, model: torch.nn.Module, name: str = "the network") -> None:
+    """ValueError, suggesting the nearest usable sides, when `model` cannot take windows `window` pixels wide."""
+    divisor = int(getattr(model, "input_divisor", 1))
+    if window % divisor:
+        lower, upper = window // divisor * divisor, (window // divisor + 1) * divisor
+        raise ValueError(f"--window {window} is not a multiple of {divisor}, which {name} needs; try "
+                         f"{lower or upper} or {upper}")
+
+
+def device_of(name: str) -> torch.device:
+    """The device a --device flag names; 'auto' is CUDA when available, else the CPU."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# command line
 
 def _parse(argv):
     ap = argparse.ArgumentParser(prog="python -m cocofast.segment",
@@ -240,14 +417,18 @@ def _parse(argv):
     ap.add_argument("image", help="PNG, JPEG, TIFF, or a slide (SVS, NDPI, SCN, BIF; MRXS through OpenSlide)")
     ap.add_argument("--checkpoint", required=True, help="checkpoint written by cocofast training")
     ap.add_argument("--out", required=True, help="label image: .png, or .tif/.tiff for very large outputs")
-    ap.add_argument("--overlay", help="optional image (.png or .tif) with predicted classes tinted over the input")
+    ap.add_argument("--overlay", help="optional image (.png or .tif): the input with class outlines drawn over it")
+    ap.add_argument("--outline-width", type=int, default=DEFAULT_THICKNESS,
+                    help=f"overlay outline width in pixels (default {DEFAULT_THICKNESS})")
     ap.add_argument("--role", default="student", help="which network of the checkpoint (default: student)")
-    ap.add_argument("--window", type=int, default=512, help="window side in pixels (default 512)")
+    ap.add_argument("--window", type=int, help="window side in pixels (default: the training image_size of the "
+                                               f"checkpoint's config, else {DEFAULT_WINDOW})")
     ap.add_argument("--overlap", type=float, default=0.25, help="window overlap fraction in [0, 1)")
     ap.add_argument("--batch-size", type=int, default=4)
-    ap.add_argument("--downscale", type=int, default=1,
+    ap.add_argument("--downscale", type=int,
                     help="run the network at 1/N resolution (2 for a model trained on 1024 px patches resized "
-                         "to 512); the mask is written at the resolution of the level read")
+                         "to 512); the mask is written at the resolution of the level read (default: the "
+                         "checkpoint config's patch_size // image_size, else 1)")
     ap.add_argument("--mpp", type=float,
                     help="run the network at about this many µm per pixel: picks the pyramid level and the "
                          "downscale factor from the slide's metadata (instead of --level/--downscale)")
@@ -266,19 +447,21 @@ def _parse(argv):
 
 def _check_arguments(args) -> str | None:
     """The first bad argument, as a message; None when all are usable."""
-    if args.window < 1:
+    if args.window is not None and args.window < 1:
         return f"--window {args.window}: must be a positive number of pixels"
     if not 0.0 <= args.overlap < 1.0:
         return f"--overlap {args.overlap}: must be a fraction in [0, 1)"
     if args.batch_size < 1:
         return f"--batch-size {args.batch_size}: must be at least 1"
-    if args.downscale < 1:
+    if args.downscale is not None and args.downscale < 1:
         return f"--downscale {args.downscale}: must be a positive integer (1 = full resolution)"
     if args.level < 0:
         return f"--level {args.level}: must be >= 0"
+    if args.outline_width < 1:
+        return f"--outline-width {args.outline_width}: must be at least 1 pixel"
     if args.mpp is not None and not args.mpp > 0:
         return f"--mpp {args.mpp}: must be a positive number of µm per pixel"
-    if args.mpp is not None and (args.level or args.downscale > 1):
+    if args.mpp is not None and (args.level or args.downscale is not None):
         return "--mpp picks the level and downscale itself; give either --mpp or --level/--downscale"
     source = Path(args.image)
     named = [("out", Path(args.out))] + ([("overlay", Path(args.overlay))] if args.overlay else [])
@@ -315,92 +498,33 @@ def main(argv=None) -> int:
     if problem:
         print(f"error: {problem}", file=sys.stderr)
         return 2
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available()
-                          else "cpu" if args.device == "auto" else args.device)
+    device = device_of(args.device)
     try:
         ckpt = read_checkpoint(args.checkpoint)
         model, entry = model_from_checkpoint(ckpt, args.role, device, args.checkpoint)
-        norm = Normalisation.parse(args.normalise or checkpoint_normalisation(ckpt))
-        level, factor = args.level, args.downscale
-        if args.mpp is not None:
+        trained = trained_input(ckpt, entry, model, args.checkpoint)
+        settings = SegmentSettings(
+            window=args.window or trained.window, overlap=args.overlap, batch_size=args.batch_size,
+            downscale=args.downscale or trained.downscale, level=args.level, reader=args.reader,
+            normalise=Normalisation.parse(args.normalise or trained.normalise), in_channels=trained.in_channels,
+            num_classes=trained.num_classes, mask_values=args.mask_values, amp=not args.no_amp,
+            progress=not args.quiet, thickness=args.outline_width)
+        check_window(settings.window, model, entry["model_name"])
+        if args.mpp is not None:  # resolved here, not in segment_image, to say what was chosen before the run
             level, factor, got = level_for_mpp(args.image, args.mpp, args.reader)
             if abs(got / args.mpp - 1) > 0.1:
                 print(f"note: {args.image}: the nearest to {args.mpp} µm per pixel is {got:.4g} "
                       f"(level {level}, downscale {factor})", file=sys.stderr)
-        reader = open_reader(args.image, args.reader, level)
-    except (ValueError, FileNotFoundError) as err:
+            settings = replace(settings, level=level, downscale=factor)
+        # decode errors mid-slide, a full disk: no output is left behind
+        done = segment_image(args.image, model, settings, mask_path=args.out, overlay_path=args.overlay,
+                             device=device)
+    except (ValueError, OSError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    try:
-        return _segment(args, model, entry, reader, factor, norm, device)
-    except (ValueError, OSError) as err:  # decode errors mid-slide, a full disk: no output is left behind
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    finally:
-        reader.close()
-
-
-def _segment(args, model, entry, reader, factor: int, norm: Normalisation, device: torch.device) -> int:
-    from cocofast.io import atomic_path
-
-    num_classes = int(entry["model_kwargs"].get("num_classes", getattr(model, "num_classes", 2)))
-    in_channels = int(entry["model_kwargs"].get("in_channels", getattr(model, "in_channels", 3)))
-    divisor = int(getattr(model, "input_divisor", 1))
-    if args.window % divisor:
-        lower, upper = args.window // divisor * divisor, (args.window // divisor + 1) * divisor
-        raise ValueError(f"--window {args.window} is not a multiple of {divisor}, which {entry['model_name']} "
-                         f"needs; try {lower or upper} or {upper}")
-    stats = image_stats(reader, norm, in_channels)  # of the stored image, as training computes them
-    source = DownscaledReader(reader, factor) if factor > 1 else reader
-    height, width = reader.height, reader.width
-    levels = np.array([k * 255 // (num_classes - 1) if args.mask_values == "spread" else k
-                       for k in range(num_classes)], dtype=np.uint8)
-    counts = np.zeros(num_classes, np.int64)
-
-    def predict(x: torch.Tensor) -> torch.Tensor:
-        return logits_of(model(x))
-
-    bands = blended_bands(predict, source, args.window, args.overlap, args.batch_size, num_classes,
-                          device=device, in_channels=in_channels, amp=not args.no_amp,
-                          progress=not args.quiet, normalise=norm, stats=stats)
-    outputs = [(Path(args.out), 1)] + ([(Path(args.overlay), 3)] if args.overlay else [])
-    with contextlib.ExitStack() as stack:
-        writers = [open_row_writer(stack.enter_context(atomic_path(path)), height, width, channels,
-                                   suffix=path.suffix) for path, channels in outputs]
-        for top, scores in bands:
-            labels = argmax_rows(scores)
-            if factor > 1:  # back to full resolution: each low-resolution label covers factor^2 pixels
-                labels = labels.repeat(factor, 0).repeat(factor, 1)[:, :width]
-                top *= factor
-                labels = labels[:max(0, min(len(labels), height - top))]
-            counts += np.bincount(labels.ravel(), minlength=num_classes)[:num_classes]
-            writers[0].write(levels[labels])
-            for start in range(0, len(labels) if args.overlay else 0, 64):  # in slices: float temporaries
-                rows = labels[start:start + 64]
-                pixels = reader.read(top + start, 0, len(rows), width)
-                writers[1].write(_tint(pixels, rows, norm, stats if in_channels == 3 or pixels.shape[2] < 3
-                                       else None))
-        for writer in writers:
-            writer.close()
-    total = max(int(counts.sum()), 1)
-    shares = ", ".join(f"class {k}: {c / total:.1%}" for k, c in enumerate(counts))
-    print(f"{args.image}: {width}x{height} -> {args.out} ({shares})")
+    print(f"{args.image}: {done.width}x{done.height} -> {args.out} (window {settings.window}, downscale "
+          f"{done.downscale}; {done.shares()})")
     return 0
-
-
-def _tint(pixels: np.ndarray, labels: np.ndarray, norm: Normalisation, stats, alpha: float = 0.4) -> np.ndarray:
-    """Input rows (n, W, C) shown as the network saw them (the [0, 1] stage of the rule), blended with the class
-    colours; class 0 stays as it is."""
-    channels = 3 if pixels.shape[2] >= 3 else 1
-    if norm.mode == "percentile" and (stats is None or stats.shape[1] != channels):
-        norm = Normalisation()  # statistics of another channel layout: show the stored range instead
-    rgb = to_unit_range(pixels, channels, norm, stats=stats).transpose(1, 2, 0) * 255.0
-    if rgb.shape[2] == 1:
-        rgb = np.repeat(rgb, 3, axis=2)
-    colour = PALETTE[np.minimum(labels, len(PALETTE) - 1)]
-    tinted = labels[..., None] > 0
-    rgb = np.where(tinted, (1 - alpha) * rgb + alpha * colour, rgb)
-    return np.clip(np.rint(rgb), 0, 255).astype(np.uint8)
 
 
 if __name__ == "__main__":

@@ -133,3 +133,34 @@ def test_downscaled_inference_writes_full_resolution_masks_and_overlays(tmp_path
     ring = outline_labels(mask // 255)
     assert np.array_equal(overlay[ring == 0], images["c"][ring == 0])
     assert np.array_equal(mask[::2, ::2].repeat(2, 0).repeat(2, 1)[:mask.shape[0], :mask.shape[1]], mask)
+
+
+def test_predict_and_segment_write_the_same_mask_and_overlay_with_the_checkpoints_settings(
+        tmp_path, folder, checkpoint, monkeypatch):
+    import cocofast.segment
+    from cocofast.segment import blended_bands
+    from cocofast.segment import main as segment_main
+
+    source, _ = folder
+    _, model = checkpoint
+    entry = {"model_name": "enet", "model_kwargs": {"in_channels": 3, "num_classes": 2, "width": 0.25},
+             "state_dict": model.state_dict()}
+    ckpt = tmp_path / "trained.pt"  # trained on 64 px patches resized to 32: window 32 at half resolution
+    atomic_save({"models": {"student": entry}, "config": {"image_size": 32, "patch_size": 64}}, ckpt)
+    windows = []
+
+    def spy(predict_fn, reader, window, *args, **kwargs):
+        windows.append((window, reader.height))
+        return blended_bands(predict_fn, reader, window, *args, **kwargs)
+
+    monkeypatch.setattr(cocofast.segment, "blended_bands", spy)
+    out = tmp_path / "out"
+    common = ["--checkpoint", str(ckpt), "--overlap", "0.5", "--quiet"]
+    assert main([str(source / "c.png"), "--out", str(out), *common]) == 0
+    assert segment_main([str(source / "c.png"), "--out", str(tmp_path / "m.png"),
+                         "--overlay", str(tmp_path / "o.png"), *common]) == 0
+    assert windows == [(32, SIZES["c"][0] // 2)] * 2
+    mask = np.asarray(Image.open(out / "masks" / "c.png"))
+    assert mask.shape == SIZES["c"] and np.array_equal(mask, np.asarray(Image.open(tmp_path / "m.png")))
+    overlay = np.asarray(Image.open(out / "overlays" / "c.png"))
+    assert np.array_equal(overlay, np.asarray(Image.open(tmp_path / "o.png")))

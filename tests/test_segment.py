@@ -7,8 +7,10 @@ from PIL import Image
 
 from cocofast.data.slides import ArrayReader, DownscaledReader, PILReader, TiffReader, open_reader
 from cocofast.data.writers import PngRowWriter, TiffRowWriter
-from cocofast.segment import (blended_bands, gaussian_importance, main, sliding_window_scores,
-                              sliding_window_segment)
+import cocofast.segment
+from cocofast.overlay import OUTLINE_COLOURS, outline_labels
+from cocofast.segment import (DEFAULT_WINDOW, blended_bands, gaussian_importance, main, sliding_window_scores,
+                              sliding_window_segment, trained_input)
 
 
 def pointwise_net(in_channels=3, classes=3):
@@ -192,13 +194,16 @@ def test_cli_writes_mask_and_overlay_equal_to_the_library_call(tmp_path, checkpo
     tifffile.imwrite(tmp_path / "slide.tif", image, tile=(32, 32), compression="zlib", photometric="rgb")
     args = ["--checkpoint", str(path), "--window", "64", "--overlap", "0.5", "--quiet"]
     assert main([str(tmp_path / "slide.png"), "--out", str(tmp_path / "mask.png"),
-                 "--overlay", str(tmp_path / "overlay.png"), *args]) == 0
+                 "--overlay", str(tmp_path / "overlay.png"), "--outline-width", "1", *args]) == 0
     assert "class 0" in capsys.readouterr().out
     expected = sliding_window_segment(lambda x: model(x).logits, image, 64, 0.5, 4, num_classes=2)
     mask = np.asarray(Image.open(tmp_path / "mask.png"))
     assert mask.shape == (80, 100) and np.array_equal(mask, expected * 255)
     overlay = np.asarray(Image.open(tmp_path / "overlay.png"))
-    assert overlay.shape == (80, 100, 3) and np.array_equal(overlay[expected == 0], image[expected == 0])
+    ring = outline_labels(expected, thickness=1)
+    assert overlay.shape == (80, 100, 3) and ring.any()
+    assert np.array_equal(overlay[ring == 0], image[ring == 0])  # outlines only: regions are not tinted
+    assert np.all(overlay[ring == 1] == OUTLINE_COLOURS[1])
     assert main([str(tmp_path / "slide.tif"), "--out", str(tmp_path / "mask.tif"), "--mask-values", "index",
                  "--role", "teacher", *args]) == 0
     assert np.array_equal(tifffile.imread(tmp_path / "mask.tif"), expected)
@@ -277,3 +282,106 @@ def test_cli_bad_arguments_and_inputs_exit_2_naming_the_culprit(tmp_path, checkp
     assert "file.png is not a writable folder" in capsys.readouterr().err
     assert not (tmp_path / "m.png").exists()
     locked.chmod(0o700)
+
+
+# --- settings from the checkpoint's training config ----------------------------------------------------------
+def save_checkpoint(path, model_name, kwargs, state_dict, config=None):
+    from cocofast.io import atomic_save
+
+    entry = {"model_name": model_name, "model_kwargs": kwargs, "state_dict": state_dict}
+    atomic_save({"models": {"student": entry}, **({"config": config} if config is not None else {})}, path)
+    return path
+
+
+@pytest.fixture
+def window_spy(monkeypatch):
+    """The window (and input channels) every blended_bands call of segment_image was given."""
+    calls = []
+
+    def spy(predict_fn, reader, window, *args, **kwargs):
+        calls.append({"window": window, "in_channels": kwargs.get("in_channels"), "height": reader.height})
+        return blended_bands(predict_fn, reader, window, *args, **kwargs)
+
+    monkeypatch.setattr(cocofast.segment, "blended_bands", spy)
+    return calls
+
+
+def test_window_defaults_to_the_training_image_size(tmp_path, checkpoint, capsys, window_spy):
+    _, model = checkpoint
+    ckpt = save_checkpoint(tmp_path / "c.pt", "enet", {"in_channels": 3, "num_classes": 2, "width": 0.25},
+                           model.state_dict(), {"image_size": 64, "patch_size": 0, "normalise": "range"})
+    image = np.random.default_rng(7).integers(0, 256, (80, 100, 3), dtype=np.uint8)
+    Image.fromarray(image).save(tmp_path / "s.png")
+    assert main([str(tmp_path / "s.png"), "--checkpoint", str(ckpt), "--out", str(tmp_path / "m.png"),
+                 "--overlap", "0.5", "--quiet"]) == 0
+    assert "(window 64, downscale 1;" in capsys.readouterr().out
+    assert [c["window"] for c in window_spy] == [64]
+    expected = sliding_window_segment(lambda x: model(x).logits, image, 64, 0.5, 4, num_classes=2)
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "m.png")), expected * 255)
+    # an explicit flag wins over the config
+    assert main([str(tmp_path / "s.png"), "--checkpoint", str(ckpt), "--out", str(tmp_path / "m.png"),
+                 "--window", "32", "--quiet"]) == 0
+    assert "(window 32," in capsys.readouterr().out and window_spy[-1]["window"] == 32
+    # no config at all: today's default
+    bare = save_checkpoint(tmp_path / "bare.pt", "enet", {"in_channels": 3, "num_classes": 2, "width": 0.25},
+                           model.state_dict())
+    assert main([str(tmp_path / "s.png"), "--checkpoint", str(bare), "--out", str(tmp_path / "m.png"),
+                 "--quiet"]) == 0
+    assert f"(window {DEFAULT_WINDOW}, downscale 1;" in capsys.readouterr().out
+
+
+def test_patches_resized_for_training_give_the_downscale(tmp_path, checkpoint, capsys, window_spy):
+    _, model = checkpoint
+    config = {"image_size": 64, "patch_size": 128, "in_channels": 3, "num_classes": 2}
+    ckpt = save_checkpoint(tmp_path / "c.pt", "enet", {"in_channels": 3, "num_classes": 2, "width": 0.25},
+                           model.state_dict(), config)
+    trained = trained_input(cocofast.segment.read_checkpoint(ckpt), {"model_kwargs": {}})
+    assert (trained.window, trained.downscale, trained.in_channels, trained.num_classes) == (64, 2, 3, 2)
+    image = np.random.default_rng(8).integers(0, 256, (96, 130, 3), dtype=np.uint8)
+    Image.fromarray(image).save(tmp_path / "s.png")
+    assert main([str(tmp_path / "s.png"), "--checkpoint", str(ckpt), "--out", str(tmp_path / "m.png"),
+                 "--quiet"]) == 0
+    assert "130x96" in (out := capsys.readouterr().out) and "(window 64, downscale 2;" in out
+    assert window_spy[-1] == {"window": 64, "in_channels": 3, "height": 48}  # the network saw half the rows
+    mask = np.asarray(Image.open(tmp_path / "m.png"))
+    small = DownscaledReader(ArrayReader(image), 2)
+    expected = sliding_window_segment(lambda x: model(x).logits, small, 64, 0.25, 4, num_classes=2)
+    assert mask.shape == (96, 130)
+    assert np.array_equal(mask, (expected.repeat(2, 0).repeat(2, 1)[:96, :130]) * 255)
+    assert main([str(tmp_path / "s.png"), "--checkpoint", str(ckpt), "--out", str(tmp_path / "m.png"),
+                 "--downscale", "1", "--quiet"]) == 0  # explicit flags win
+    assert "downscale 1;" in capsys.readouterr().out and window_spy[-1]["height"] == 96
+
+
+def test_trained_input_falls_back_to_model_kwargs_then_model_attributes(tmp_path):
+    net = torch.nn.Conv2d(3, 2, 1)
+    net.num_classes = 4
+    ckpt = {"models": {}, "config": {"image_size": 96, "patch_size": 192, "normalise": "percentile:1:99"}}
+    got = trained_input(ckpt, {"model_kwargs": {"in_channels": 1}}, net)
+    assert got == cocofast.segment.TrainedInput(96, 2, 1, 4, "percentile:1:99")
+    assert trained_input({"models": {}}, {"model_kwargs": {}}) == cocofast.segment.TrainedInput(
+        DEFAULT_WINDOW, 1, 3, 2, "range")
+    with pytest.raises(ValueError, match=r"c.pt: training config 'image_size' is '64'"):
+        trained_input({"models": {}, "config": {"image_size": "64"}}, {"model_kwargs": {}}, path="c.pt")
+    with pytest.warns(UserWarning, match="not an integer ratio; segmenting at downscale 1"):
+        assert trained_input({"models": {}, "config": {"image_size": 64, "patch_size": 96}},
+                             {"model_kwargs": {}}).downscale == 1
+
+
+def test_classes_of_an_import_path_network_come_from_the_config(tmp_path, capsys, window_spy):
+    # torch.nn:Conv2d takes out_channels, not num_classes: only the training config says there are 3 classes.
+    torch.manual_seed(4)
+    kwargs = {"in_channels": 3, "out_channels": 3, "kernel_size": 1}
+    from cocofast.models import create_model
+
+    net = create_model("torch.nn:Conv2d", **kwargs).eval()
+    ckpt = save_checkpoint(tmp_path / "c.pt", "torch.nn:Conv2d", kwargs, net.state_dict(),
+                           {"image_size": 32, "num_classes": 3, "in_channels": 3})
+    image = np.random.default_rng(9).integers(0, 256, (40, 50, 3), dtype=np.uint8)
+    Image.fromarray(image).save(tmp_path / "s.png")
+    assert main([str(tmp_path / "s.png"), "--checkpoint", str(ckpt), "--out", str(tmp_path / "m.png"),
+                 "--mask-values", "index", "--quiet"]) == 0
+    assert "class 2:" in capsys.readouterr().out and window_spy[-1]["window"] == 32
+    with torch.no_grad():
+        whole = net(torch.from_numpy(image).permute(2, 0, 1)[None].float() / 255).logits[0].argmax(0).numpy()
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "m.png")), whole)  # pointwise: windows change nothing

@@ -17,6 +17,7 @@ import torch
 from PIL import Image, ImageDraw
 
 from cocofast.io import atomic_path, atomic_write_text
+from cocofast.overlay import DEFAULT_THICKNESS, draw_outlines
 
 
 # --- summary.csv -----------------------------------------------------------------------------------------
@@ -92,22 +93,19 @@ def _to_rgb(image: torch.Tensor) -> np.ndarray:
     return (img[:3].permute(1, 2, 0).numpy() * 255).astype(np.uint8)
 
 
-def _tint(rgb: np.ndarray, mask: np.ndarray, color: tuple[int, int, int], alpha: float = 0.45) -> np.ndarray:
-    out = rgb.astype(np.float32)
-    out[mask] = (1 - alpha) * out[mask] + alpha * np.array(color, dtype=np.float32)
-    return out.astype(np.uint8)
-
-
 def save_overlays(images: torch.Tensor, masks: torch.Tensor, preds: torch.Tensor, path: str | Path) -> None:
-    """A grid with one row per patch: the image, the ground truth (green) and the prediction (red) on it.
+    """A grid with one row per patch: the image, then the ground truth's and the prediction's class outlines
+    drawn over it (`cocofast.overlay`, the colours segment and predict use: class 1 lime, class 2 yellow, ...).
 
-    Any class other than 0 counts as foreground, so multi-class masks still show where the network fires.
+    Outlines instead of tints leave the tissue under a region visible, so both panels show what was there.
     """
     rows = []
     for image, mask, pred in zip(images, masks, preds):
         rgb = _to_rgb(image)
-        gt = _tint(rgb, mask.cpu().numpy() > 0, (0, 200, 0))
-        pr = _tint(rgb, pred.cpu().numpy() > 0, (220, 0, 0))
+        # Thinner outlines on small patches, which are enlarged below: 3 px at 512, 1 px from 128 down.
+        thickness = max(1, min(DEFAULT_THICKNESS, rgb.shape[0] // 128))
+        gt = draw_outlines(rgb, mask.cpu().numpy(), thickness)
+        pr = draw_outlines(rgb, pred.cpu().numpy(), thickness)
         row = np.concatenate([rgb, gt, pr], axis=1)
         zoom = max(1, 160 // rgb.shape[0])  # small demo patches are enlarged (nearest) to stay readable
         rows.append(row.repeat(zoom, axis=0).repeat(zoom, axis=1))
@@ -120,7 +118,7 @@ def save_overlays(images: torch.Tensor, masks: torch.Tensor, preds: torch.Tensor
     canvas.paste(Image.fromarray(grid), (0, header))
     w = rows[0].shape[1] // 3
     draw = ImageDraw.Draw(canvas)
-    for i, label in enumerate(("image", "ground truth (green)", "prediction (red)")):
+    for i, label in enumerate(("image", "ground truth (outlines)", "prediction (outlines)")):
         draw.text((i * w + 4, 3), label, fill="black")
     with atomic_path(path) as tmp:
         canvas.save(tmp, format="PNG")
