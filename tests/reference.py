@@ -46,3 +46,19 @@ def features(seed, batch, channels, h, w, dtype, relu=False, scale=1.0):
     if relu:
         x = x.clamp_min(0)
     return x.to(dtype).to(DEVICE)
+
+
+# --- helpers the loss tests share ----------------------------------------------------------------------
+def np64(t: torch.Tensor) -> np.ndarray:
+    return t.detach().double().numpy()
+
+
+def close(actual: torch.Tensor, expected: float, rtol: float = 1e-4, atol: float = 1e-7) -> None:
+    """A loss value: an fp32 scalar within tolerance of its float64 reference."""
+    assert actual.dtype == torch.float32 and actual.dim() == 0
+    np.testing.assert_allclose(actual.item(), expected, rtol=rtol, atol=atol)
+
+
+def softmax(x: np.ndarray, axis: int) -> np.ndarray:
+    e = np.exp(x - x.max(axis=axis, keepdims=True))
+    return e / e.sum(axis=axis, keepdims=True)

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from cocofast.losses import IGNORE_INDEX, LOSSES, DistillLoss, LossSpec, Reads, get_loss, list_losses, parse_losses
+from reference import close, np64, softmax
 
 ALL = ["at", "cmss", "coco", "cpkd", "emkd", "fsp", "graph_flow", "ifvd", "kd", "skd_pairwise", "skd_pixel"]
 # What each loss declares it reads: (features, teacher view, matched_channels, labels).
@@ -47,21 +48,7 @@ def labels_for(seed, size=H, classes=K):
     return lab
 
 
-def np64(t):
-    return t.detach().double().numpy()
-
-
-def close(actual, expected, rtol=1e-4, atol=1e-7):
-    assert actual.dtype == torch.float32 and actual.dim() == 0
-    np.testing.assert_allclose(actual.item(), expected, rtol=rtol, atol=atol)
-
-
 # --------------------------------------------------------------------------------- float64 references
-
-
-def softmax(x, axis):
-    e = np.exp(x - x.max(axis=axis, keepdims=True))
-    return e / e.sum(axis=axis, keepdims=True)
 
 
 def ref_kd(s, t, temperature):

@@ -6,6 +6,7 @@ import torch
 from collections import namedtuple
 
 from cocofast.losses.cpkd import CPKDLoss, channel_relation
+from reference import np64
 
 B, K, H = 2, 3, 12          # batch, classes, logits size
 C_S, C_T = 5, 8             # student and raw-teacher deep channels; paraphrased teacher feats have C_S
@@ -29,10 +30,6 @@ def feats(seed, tap=TAP, requires_grad=False):
     """Stand-ins for paraphraser encodings: the student's channel counts (4 shallow, C_S deep)."""
     g = torch.Generator().manual_seed(seed)
     return tuple((randn(g, B, c, *tap) * 1.5).requires_grad_(requires_grad) for c in (4, C_S))
-
-
-def np64(t):
-    return t.detach().double().numpy()
 
 
 # --------------------------------------------------------------------------------- float64 references

@@ -10,6 +10,7 @@ from cocofast.losses.emkd import (EMKDLoss, importance_map_distillation, pixel_m
                                   region_affinity_distillation)
 from cocofast.losses import IGNORE_INDEX
 from cocofast.losses.supervised import dice_loss, focal_dice_loss, focal_loss
+from reference import close, np64, softmax
 
 B, H, TAP = 2, 15, 5  # batch, input size, tap size: labels are nearest-downsampled with stride 3
 STRIDE = H // TAP
@@ -43,21 +44,7 @@ def labels_for(seed, classes):
     return lab
 
 
-def np64(t):
-    return t.detach().double().numpy()
-
-
-def close(actual, expected, rtol=1e-4, atol=1e-7):
-    assert actual.dtype == torch.float32 and actual.dim() == 0
-    np.testing.assert_allclose(actual.item(), expected, rtol=rtol, atol=atol)
-
-
 # --------------------------------------------------------------------------------- float64 references
-
-
-def softmax(x, axis):
-    e = np.exp(x - x.max(axis=axis, keepdims=True))
-    return e / e.sum(axis=axis, keepdims=True)
 
 
 def ref_focal(logits, labels, gamma=2.0):

@@ -7,6 +7,7 @@ import torch
 from cocofast.losses.graph_flow import GraphFlowLoss, common_grid, graph_edge_loss, graph_vertex_loss
 from cocofast.models import FeatureTaps, create_model
 from reference import rows as cmss_rows  # SPEC §2 steps 1-3 in float64: softmax(max-pool) weights, L2 rows
+from reference import np64
 
 B = 2
 # Three taps per network, channels and sizes all different; the common grid is (min h, min w) = (5, 7).
@@ -22,10 +23,6 @@ def taps_for(seed, shapes, batch=B, dtype=torch.float32, requires_grad=False):
     maps = [torch.randn(batch, c, h, w, generator=g, dtype=torch.float64) + 0.5 * (i + 1)
             for i, (c, h, w) in enumerate(shapes)]
     return [m.to(dtype).requires_grad_(requires_grad) for m in maps]
-
-
-def np64(t):
-    return t.detach().double().numpy()
 
 
 # --------------------------------------------------------------------------------- float64 references
