@@ -136,6 +136,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--width", type=float, default=1.0, help="channel width multiplier (1.0 = paper)")
     parser.add_argument("--sizes", type=int, nargs="+", default=[256, 512, 1024], help="square input sides")
     args = parser.parse_args(argv)
+    bad = [s for s in args.sizes if s < 64 or s % 16]
+    if bad:  # the discriminator's four stride-2 convolutions need it; every segmentation network accepts these
+        parser.error(f"--sizes {' '.join(map(str, bad))}: each side must be >= 64 and divisible by 16")
     rows = measure(args.in_channels, args.num_classes, args.width, tuple(args.sizes))
     paper = args.in_channels == 1 and args.num_classes == 2 and args.width == 1.0
     print(
