@@ -24,7 +24,7 @@ from common import environment, free_bytes, has_cuda, run_child, vm_hwm, write_c
 
 from cocofast.pixel_relation import NAIVE_MATRICES
 
-# (teacher channels, student channels): FANet's taps against each student's (SPEC §4).
+# (teacher channels, student channels): FANet's taps against each student's, as the authors' networks have them.
 PAIRS = {"FANet 256 → Mobile U-Net 24": (256, 24), "FANet 256 → ENet/ERFNet 64": (256, 64)}
 SIZES = {"256² input (N=4,096)": 64, "512² input (N=16,384)": 128, "1024² input (N=65,536)": 256}
 BACKENDS = ("naive", "chunked", "triton")

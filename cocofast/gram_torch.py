@@ -2,8 +2,9 @@
 
 Same contract as `cocofast.kernels.GramStats`: (f₁, f₂) -> (k, p, q) per image in float64, with
 k = ‖Â₁ᵀÂ₂‖², p = ‖Â₁ᵀÂ₁‖², q = ‖Â₂ᵀÂ₂‖² (⟨ÂÂᵀ, Â'Â'ᵀ⟩ = ‖ÂᵀÂ'‖²: the uncentred linear-CKA identity of
-Kornblith et al. 2019, which removes CoCo DistillNet's N×N matrices). In channel-major layout, per image: X (C, N) the map, w = softmax(max-pool X) the channel weights,
-ρ = max(‖diag(w) X[:, n]‖, eps) the pixel norms, Y = X diag(1/ρ), and Âᵀ = diag(w) Y. Then
+Kornblith et al. 2019, which removes CoCo DistillNet's N×N matrices). In channel-major layout, per image:
+X (C, N) the map, w = softmax(max-pool X) the channel weights, ρ = max(‖diag(w) X[:, n]‖, eps) the pixel
+norms, Y = X diag(1/ρ), and Âᵀ = diag(w) Y. Then
 
     S₁ = W₁ (Y₁Y₁ᵀ) W₁,  S₂ = W₂ (Y₂Y₂ᵀ) W₂,  K = W₁ (Y₁Y₂ᵀ) W₂      (W = diag(w): C×C work, free)
 

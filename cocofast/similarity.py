@@ -1,4 +1,4 @@
-"""CoCo DistillNet's similarity losses (SPEC §2), with interchangeable backends.
+"""CoCo DistillNet's similarity losses (the paper's CMSS and cross-layer correlation), with interchangeable backends.
 
 For a map F (C×h×w), N = h·w: channel weights w = softmax(max-pool(F)), rows G'_i = F[:, i]·w, Â_i =
 G'_i / max(‖G'_i‖, eps), and the channel-mixed spatial similarity M = ÂÂᵀ (N×N). For two layers of one
@@ -39,7 +39,8 @@ def _resolve(backend: str, f1: torch.Tensor, f2: torch.Tensor) -> str:
 
 
 def cmss(feat: torch.Tensor, *, channel_mix: bool = True, eps: float = 1e-6) -> torch.Tensor:
-    """Normalised rows Â of SPEC §2, shape (B, H·W, C), fp32 (fp64 for fp64 input); M = Â Âᵀ."""
+    """Normalised rows Â, shape (B, H·W, C): the paper's channel-mixed pixel vectors, L2-normalised; fp32
+    (fp64 for fp64 input); M = Â Âᵀ."""
     check_map("cmss", "feat", feat)
     x = feat.to(torch.float64 if feat.dtype == torch.float64 else torch.float32)
     if channel_mix:
@@ -108,7 +109,7 @@ def coco_loss(teacher_pairs: Sequence, student_pairs: Sequence, *, backend: str 
 
 def similarity_distance(f_teacher: torch.Tensor, f_student: torch.Tensor, *, channel_mix: bool = True,
                         backend: str = "auto") -> torch.Tensor:
-    """mean_b ‖M_T − M_S‖²_F / N² (SPEC §2.7): SS with channel_mix=False, CMSS with channel_mix=True."""
+    """mean_b ‖M_T − M_S‖²_F / N²: the paper's SS ablation with channel_mix=False, CMSS with channel_mix=True."""
     check_pair("similarity_distance", ("f_teacher", "f_student"), f_teacher, f_student)
     n_pix = f_student.shape[2] * f_student.shape[3]
     _, _, _, d = _stats("similarity_distance", f_teacher, f_student, channel_mix, backend)

@@ -4,4 +4,5 @@
                the guard that stops a naive backend before it allocates N×N matrices.
 - backends.py: each op family's backend table and `check_backend`, the one validator of a backend name.
 - roofline.py: modelled GPU time, max(bytes / bandwidth, FLOPs / peak), and the `auto` decision built on it.
+- torch_traffic.py: a dispatch-level counter of the bytes eager torch ops move (checks roofline's inputs).
 """
