@@ -9,10 +9,9 @@ import torch.nn as nn
 
 from cocofast.io import atomic_write_text
 from cocofast.metrics import ConfusionMatrix
-from cocofast.models import count_macs, count_parameters, create_model
+from cocofast.models import count_macs, count_parameters, create_model, unwrap_model
 
 from . import report
-from cocofast.models.taps import unwrap_model as unwrap
 
 from .checkpoint import CheckpointError, load_checkpoint, load_weights, model_spec
 from .config import TrainConfig
@@ -23,7 +22,7 @@ from .runtime import Runtime, eval_loader
 
 @torch.no_grad()
 def evaluate_segmentation(model: nn.Module, loader, cfg: TrainConfig, rt: Runtime, prefix: str = "val_"):
-    model = unwrap(model)
+    model = unwrap_model(model)
     was_training = model.training
     model.eval()
     matrix = ConfusionMatrix(cfg.num_classes, device=rt.device)  # on the device: nccl reduces CUDA tensors
@@ -59,7 +58,7 @@ def overlay_drawer(model: nn.Module, dataset, cfg: TrainConfig, rt: Runtime):
 
     @torch.no_grad()
     def draw(path: Path) -> None:
-        net = unwrap(model)
+        net = unwrap_model(model)
         was_training = net.training
         net.eval()
         images, masks = zip(*(dataset[i] for i in range(count)))
@@ -109,7 +108,7 @@ def evaluate_all(cfg: TrainConfig, rt: Runtime) -> list[dict]:
         out = Path(cfg.run_dir)
         report.write_summary(rows, out / "eval.csv")
         atomic_write_text(json.dumps(rows, indent=2), out / "eval.json")
-        print(format_table(rows, cfg.image_size), flush=True)
+        print(report.format_eval_table(rows, cfg.image_size), flush=True)
     return rows
 
 
@@ -146,13 +145,3 @@ def gmacs(net: nn.Module, cfg: TrainConfig) -> float:
         return count_macs(shadow, torch.empty(size, device="meta")) / 1e9
     device = next(net.parameters()).device
     return count_macs(net, torch.zeros(size, device=device)) / 1e9
-
-
-def format_table(rows: list[dict], image_size: int) -> str:
-    head = f"| model | network | params | GMACs @{image_size}² | ACC | mIoU | mDice | split | warning |"
-    lines = [head, "|---|---|---:|---:|---:|---:|---:|---|---|"]
-    for r in rows:
-        network = r["model"] + (f" x{r['width']:g}" if r["width"] is not None else "")
-        lines.append(f"| {r['name']} | {network} | {r['params']:,} | {r[f'gmacs@{image_size}']:.3f} | "
-                     f"{r['acc']:.4f} | {r['miou']:.4f} | {r['mdice']:.4f} | {r['split']} | {r['warning']} |")
-    return "\n".join(lines)

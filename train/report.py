@@ -124,3 +124,12 @@ def save_overlays(images: torch.Tensor, masks: torch.Tensor, preds: torch.Tensor
         canvas.save(tmp, format="PNG")
 
 
+def format_eval_table(rows: list[dict], image_size: int) -> str:
+    """The eval table as markdown: one row per network scored."""
+    head = f"| model | network | params | GMACs @{image_size}² | ACC | mIoU | mDice | split | warning |"
+    lines = [head, "|---|---|---:|---:|---:|---:|---:|---|---|"]
+    for r in rows:
+        network = r["model"] + (f" x{r['width']:g}" if r["width"] is not None else "")
+        lines.append(f"| {r['name']} | {network} | {r['params']:,} | {r[f'gmacs@{image_size}']:.3f} | "
+                     f"{r['acc']:.4f} | {r['miou']:.4f} | {r['mdice']:.4f} | {r['split']} | {r['warning']} |")
+    return "\n".join(lines)
