@@ -264,7 +264,7 @@ def test_ablation_switches_and_bf16_autocast(full_run, tmp_path):
 DDP_WORKER = """
 import os, sys, torch
 import cocofast.train.stages as stages
-from cocofast.train.checkpoint import unwrap
+from cocofast.models import unwrap_model as unwrap
 original = stages.run_stage
 
 def run_and_dump(stage, cfg, rt, *args):

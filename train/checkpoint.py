@@ -27,26 +27,16 @@ import torch.nn as nn
 from cocofast.checkpoint import (FORMAT, VERSION, CheckpointError, model_spec, network_digest, read_checkpoint,
                                  with_checksum)
 from cocofast.io import atomic_save
+from cocofast.models import unwrap_model
 
 __all__ = ["FORMAT", "VERSION", "CheckpointError", "capture_rng", "check_config", "check_model", "check_sources",
            "load_checkpoint", "load_weights", "model_entry", "model_spec", "restore_rng", "save_checkpoint",
-           "source_digests", "unwrap"]
-
-
-def unwrap(module: nn.Module) -> nn.Module:
-    """The plain module under DistributedDataParallel and torch.compile wrappers."""
-    while True:
-        if hasattr(module, "module") and isinstance(module, nn.parallel.DistributedDataParallel):
-            module = module.module
-        elif hasattr(module, "_orig_mod"):
-            module = module._orig_mod
-        else:
-            return module
+           "source_digests"]
 
 
 def model_entry(model_name: str, model_kwargs: dict, module: nn.Module) -> dict:
     return {"model_name": model_name, "model_kwargs": dict(model_kwargs),
-            "state_dict": unwrap(module).state_dict()}
+            "state_dict": unwrap_model(module).state_dict()}
 
 
 # --- RNG states as tensors and plain values --------------------------------------------------------------
@@ -99,7 +89,7 @@ def check_model(ckpt: dict, role: str, path, model_name: str, model_kwargs: dict
 
 def load_weights(module: nn.Module, spec: dict, role: str, path) -> None:
     try:
-        unwrap(module).load_state_dict(spec["state_dict"])
+        unwrap_model(module).load_state_dict(spec["state_dict"])
     except RuntimeError as err:
         raise CheckpointError(f"checkpoint {path}: the '{role}' weights do not fit "
                               f"{spec['model_name']}({_kw(spec['model_kwargs'])}): {err}") from None
@@ -127,7 +117,7 @@ def source_digests(**networks: nn.Module | nn.ModuleList | None) -> dict[str, st
             continue
         members = {f"{role}{i}": m for i, m in enumerate(net)} if isinstance(net, nn.ModuleList) else {role: net}
         for name, module in members.items():
-            module = unwrap(module)
+            module = unwrap_model(module)
             found[name] = network_digest(module.model_name, module.model_kwargs, module.state_dict())
     return found
 
@@ -153,7 +143,7 @@ def check_sources(saved: dict[str, str] | None, current: dict[str, str], path, f
     if changed:
         raise CheckpointError(f"cannot resume from {path}: it was trained from other networks than the ones "
                               "given now (" + "; ".join(changed) + "); point --teacher_checkpoint / "
-                              f"--paraphraser_checkpoint to the ones it used, or use --overwrite")
+                              "--paraphraser_checkpoint to the ones it used, or use --overwrite")
 
 
 def _kw(kwargs: dict) -> str:

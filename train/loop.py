@@ -28,10 +28,11 @@ import torch.nn as nn
 from tqdm import tqdm
 
 from cocofast.io import atomic_write_text
+from cocofast.models import unwrap_model
 
 from . import report
 from .checkpoint import (CheckpointError, capture_rng, check_config, check_sources, load_checkpoint, model_entry,
-                         restore_rng, save_checkpoint, unwrap)
+                         restore_rng, save_checkpoint)
 from .config import ConfigError, TrainConfig, dump_yaml
 from .runtime import ResumableSampler, Runtime
 
@@ -62,7 +63,7 @@ class Stage:
     optimizers: dict[str, torch.optim.Optimizer]
     schedulers: dict
     scaler: torch.amp.GradScaler
-    train_step: Callable[[torch.Tensor, torch.Tensor], dict[str, float]]
+    train_step: Callable[..., dict[str, float]]  # (images, masks) or, from a keyed loader, (images, masks, keys=)
     evaluate: Callable[[], dict[str, float]]
     score_key: str  # validation metric that picks best.pt
     higher_is_better: bool = True
@@ -111,7 +112,7 @@ def run_stage(stage: Stage, cfg: TrainConfig, rt: Runtime, loader, sampler: Resu
         history, best_score = list(ckpt["history"]), ckpt["best_score"]
         best_epoch, run_id = ckpt.get("best_epoch"), ckpt.get("run_id", run_id)
         for role, (_, _, module) in stage.models.items():
-            unwrap(module).load_state_dict(ckpt["models"][role]["state_dict"])
+            unwrap_model(module).load_state_dict(ckpt["models"][role]["state_dict"])
         for role, opt in stage.optimizers.items():
             opt.load_state_dict(ckpt["optimizers"][role])
         for role, sched in stage.schedulers.items():
@@ -162,10 +163,12 @@ def run_stage(stage: Stage, cfg: TrainConfig, rt: Runtime, loader, sampler: Resu
         started = time.perf_counter()
         bar = tqdm(total=iters_per_epoch, initial=batch_in_epoch, leave=False, dynamic_ncols=True,
                    desc=f"{stage.name} {epoch + 1}/{stage.epochs}", disable=not (rt.is_main and cfg.progress))
-        for images, masks in loader:
-            images = images.to(rt.device, non_blocking=True)
-            masks = masks.to(rt.device, non_blocking=True)
-            terms = stage.train_step(images, masks)
+        for batch in loader:
+            images = batch[0].to(rt.device, non_blocking=True)
+            masks = batch[1].to(rt.device, non_blocking=True)
+            # A keyed training set (train/teacher_cache.py) adds each sample's cache key; it stays on the CPU.
+            keyed = {"keys": batch[2]} if len(batch) > 2 else {}
+            terms = stage.train_step(images, masks, **keyed)
             if not all(math.isfinite(v) for v in terms.values()):
                 raise FloatingPointError(
                     f"[{stage.name}] a loss is not finite at epoch {epoch + 1}, iteration {iteration + 1}: "
@@ -249,7 +252,7 @@ def redraw_reports(stage: Stage, cfg: TrainConfig, last: dict, best: dict | None
         if ckpt is None:
             continue
         for role, (_, _, module) in stage.models.items():
-            unwrap(module).load_state_dict(ckpt["models"][role]["state_dict"])
+            unwrap_model(module).load_state_dict(ckpt["models"][role]["state_dict"])
         stage.draw_overlays(stage.out_dir / name)
 
 
