@@ -142,3 +142,16 @@ def test_bad_names_paths_and_shapes_exit_2_before_training(user, override, words
     for word in words:
         assert word in out, (word, out[-2000:])
     assert not (tmp_path / "run" / "teacher").exists()
+
+
+def test_logit_distillation_needs_no_taps(user):
+    """A user network named without taps still distils through logit losses and the critic."""
+    tmp_path, env = user
+    text = (tmp_path / "config.yaml").read_text()
+    text = "\n".join(line for line in text.splitlines() if "_taps" not in line) + "\nlosses: kd\n"
+    (tmp_path / "config.yaml").write_text(text.replace("losses: coco\n", ""))
+    rc, out = distill(tmp_path, env, f"--run_dir={tmp_path / 'run'}")
+    assert rc == 2 and "'teacher_taps'" in out and "--stage=teacher,student,eval" in out, out[-2000:]
+    rc, out = distill(tmp_path, env, f"--run_dir={tmp_path / 'run'}", "--stage=teacher,student")
+    assert rc == 0, out[-3000:]
+    assert "loss_kd" in (tmp_path / "run" / "student" / "summary.csv").read_text().splitlines()[0]

@@ -35,7 +35,8 @@ class Features:
 
     def rows(self, index: torch.Tensor) -> "Features":
         pick = lambda ts: None if ts is None else type(ts)(t[index] for t in ts)  # noqa: E731
-        return Features(self.logits[index], self.shallow[index], self.deep[index], pick(self.paraphrased),
+        one = lambda t: None if t is None else t[index]  # noqa: E731
+        return Features(self.logits[index], one(self.shallow), one(self.deep), pick(self.paraphrased),
                         pick(self.chain))
 
 
@@ -87,7 +88,9 @@ class FeatureAdapter:
                 paraphrased = tuple(p.encode(t) for p, t in zip(self.paraphrasers, (out.shallow, out.deep)))
         chain = self.caught(self.teacher_chain)
         as32 = lambda ts: None if ts is None else type(ts)(t.float() for t in ts)  # noqa: E731
-        return Features(out.logits.float(), out.shallow.float(), out.deep.float(), as32(paraphrased), as32(chain))
+        # A network without taps (a user's, for logit losses alone) hands over None for them.
+        shallow, deep = (None, None) if out.shallow is None else (out.shallow.float(), out.deep.float())
+        return Features(out.logits.float(), shallow, deep, as32(paraphrased), as32(chain))
 
     def student(self, images: torch.Tensor) -> Features:
         with self.autocast():

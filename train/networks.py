@@ -65,8 +65,9 @@ def tap_channels(cfg: TrainConfig, model: nn.Module, role: str) -> tuple[int, in
 def check_networks(cfg: TrainConfig) -> None:
     """Before any stage: both networks build, take the configured input, give K-class logits at the input's
     size, and (where taps are named or built in) two taps of equal H·W; names, paths and shapes in errors."""
-    needs_taps = cfg.losses.strip().lower() not in ("", "none") and bool(
-        {"paraphraser", "student"} & set(cfg.stages()))
+    stages = set(cfg.stages())
+    losses_read_taps = any(spec.build().reads.taps for spec in cfg.loss_specs())
+    needs_taps = "paraphraser" in stages or ("student" in stages and losses_read_taps)
     for role in ("teacher", "student"):
         if role == "teacher" and cfg.teacher_checkpoint and is_torchscript(cfg.teacher_checkpoint):
             continue  # checked when loaded: a TorchScript teacher is whatever its file holds
@@ -92,9 +93,10 @@ def check_shapes(cfg: TrainConfig, role: str, shapes, net: nn.Module, needs_taps
                           f"{cfg.num_classes}, logits at the input's size)")
     if shapes.shallow is None:
         if needs_taps:
-            raise ConfigError(f"config key '{role}_taps': the {role} ({name}) has no taps, and the losses "
-                              f"{cfg.losses!r} need them; name two module paths (shallow, deep), e.g. "
-                              f"--{role}_taps=down2,up1")
+            raise ConfigError(f"config key '{role}_taps': the {role} ({name}) has no taps, which the "
+                              f"paraphraser stage and the losses {cfg.losses!r} need; name two module paths "
+                              f"(shallow, deep), e.g. --{role}_taps=down2,up1 (logit losses alone, e.g. "
+                              f"--losses=kd, need none: run --stage=teacher,student,eval)")
         return
     if shapes.shallow[2] * shapes.shallow[3] != shapes.deep[2] * shapes.deep[3]:
         paths = getattr(unwrap_model(net), "tap_paths", ("shallow", "deep"))
