@@ -26,11 +26,9 @@ from pathlib import Path
 import torch
 
 from cocofast.data.imageio import IMAGE_SUFFIXES, OPENSLIDE_SUFFIXES, TIFF_SUFFIXES
-from cocofast.data.normalise import Normalisation
 from cocofast.io import atomic_write_text
 from cocofast.overlay import DEFAULT_THICKNESS
-from cocofast.segment import (SegmentSettings, Segmented, check_window, device_of, model_from_checkpoint,
-                              read_checkpoint, segment_image, trained_input)
+from cocofast.segment import SegmentSettings, Segmented, device_of, network_and_settings, segment_image
 
 SUFFIXES = tuple(dict.fromkeys(IMAGE_SUFFIXES + TIFF_SUFFIXES + OPENSLIDE_SUFFIXES))
 FAILURES_FILE = "failures.txt"
@@ -154,18 +152,9 @@ def main(argv=None) -> int:
         return 2
     device = device_of(args.device)
     try:
-        ckpt = read_checkpoint(args.checkpoint)
-        model, entry = model_from_checkpoint(ckpt, args.role, device, args.checkpoint)
-        trained = trained_input(ckpt, entry, model, args.checkpoint)
-        segment = SegmentSettings(
-            window=args.window or trained.window, overlap=args.overlap, batch_size=args.batch_size,
-            downscale=args.downscale or trained.downscale, level=args.level, mpp=args.mpp, reader=args.reader,
-            normalise=Normalisation.parse(args.normalise or trained.normalise), in_channels=trained.in_channels,
-            num_classes=trained.num_classes, mask_values=args.mask_values, amp=not args.no_amp,
-            progress=not args.quiet, thickness=args.outline_width)
+        model, segment = network_and_settings(args, device)
         settings = Settings(segment, suffix=f".{args.format}", overlays=not args.no_overlays,
                             progress=not args.quiet)
-        check_window(segment.window, model, entry["model_name"])
         source = Path(args.input)
         images = list_images(source)
         if not images:

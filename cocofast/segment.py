@@ -492,6 +492,22 @@ def _same_file(a: Path, b: Path) -> bool:
         return False
 
 
+def network_and_settings(args, device) -> tuple[torch.nn.Module, SegmentSettings]:
+    """The checkpoint's network and the settings a CLI's arguments ask for, the unset ones taken from what the
+    network was trained on (`trained_input`); shared by `segment` and `predict`."""
+    ckpt = read_checkpoint(args.checkpoint)
+    model, entry = model_from_checkpoint(ckpt, args.role, device, args.checkpoint)
+    trained = trained_input(ckpt, entry, model, args.checkpoint)
+    settings = SegmentSettings(
+        window=args.window or trained.window, overlap=args.overlap, batch_size=args.batch_size,
+        downscale=args.downscale or trained.downscale, level=args.level, mpp=args.mpp, reader=args.reader,
+        normalise=Normalisation.parse(args.normalise or trained.normalise), in_channels=trained.in_channels,
+        num_classes=trained.num_classes, mask_values=args.mask_values, amp=not args.no_amp,
+        progress=not args.quiet, thickness=args.outline_width)
+    check_window(settings.window, model, entry["model_name"])
+    return model, settings
+
+
 def main(argv=None) -> int:
     args = _parse(argv)
     problem = _check_arguments(args)
@@ -500,16 +516,8 @@ def main(argv=None) -> int:
         return 2
     device = device_of(args.device)
     try:
-        ckpt = read_checkpoint(args.checkpoint)
-        model, entry = model_from_checkpoint(ckpt, args.role, device, args.checkpoint)
-        trained = trained_input(ckpt, entry, model, args.checkpoint)
-        settings = SegmentSettings(
-            window=args.window or trained.window, overlap=args.overlap, batch_size=args.batch_size,
-            downscale=args.downscale or trained.downscale, level=args.level, reader=args.reader,
-            normalise=Normalisation.parse(args.normalise or trained.normalise), in_channels=trained.in_channels,
-            num_classes=trained.num_classes, mask_values=args.mask_values, amp=not args.no_amp,
-            progress=not args.quiet, thickness=args.outline_width)
-        check_window(settings.window, model, entry["model_name"])
+        model, settings = network_and_settings(args, device)
+        settings = replace(settings, mpp=None)  # --mpp is resolved below, to say what was chosen
         if args.mpp is not None:  # resolved here, not in segment_image, to say what was chosen before the run
             level, factor, got = level_for_mpp(args.image, args.mpp, args.reader)
             if abs(got / args.mpp - 1) > 0.1:
