@@ -2,8 +2,8 @@
 
 Per path and shape, the bytes come from counting, not from reading the code:
 - the Triton kernels (gram, tiled, pixel relation): cocofast.kernels.traffic runs them in the CPU
-  interpreter at the GPU tile configs (COCOFAST_GPU_CONFIG=1) on small maps and reports their DRAM traffic
-  as multiples of one pass over the maps; the multiple is applied at the full shape. Without that module,
+  interpreter at the GPU tile configs (COCOFAST_GPU_CONFIG=1) on small maps and counts their DRAM traffic
+  (each byte once per launch), extrapolated to the full shape (see kernel_bytes). Without that module,
   the pass counts in cocofast.ops.roofline stand in, and the `bytes_source` column says so;
 - the eager `gram` path: cocofast.gram_torch.traffic, its own list of passes, checked here against the
   dispatch-level counter (cocofast.ops.torch_traffic) on a small shape (`counted_over_model`).
@@ -33,46 +33,62 @@ MODEL_GPUS = ("H100", "A100")
 
 
 def run_case(path: str, c1: int, c2: int, side: int) -> dict:
-    """Runs in a child with the interpreter: DRAM-model multiples of one kernel path (kernels/traffic.py)."""
+    """Runs in a child with the interpreter: DRAM-model bytes of one kernel path on (1, C, side, side) maps."""
     from cocofast.kernels.traffic import path_traffic
 
     r = path_traffic(path, c1, c2, side=side)
-    return {k: r[k] for k in ("dram_multiple_forward", "dram_multiple_backward", "minimum_forward",
-                              "minimum_backward")}
+    return {"forward": r["forward"].dram_bytes, "backward": r["backward"].dram_bytes}
 
 
-def kernel_multiples(path: str, c1: int, c2: int) -> dict | None:
+def kernel_bytes(path: str, c1: int, c2: int) -> dict | None:
+    """{forward, backward} DRAM bytes of one path at the full shape, or None without kernels/traffic.py.
+
+    For the Gram kernels, counted at two sizes and fitted as a + b·N per image: their per-launch C×C partial
+    sums weigh as much as the maps at N = 1,024, so a plain multiple of the small count would overstate the
+    large one. The N²-work paths are compute-bound by orders of magnitude; one count, scaled by N, serves."""
     try:
         import cocofast.kernels.traffic  # noqa: F401 - only whether it exists
     except ImportError:
         return None
     os.environ["COCOFAST_GPU_CONFIG"] = "1"  # the tiles a GPU would launch, so re-reads are a GPU's
-    res = run_child("bench_roofline", dict(path=path, c1=c1, c2=c2, side=PROBE_SIDE[path]), timeout=600,
-                    interpret=True)
-    return None if "error" in res else res
+    sides = (PROBE_SIDE[path], 2 * PROBE_SIDE[path]) if path == "gram" else (PROBE_SIDE[path],)
+    counts = []
+    for side in sides:
+        res = run_child("bench_roofline", dict(path=path, c1=c1, c2=c2, side=side), timeout=900, interpret=True)
+        if "error" in res:
+            return None
+        counts.append((side * side, res))
+    out = {}
+    for phase in ("forward", "backward"):
+        if len(counts) == 2:
+            (n_a, a), (n_b, b) = counts
+            slope = (b[phase] - a[phase]) / (n_b - n_a)
+            out[phase] = BATCH * (a[phase] + slope * (N_PIX - n_a))
+        else:
+            n_a, a = counts[0]
+            out[phase] = BATCH * a[phase] * N_PIX / n_a
+    return out
 
 
-def kernel_steps(path: str, c1: int, c2: int, multiples: dict | None):
+def kernel_steps(path: str, c1: int, c2: int, counted: dict | None):
     from cocofast.ops.roofline import Step, triton_gram_steps
 
-    maps = BATCH * N_PIX * (c1 + c2) * 4
     if path == "gram":
-        if multiples is None:
+        if counted is None:
             return triton_gram_steps(BATCH, N_PIX, c1, c2), "pass-count defaults (cocofast/ops/roofline.py)"
-        grads = maps  # both maps get a gradient
-        return (triton_gram_steps(BATCH, N_PIX, c1, c2, forward_bytes=multiples["dram_multiple_forward"] * maps,
-                                  backward_bytes=multiples["dram_multiple_backward"] * (maps + grads)),
-                "kernels/traffic.py DRAM model")
-    if multiples is None:
+        return (triton_gram_steps(BATCH, N_PIX, c1, c2, forward_bytes=counted["forward"],
+                                  backward_bytes=counted["backward"]),
+                "kernels/traffic.py DRAM model, fitted over N = 1,024 and 4,096")
+    if counted is None:
         return None, "not counted: cocofast.kernels.traffic unavailable"
     n2 = BATCH * N_PIX * N_PIX
     if path == "tiled":  # forward M₁ and M₂ tiles; the backward rebuilds both tiles per gradient
-        fwd_flops, bwd_flops, grads = 2 * n2 * (c1 + c2), 2 * n2 * (c1 + c2) * 3, maps
+        fwd_flops, bwd_flops = 2 * n2 * (c1 + c2), 2 * n2 * (c1 + c2) * 3
     else:  # pixel relation: R_T, R_S forward; backward rebuilds both and forms (G + Gᵀ)Â_S
-        fwd_flops, bwd_flops, grads = 2 * n2 * (c1 + c2), 2 * n2 * (c1 + c2) + 2 * n2 * c2, BATCH * N_PIX * c2 * 4
-    steps = [Step(f"{path} forward", multiples["dram_multiple_forward"] * maps, fwd_flops, "tf32x3"),
-             Step(f"{path} backward", multiples["dram_multiple_backward"] * (maps + grads), bwd_flops, "tf32x3")]
-    return steps, "kernels/traffic.py DRAM model"
+        fwd_flops, bwd_flops = 2 * n2 * (c1 + c2), 2 * n2 * (c1 + c2) + 2 * n2 * c2
+    steps = [Step(f"{path} forward", counted["forward"], fwd_flops, "tf32x3"),
+             Step(f"{path} backward", counted["backward"], bwd_flops, "tf32x3")]
+    return steps, f"kernels/traffic.py DRAM model at N = {PROBE_SIDE[path] ** 2:,}, scaled by N"
 
 
 def counted_over_model(c1: int, c2: int) -> float:
@@ -118,8 +134,8 @@ def main(argv=None) -> list[dict]:
     for c in SIMILARITY_CHANNELS:
         eager = gram_torch_steps(BATCH, N_PIX, c, c, matmul_math="fp32")
         check = round(counted_over_model(c, c), 3)
-        fused, source = kernel_steps("gram", c, c, kernel_multiples("gram", c, c))
-        tiled = None if args.quick else kernel_steps("tiled", c, c, kernel_multiples("tiled", c, c))
+        fused, source = kernel_steps("gram", c, c, kernel_bytes("gram", c, c))
+        tiled = None if args.quick else kernel_steps("tiled", c, c, kernel_bytes("tiled", c, c))
         for g in MODEL_GPUS:
             times = {"triton": modelled_time(fused, GPUS[g]), "gram": modelled_time(eager, GPUS[g])}
             r_eager = row("gram (eager torch)", c, c, eager, "cocofast.gram_torch.traffic", g)
@@ -132,7 +148,7 @@ def main(argv=None) -> list[dict]:
                 rows.append(row("tiled (flash-style kernels)", c, c, tiled[0], tiled[1], g))
     if not args.quick:
         for ct, cs in PIXEL_RELATION_PAIRS:
-            steps, source = kernel_steps("pixel_relation", ct, cs, kernel_multiples("pixel_relation", ct, cs))
+            steps, source = kernel_steps("pixel_relation", ct, cs, kernel_bytes("pixel_relation", ct, cs))
             for g in MODEL_GPUS:
                 if steps:
                     rows.append(row("pixel relation (flash-style KL)", ct, cs, steps, source, g))

@@ -78,8 +78,9 @@ def gram_torch_steps(batch: int, n_pix: int, c1: int, c2: int, element_bytes: in
 
 
 # Passes over both N×C maps of the fused kernels, as cocofast.kernels.traffic counts them (DRAM model, GPU
-# tiles, N = 1,024, kernels at 2ea08f8): forward 6.8 (C = 24) to 9.3 (C = 64); backward 3.7 × (maps +
-# gradients), i.e. about 6 reads and the gradient write. bench/bench_roofline.py recounts them at every run.
+# tiles, kernels at 2ea08f8): at N = 1,024 forward 6.8 (C = 24) to 9.3 (C = 64), backward 3.7 × (maps +
+# gradients); fitted over N = 1,024 and 4,096 and taken to N = 65,536, 13.5 to 15 passes forward and backward
+# together for C = 24 to 256. bench/bench_roofline.py recounts them at every run.
 TRITON_FORWARD_PASSES = 8
 TRITON_BACKWARD_PASSES = 6
 GRAM_TILE = 64  # the kernels' channel tile: the symmetric Grams compute the upper tile pairs only
