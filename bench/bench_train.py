@@ -2,8 +2,9 @@
 and the share of the step spent in the CoCo loss.
 
 It times cocofast.train.student.StudentStep, built by train/stages.py's build_student_step, the exact code the student stage runs (critic step + student
-step), on random inputs. "cached teacher" replays precomputed teacher outputs, the cost when teacher features
-are stored ahead of time. The CoCo share is the CoCo loss's forward + backward alone on tensors of the tap
+step), on synthetic patches. "cached teacher" replays the teacher's features from a real teacher cache
+(train/teacher_cache.py, what --teacher_cache=true runs: memory-mapped files, looked up by each sample's
+key). The CoCo share is the CoCo loss's forward + backward alone on tensors of the tap
 shapes, divided by the full step.
 
     python bench/bench_train.py                     # CPU: reduced widths at 128x128
@@ -19,8 +20,11 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
+import tempfile
+
 import torch
 
+from cocofast.data import SyntheticPathology
 from cocofast.models import create_model
 from cocofast.similarity import coco_loss
 from cocofast.train.config import TrainConfig
@@ -29,6 +33,7 @@ from cocofast.train.features import needs_paraphrasers
 from cocofast.train.networks import frozen, paraphraser_kwargs, seg_kwargs
 from cocofast.train.stages import build_student_step
 from cocofast.train.student import StudentStep, build_losses
+from cocofast.train.teacher_cache import KeyedSamples, TeacherCache, cache_identity
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import environment, write_csv  # noqa: E402
@@ -86,11 +91,16 @@ def main(argv: list[str] | None = None) -> list[dict]:
     teacher = frozen(create_model(cfg.teacher_model, **seg_kwargs(cfg, "teacher")).to(device))
     paraphrasers = frozen(torch.nn.ModuleList(
         create_model("paraphraser", **kw) for kw in paraphraser_kwargs(cfg, teacher)).to(device))
-    images = torch.rand(args.batch, cfg.in_channels, args.size, args.size, device=device)
-    masks = (images.mean(dim=1) > 0.5).long()
+    data = SyntheticPathology(args.batch, size=args.size, seed=0, in_channels=cfg.in_channels)
+    images, masks, keys = (torch.stack(t) for t in zip(*(KeyedSamples(data)[i] for i in range(args.batch))))
+    images, masks = images.to(device), masks.to(device)
 
     alone = build_step(replace(cfg, losses="none", adversarial=False), rt, teacher, paraphrasers)
     coco = build_step(cfg, rt, teacher, paraphrasers)
+    cache_dir = tempfile.TemporaryDirectory()
+    identity = {**cache_identity(replace(cfg, flips=False), coco, teacher, paraphrasers, device), "variants": 1}
+    coco.cache = TeacherCache.build(Path(cache_dir.name) / "cache", identity, data, args.batch,
+                                    coco.teacher_features, device)
     cached = coco.teacher_features(images)
     with torch.no_grad(), rt.autocast():
         out_s = coco.student(images)
@@ -102,10 +112,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
     runs = [
         ("student alone (CE)", lambda: alone(images, masks)),
         ("student + CoCo + AdvD, teacher forward", lambda: coco(images, masks)),
-        ("student + CoCo + AdvD, cached teacher", lambda: coco(images, masks, teacher=cached)),
+        ("student + CoCo + AdvD, cached teacher", lambda: coco(images, masks, keys=keys)),
         ("CoCo loss forward + backward only", coco_only),
     ]
     ms = {name: timed(fn, device, args.warmup, args.steps) for name, fn in runs}
+    cache_dir.cleanup()
     full = ms["student + CoCo + AdvD, teacher forward"]
     info = environment()
     setting = (f"{cfg.teacher_model} x{cfg.teacher_width:g} -> {cfg.student_model} x{cfg.student_width:g}, "

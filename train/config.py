@@ -133,9 +133,23 @@ class TrainConfig:
     paraphraser_epochs: int = _f(200, "paraphraser", "paraphraser training epochs")
     paraphraser_lr: float = _f(0.03, "paraphraser", "paraphraser SGD learning rate")
     paraphraser_momentum: float = _f(0.9, "paraphraser", "paraphraser SGD momentum")
+    paraphraser_scale_free: bool = _f(True, "paraphraser", "train each paraphraser in units of its teacher tap's "
+                                                           "mean square (reconstruction MSE / ms, bias steps * "
+                                                           "ms): the same SGD path whatever the teacher's feature "
+                                                           "scale, so paraphraser_lr means the same on every "
+                                                           "teacher; val_rec is then relative (1 = all-zero "
+                                                           "output). false: plain MSE on raw taps (the paper), "
+                                                           "whose safe lr shrinks with the taps' square")
 
     student_epochs: int = _f(200, "student", "student training epochs")
     student_lr: float = _f(0.03, "student", "student Adam learning rate")
+    teacher_cache: bool = _f(False, "run", "student stage: compute the frozen teacher's features (logits, taps, "
+                                           "paraphrased taps, chain) once per training patch and flip variant "
+                                           "and replay them, bit-identically, instead of running the teacher "
+                                           "every step; needs hed_jitter, brightness and contrast at 0")
+    teacher_cache_dir: str = _f("", "run", "folder of teacher caches, one sub-folder per teacher, paraphrasers "
+                                           "and data (empty: run_dir/teacher_cache); runs that share a teacher "
+                                           "may share it")
     disc_lr: float = _f(2e-4, "student", "discriminator Adam learning rate (poly schedule, no steps)")
     disc_beta1: float = _f(0.9, "student", "discriminator Adam beta1")
     disc_beta2: float = _f(0.99, "student", "discriminator Adam beta2")
@@ -205,6 +219,10 @@ class TrainConfig:
         self.loss_specs()  # raises on an unknown loss, key or a malformed weight
         if not 0 < self.labelled_fraction <= 1:
             raise ConfigError(f"config key 'labelled_fraction': must be in (0, 1], got {self.labelled_fraction}")
+        if self.teacher_cache:
+            from .teacher_cache import check_cacheable
+
+            check_cacheable(self)
         if self.resume and self.overwrite:
             raise ConfigError("config keys 'resume' and 'overwrite' exclude each other")
         return self

@@ -8,6 +8,7 @@ from cocofast.data import FolderDataset, SyntheticPathology
 from .config import ConfigError, TrainConfig
 from .runtime import Runtime, train_loader
 from .semi import HalfLabelledSampler, PartlyLabelled, check_fraction, labelled_indices
+from .teacher_cache import KeyedSamples
 
 # Synthetic splits are one generator at seeds far apart (primes, so no split is another's shifted copy).
 SPLIT_SEED_OFFSETS = {"train": 0, "val": 1_000_003, "test": 2_000_003}
@@ -38,10 +39,12 @@ def build_dataset(cfg: TrainConfig, split: str):
         raise ConfigError(f"config key 'data_root': the {split} split in {folder} is not usable: {err}") from None
 
 
-def student_loader(train_set, cfg: TrainConfig, rt: Runtime):
-    """The usual shuffled loader, or, with labelled_fraction < 1, half-labelled batches (train/semi.py)."""
+def student_loader(train_set, cfg: TrainConfig, rt: Runtime, keyed: bool = False):
+    """The usual shuffled loader, or, with labelled_fraction < 1, half-labelled batches (train/semi.py).
+    keyed: batches are (images, masks, keys), each sample's teacher-cache key (train/teacher_cache.py)."""
+    wrap = KeyedSamples if keyed else (lambda dataset: dataset)
     if cfg.labelled_fraction >= 1:
-        return train_loader(train_set, cfg, rt)
+        return train_loader(wrap(train_set), cfg, rt)
     try:
         check_fraction(len(train_set), cfg.labelled_fraction)
         labelled = labelled_indices(len(train_set), cfg.labelled_fraction, cfg.data_seed)
@@ -52,5 +55,5 @@ def student_loader(train_set, cfg: TrainConfig, rt: Runtime):
     if rt.is_main:
         print(f"[student] semi-supervised: {len(labelled)} of {len(train_set)} training patches labelled "
               f"({cfg.labelled_fraction:g})", flush=True)
-    loader, _ = train_loader(PartlyLabelled(train_set, labelled), cfg, rt, sampler=sampler)
+    loader, _ = train_loader(wrap(PartlyLabelled(train_set, labelled)), cfg, rt, sampler=sampler)
     return loader, sampler

@@ -30,6 +30,7 @@ from .networks import (ParaphraserPair, check_image_size, load_paraphrasers, loa
 from .runtime import Runtime, eval_loader, seed_everything, train_loader
 from .schedule import IterationLR
 from .student import CriticUpdate, StudentStep, build_losses
+from .teacher_cache import open_teacher_cache
 
 __all__ = ["evaluate_all", "train_paraphrasers", "train_student", "train_teacher"]
 
@@ -109,15 +110,35 @@ def train_paraphrasers(cfg: TrainConfig, rt: Runtime, budget: IterationBudget) -
             out = teacher(images)
         return out.shallow.float(), out.deep.float()
 
+    # Scale-free training (paraphraser_scale_free). The paraphraser is bias + LeakyReLU layers, positively
+    # homogeneous: P_{W,b}(s t) = s P_{W,b/s}(t). On raw MSE a tap s times larger multiplies the weights'
+    # gradient by s^2, so a learning rate tuned on one teacher diverges on another (the experiments' 1e-2 went
+    # to NaN in epoch 1). SGD on the tap in units of its RMS, t' = t / sqrt(ms), is independent of s: in the raw
+    # weights that is the loss MSE / ms and, since b = sqrt(ms) b', the bias gradients times ms, weight decay
+    # unchanged. ms is one constant per tap (the first training batch), so the objective is fixed and a resumed
+    # run recomputes the same value. Loss normalisation alone leaves the biases' step off by 1 / ms (it diverges
+    # on a teacher with small taps); gradient clipping alone leaves the lr wrong by s^2.
+    tap_ms = [1.0, 1.0]
+    if cfg.paraphraser_scale_free:
+        probe = torch.stack([train_set[i][0] for i in range(min(len(train_set), cfg.batch_size // rt.world_size))])
+        tap_ms = [max(t.double().pow(2).mean().item(), torch.finfo(torch.float32).tiny)
+                  for t in teacher_taps(probe.to(rt.device))]
+    biases = [[p for name, p in para.named_parameters() if name.endswith("bias")] for para in pair.paraphrasers]
+
     def step(images: torch.Tensor, masks: torch.Tensor) -> dict[str, float]:
         schedule.apply()
         taps = teacher_taps(images)
         with rt.autocast():
             recons = model(taps)
-        losses = [F.mse_loss(r.float(), t) for r, t in zip(recons, taps)]
+        losses = [F.mse_loss(r.float(), t) / ms for r, t, ms in zip(recons, taps, tap_ms)]
         loss = sum(losses)
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
+        if cfg.paraphraser_scale_free:
+            for ms, params in zip(tap_ms, biases):
+                for p in params:
+                    if p.grad is not None:
+                        p.grad.mul_(ms)
         scaler.step(optimizer)
         scaler.update()
         schedule.advance()
@@ -132,7 +153,7 @@ def train_paraphrasers(cfg: TrainConfig, rt: Runtime, budget: IterationBudget) -
             with rt.autocast():
                 recons = pair(taps)
             for i, (r, t) in enumerate(zip(recons, taps)):
-                sums[i] += F.mse_loss(r.float(), t, reduction="sum").item() / t[0].numel()
+                sums[i] += F.mse_loss(r.float(), t, reduction="sum").item() / t[0].numel() / tap_ms[i]
             sums[2] += images.shape[0]
         pair.train()
         sums = rt.all_reduce_sum(sums)
@@ -146,7 +167,8 @@ def train_paraphrasers(cfg: TrainConfig, rt: Runtime, budget: IterationBudget) -
         trained=[pair], optimizers={"paraphrasers": optimizer}, schedulers={"paraphrasers": schedule},
         scaler=scaler, train_step=step, evaluate=evaluate, score_key="val_rec", higher_is_better=False,
         config_groups=("all", "paraphraser"),
-        extra={"teacher": {"model_name": cfg.teacher_model, "model_kwargs": seg_kwargs(cfg, "teacher")}},
+        extra={"teacher": {"model_name": cfg.teacher_model, "model_kwargs": seg_kwargs(cfg, "teacher")},
+               "tap_mean_square": tap_ms},
         sources=source_digests(teacher=teacher),
     ), cfg, rt, loader, sampler, budget)
 
@@ -199,9 +221,12 @@ def train_student(cfg: TrainConfig, rt: Runtime, budget: IterationBudget) -> Non
     losses = build_losses(cfg)
     teacher = load_teacher(cfg, rt) if losses or cfg.adversarial else None
     paraphrasers = load_paraphrasers(cfg, rt, teacher) if needs_paraphrasers(losses, cfg.use_paraphraser) else None
-    loader, sampler = student_loader(train_set, cfg, rt)
+    cached = cfg.teacher_cache and teacher is not None
+    loader, sampler = student_loader(train_set, cfg, rt, keyed=cached)
     step, models, optimizers, schedulers = build_student_step(cfg, rt, iters_per_epoch(sampler, cfg, rt),
                                                               teacher, paraphrasers)
+    if cached:  # before seed_per_rank, so building it leaves the training's random streams as they were
+        step.cache = open_teacher_cache(cfg, rt, step, teacher, paraphrasers)
     student = models["student"][2]
     val_loader = eval_loader(val_set, cfg, rt)
     seed_per_rank(cfg, rt)

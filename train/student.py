@@ -65,8 +65,9 @@ class CriticUpdate:
 
 
 class StudentStep:
-    """One student iteration. A class rather than a closure so bench/bench_train.py times exactly this code;
-    `teacher_features` lets it replay precomputed teacher features to measure the step without the teacher."""
+    """One student iteration. A class rather than a closure so bench/bench_train.py times exactly this code.
+    `cache` (a train/teacher_cache.py TeacherCache, set by train_student) replays the teacher's features for
+    the batch's `keys` instead of running the teacher; `teacher=` hands the step features directly."""
 
     def __init__(self, cfg: TrainConfig, rt: Runtime, student: nn.Module, optimizer, schedule, scaler, *,
                  losses=(), teacher=None, paraphrasers=None, adversarial: AdversarialLoss | None = None,
@@ -77,14 +78,18 @@ class StudentStep:
         self.adversarial, self.critic_update = adversarial, critic_update
         self.adapter = FeatureAdapter(self.losses, student, teacher, paraphrasers, autocast=rt.autocast)
         self.uses_teacher = teacher is not None
+        self.cache = None
 
     def teacher_features(self, images: torch.Tensor) -> Features:
         return self.adapter.teacher(images)
 
-    def __call__(self, images: torch.Tensor, masks: torch.Tensor, teacher: Features | None = None):
+    def __call__(self, images: torch.Tensor, masks: torch.Tensor, teacher: Features | None = None,
+                 keys: torch.Tensor | None = None):
         cfg = self.cfg
         self.schedule.apply()
         terms: dict[str, float] = {}
+        if teacher is None and self.uses_teacher and self.cache is not None and keys is not None:
+            teacher = self.cache.features(keys, images.device)
         if teacher is None and self.uses_teacher:
             teacher = self.adapter.teacher(images)
         student = self.adapter.student(images)

@@ -1,0 +1,226 @@
+"""The frozen teacher's features, computed once per training patch and flip variant and replayed exactly.
+
+The student stage runs the teacher (and the paraphrasers' encoders) on every batch although none of them learns.
+With `teacher_cache: true` the features FeatureAdapter.teacher produces (logits, taps, paraphrased taps, chain)
+are computed once for every (patch, flip variant) of the training set and kept in memory-mapped .npy files:
+
+    TEACHER_CACHE_DIR/<identity digest>/identity.json    what the features were computed from
+                                       /digests.npy      (slots,) int64 content digest of each slot's image
+                                       /<feature>.npy    (slots, ...) float32, slot = index * variants + variant
+
+Exactness. Every tensor is stored in the dtype FeatureAdapter.teacher returns (fp32), computed by that very
+function (eval, no_grad, autocast), in batches of the training step's per-process batch size, so replay hands
+the student step the bits the teacher would have given it. This relies on the teacher's forward being
+row-wise independent of the other rows of a batch of that size (an eval-mode network: no batch statistics);
+tests/test_teacher_cache.py checks the end result, bit-identical student weights with and without the cache.
+
+Keys. The training set is wrapped in KeyedSamples, which adds to each sample its index and a digest of the image
+bytes the student will see. The variant is found by matching that digest against the slot digests of the
+patch's variants, so the key is exact by construction: an image that is none of the cached variants (another
+augmentation, changed files) is an error, never a wrong replay. Non-flip augmentation has infinitely many
+variants and is refused by the configuration before training.
+
+Identity. The folder name is a digest of the teacher's and paraphrasers' network digests (weights included,
+train/checkpoint.py source_digests), the data settings, image size, batch size, device type and autocast dtype,
+and which features are stored: a cache of other networks or data is never opened, and every row and seed of an
+experiment table with the same ones can share one folder (`teacher_cache_dir`). A cache is written into a
+temporary folder and renamed into place when complete, so a killed build leaves nothing that is read.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import shutil
+import uuid
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from cocofast.data import joint_flip
+
+from .checkpoint import source_digests
+from .config import ConfigError, TrainConfig
+from .features import Features
+
+FORMAT_VERSION = 1
+
+
+class TeacherCacheError(RuntimeError):
+    """A batch whose images are not what the cache was built from."""
+
+
+def image_digest(image: torch.Tensor) -> int:
+    """64-bit digest of an image's bytes (dtype and shape included), as a signed int64."""
+    image = image.detach().cpu().contiguous()
+    h = hashlib.blake2b(digest_size=8)
+    h.update(f"{image.dtype}{tuple(image.shape)}".encode())
+    h.update(image.numpy().tobytes())
+    return int.from_bytes(h.digest(), "little", signed=True)
+
+
+class KeyedSamples(Dataset):
+    """The training set with each sample's cache key: (image, mask, tensor([index, image digest]))."""
+
+    def __init__(self, dataset: Dataset):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def set_epoch(self, epoch: int) -> None:
+        if hasattr(self.dataset, "set_epoch"):
+            self.dataset.set_epoch(epoch)
+
+    def __getitem__(self, index: int):
+        image, mask = self.dataset[index]
+        return image, mask, torch.tensor([index, image_digest(image)], dtype=torch.int64)
+
+
+def flip_variant(image: torch.Tensor, mask: torch.Tensor, variant: int):
+    """Variant v of an unaugmented sample: bit 0 a horizontal flip, bit 1 a vertical one (augment_pair's flips)."""
+    image, mask = joint_flip(image, mask, bool(variant & 1), bool(variant & 2))
+    return image.contiguous(), mask.contiguous()
+
+
+def feature_arrays(feats: Features) -> dict[str, torch.Tensor]:
+    named = {"logits": feats.logits, "shallow": feats.shallow, "deep": feats.deep}
+    for i, t in enumerate(feats.paraphrased or ()):
+        named[f"paraphrased{i}"] = t
+    for i, t in enumerate(feats.chain or ()):
+        named[f"chain{i}"] = t
+    return named
+
+
+class TeacherCache:
+    """A built cache folder, memory-mapped; `features(keys, device)` is one batch's teacher Features."""
+
+    def __init__(self, folder: str | Path):
+        self.folder = Path(folder)
+        self.identity = json.loads((self.folder / "identity.json").read_text())
+        self.variants = int(self.identity["variants"])
+        self.digests = np.load(self.folder / "digests.npy")
+        self.arrays = {name: np.load(self.folder / f"{name}.npy", mmap_mode="r")
+                       for name in self.identity["features"]}
+
+    @classmethod
+    def build(cls, folder: str | Path, identity: dict, base_set: Dataset, batch: int, teacher_features,
+              device: torch.device) -> "TeacherCache":
+        """Compute every slot of `base_set` (unaugmented) into `folder`, atomically; an existing complete
+        folder (another process built it meanwhile) is kept and opened instead."""
+        folder = Path(folder)
+        variants = int(identity["variants"])
+        slots = len(base_set) * variants
+        tmp = folder.parent / f".{folder.name}.tmp-{uuid.uuid4().hex[:8]}"
+        tmp.mkdir(parents=True)
+        try:
+            digests = np.zeros(slots, dtype=np.int64)
+            arrays: dict[str, np.ndarray] = {}
+            order = [(i, v) for i in range(len(base_set)) for v in range(variants)]
+            sample, sample_index = None, -1
+            for start in range(0, slots, batch):
+                chunk = order[start:start + batch]
+                images = []
+                for i, v in chunk:
+                    if i != sample_index:
+                        sample, sample_index = base_set[i], i
+                    image, _ = flip_variant(*sample, v)
+                    images.append(image)
+                    digests[i * variants + v] = image_digest(image)
+                # The last chunk is padded to the training batch size: the teacher sees the batch shape it
+                # sees in training, which is what makes its rows match the uncached run's bit for bit.
+                images += [images[0]] * (batch - len(images))
+                named = feature_arrays(teacher_features(torch.stack(images).to(device)))
+                for name, t in named.items():
+                    if name not in arrays:
+                        arrays[name] = np.lib.format.open_memmap(tmp / f"{name}.npy", mode="w+", dtype=np.float32,
+                                                                 shape=(slots, *t.shape[1:]))
+                    arrays[name][start:start + len(chunk)] = t[:len(chunk)].detach().cpu().numpy()
+            for arr in arrays.values():
+                arr.flush()
+            del arrays
+            np.save(tmp / "digests.npy", digests)
+            names = sorted(p.stem for p in tmp.glob("*.npy") if p.stem != "digests")
+            (tmp / "identity.json").write_text(json.dumps({**identity, "features": names}, indent=1, sort_keys=True))
+            try:
+                tmp.rename(folder)
+            except OSError:
+                if not (folder / "identity.json").is_file():
+                    raise
+                shutil.rmtree(tmp, ignore_errors=True)  # someone else finished the same cache first
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        return cls(folder)
+
+    def slots(self, keys: torch.Tensor) -> np.ndarray:
+        keys = keys.cpu().numpy()
+        index, digest = keys[:, 0], keys[:, 1]
+        if (index < 0).any() or (index * self.variants >= len(self.digests)).any():
+            raise TeacherCacheError(f"teacher cache {self.folder}: sample index out of range")
+        candidates = self.digests[index[:, None] * self.variants + np.arange(self.variants)[None]]
+        match = candidates == digest[:, None]
+        if not match.any(axis=1).all():
+            bad = index[~match.any(axis=1)].tolist()
+            raise TeacherCacheError(f"teacher cache {self.folder}: training patches {bad[:8]} are none of the "
+                                    f"cached flip variants (the data changed, or augmentation other than flips is "
+                                    f"on); delete the folder or turn --teacher_cache off")
+        return index * self.variants + match.argmax(axis=1)
+
+    def features(self, keys: torch.Tensor, device: torch.device) -> Features:
+        slots = self.slots(keys)
+        take = {name: torch.from_numpy(np.ascontiguousarray(arr[slots])).to(device)
+                for name, arr in self.arrays.items()}
+        listed = lambda prefix: [take[n] for n in sorted((n for n in take if n.startswith(prefix)),  # noqa: E731
+                                                         key=lambda n: int(n[len(prefix):]))] or None
+        paraphrased = listed("paraphrased")
+        return Features(take["logits"], take["shallow"], take["deep"],
+                        tuple(paraphrased) if paraphrased else None, listed("chain"))
+
+
+def check_cacheable(cfg: TrainConfig) -> None:
+    """Flips give four variants of a patch; any colour jitter gives infinitely many, so nothing to cache."""
+    if not cfg.teacher_cache:
+        return
+    jitter = [name for name in ("hed_jitter", "brightness", "contrast") if getattr(cfg, name) > 0]
+    if jitter:
+        raise ConfigError(f"config key 'teacher_cache': the teacher's features can be cached only for a finite "
+                          f"set of inputs (flips), but {', '.join(jitter)} > 0 draws a new image every epoch; "
+                          f"turn those off or teacher_cache off")
+
+
+def cache_identity(cfg: TrainConfig, step, teacher, paraphrasers, device: torch.device) -> dict:
+    adapter = step.adapter
+    chain = list(adapter.teacher_chain.paths) if adapter.teacher_chain is not None else None
+    data = {k: getattr(cfg, k) for k in ("dataset", "data_seed", "train_samples", "mask_values", "patch_size",
+                                          "patch_stride", "normalise", "image_size", "in_channels", "num_classes")}
+    if cfg.dataset == "folder":
+        data["data_root"] = str(Path(cfg.data_root).resolve())
+        data.pop("train_samples")
+    return {"version": FORMAT_VERSION, "sources": source_digests(teacher=teacher, paraphraser=paraphrasers),
+            "data": data, "variants": 4 if cfg.flips else 1, "batch": step.cfg.batch_size // step.rt.world_size,
+            "device": device.type, "amp": str(step.rt.amp_dtype), "paraphrased": adapter.paraphrasers is not None,
+            "chain": chain, "torch": torch.__version__}
+
+
+def open_teacher_cache(cfg: TrainConfig, rt, step, teacher, paraphrasers) -> TeacherCache:
+    """The cache for this run's teacher, paraphrasers and data: opened if built, else built (by rank 0)."""
+    from .data import build_dataset
+
+    check_cacheable(cfg)
+    identity = cache_identity(cfg, step, teacher, paraphrasers, rt.device)
+    key = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
+    root = Path(cfg.teacher_cache_dir or Path(cfg.run_dir) / "teacher_cache")
+    folder = root / key
+    if rt.is_main and not (folder / "identity.json").is_file():
+        base_set = build_dataset(dataclasses.replace(cfg, flips=False), "train")  # variants are made here
+        print(f"[student] teacher cache: computing {len(base_set) * identity['variants']} patch variants "
+              f"into {folder}", flush=True)
+        TeacherCache.build(folder, identity, base_set, identity["batch"], step.teacher_features, rt.device)
+    rt.barrier()
+    cache = TeacherCache(folder)
+    if rt.is_main:
+        print(f"[student] teacher cache: replaying {folder}", flush=True)
+    return cache
