@@ -15,7 +15,7 @@ def private(name: str) -> bool:
     return name.startswith("_") and not (name.startswith("__") and name.endswith("__"))
 
 
-LOCAL = {"common", "reference", "conftest"}  # bench/ and tests/ helpers imported by file name
+LOCAL = {"common", "reference", "conftest", "helpers"}  # bench/ and tests/ helpers imported by file name
 
 
 def ours(module: str, level: int) -> bool:

@@ -3,28 +3,21 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import torch
 import tifffile
 from PIL import Image
 
 from cocofast.io import atomic_save
-from cocofast.models import create_model
 from cocofast.overlay import OUTLINE_COLOURS, outline_labels
 from cocofast.predict import FAILURES_FILE, main
 from cocofast.segment import sliding_window_segment
+from helpers import save_enet_checkpoint
 
 SIZES = {"a": (40, 48), "b": (64, 64), "c": (56, 72)}
 
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
-    torch.manual_seed(0)
-    kwargs = {"in_channels": 3, "num_classes": 2, "width": 0.25}
-    model = create_model("enet", **kwargs).eval()
-    path = tmp_path_factory.mktemp("ckpt") / "best.pt"
-    entry = {"model_name": "enet", "model_kwargs": kwargs, "state_dict": model.state_dict()}
-    atomic_save({"models": {"student": entry}}, path)
-    return path, model
+    return save_enet_checkpoint(tmp_path_factory.mktemp("ckpt") / "best.pt")
 
 
 @pytest.fixture

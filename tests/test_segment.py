@@ -11,6 +11,7 @@ import cocofast.segment
 from cocofast.overlay import OUTLINE_COLOURS, outline_labels
 from cocofast.segment import (DEFAULT_WINDOW, blended_bands, gaussian_importance, main, sliding_window_scores,
                               sliding_window_segment, trained_input)
+from helpers import save_enet_checkpoint
 
 
 def pointwise_net(in_channels=3, classes=3):
@@ -175,16 +176,7 @@ def test_row_writers_round_trip(tmp_path, suffix, channels):
 # --- command line -----------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
-    from cocofast.io import atomic_save
-    from cocofast.models import create_model
-
-    torch.manual_seed(0)
-    kwargs = {"in_channels": 3, "num_classes": 2, "width": 0.25}
-    model = create_model("enet", **kwargs).eval()
-    path = tmp_path_factory.mktemp("ckpt") / "model.pt"
-    entry = {"model_name": "enet", "model_kwargs": kwargs, "state_dict": model.state_dict()}
-    atomic_save({"models": {"student": entry, "teacher": entry}}, path)
-    return path, model
+    return save_enet_checkpoint(tmp_path_factory.mktemp("ckpt") / "model.pt", roles=("student", "teacher"))
 
 
 def test_cli_writes_mask_and_overlay_equal_to_the_library_call(tmp_path, checkpoint, capsys):

@@ -5,11 +5,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import tifffile
-import torch
 from PIL import Image
 
 from cocofast.data.slides import LevelError, OpenSlideReader, TiffReader, level_for_mpp, open_reader
 from cocofast.segment import main
+from helpers import save_enet_checkpoint
 
 
 def sample_svs() -> Path:
@@ -22,16 +22,7 @@ def sample_svs() -> Path:
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
-    from cocofast.io import atomic_save
-    from cocofast.models import create_model
-
-    torch.manual_seed(0)
-    kwargs = {"in_channels": 3, "num_classes": 2, "width": 0.25}
-    model = create_model("enet", **kwargs).eval()
-    path = tmp_path_factory.mktemp("ckpt") / "model.pt"
-    atomic_save({"models": {"student": {"model_name": "enet", "model_kwargs": kwargs,
-                                        "state_dict": model.state_dict()}}}, path)
-    return path
+    return save_enet_checkpoint(tmp_path_factory.mktemp("ckpt") / "model.pt")[0]
 
 
 def test_aperio_svs_is_read_by_tifffile_and_openslide_alike():
