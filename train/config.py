@@ -133,13 +133,13 @@ class TrainConfig:
     paraphraser_epochs: int = _f(200, "paraphraser", "paraphraser training epochs")
     paraphraser_lr: float = _f(0.03, "paraphraser", "paraphraser SGD learning rate")
     paraphraser_momentum: float = _f(0.9, "paraphraser", "paraphraser SGD momentum")
-    paraphraser_scale_free: bool = _f(True, "paraphraser", "train each paraphraser in units of its teacher tap's "
+    paraphraser_scale_free: bool = _f(False, "paraphraser", "train each paraphraser in units of its teacher tap's "
                                                            "mean square (reconstruction MSE / ms, bias steps * "
                                                            "ms): the same SGD path whatever the teacher's feature "
                                                            "scale, so paraphraser_lr means the same on every "
                                                            "teacher; val_rec is then relative (1 = all-zero "
-                                                           "output). false: plain MSE on raw taps (the paper), "
-                                                           "whose safe lr shrinks with the taps' square")
+                                                           "output). false (default): plain MSE on raw taps (the "
+                                                           "paper), whose safe lr shrinks with the taps' square")
 
     student_epochs: int = _f(200, "student", "student training epochs")
     student_lr: float = _f(0.03, "student", "student Adam learning rate")
