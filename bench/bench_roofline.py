@@ -12,7 +12,7 @@ TF32 tensor-core peak), torch's fp32 matmul on the FP32 units (its default, allo
 in cocofast/ops/roofline.py (H100 SXM 3.35 TB/s, A100 SXM 2.0 TB/s). `auto_picks` is what backend='auto'
 runs on that GPU at that shape.
 
-    python bench/bench_roofline.py [--quick] [--out bench/results/roofline.csv]
+    python bench/bench_roofline.py [--quick] [--no-count] [--out bench/results/roofline.csv]
 """
 from __future__ import annotations
 
@@ -129,13 +129,16 @@ def main(argv=None) -> list[dict]:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="the gram paths only (no tiled / pixel-relation counts)")
     ap.add_argument("--out", type=Path, default=HERE / "results" / "roofline.csv")
+    ap.add_argument("--no-count", action="store_true",
+                    help="skip the interpreter counts (minutes); the kernels' pass-count defaults stand in")
     args, _ = ap.parse_known_args(argv)
+    count = (lambda *a: None) if args.no_count else kernel_bytes
     rows = []
     for c in SIMILARITY_CHANNELS:
         eager = gram_torch_steps(BATCH, N_PIX, c, c, matmul_math="fp32")
         check = round(counted_over_model(c, c), 3)
-        fused, source = kernel_steps("gram", c, c, kernel_bytes("gram", c, c))
-        tiled = None if args.quick else kernel_steps("tiled", c, c, kernel_bytes("tiled", c, c))
+        fused, source = kernel_steps("gram", c, c, count("gram", c, c))
+        tiled = None if args.quick else kernel_steps("tiled", c, c, count("tiled", c, c))
         for g in MODEL_GPUS:
             times = {"triton": modelled_time(fused, GPUS[g]), "gram": modelled_time(eager, GPUS[g])}
             r_eager = row("gram (eager torch)", c, c, eager, "cocofast.gram_torch.traffic", g)
@@ -148,7 +151,7 @@ def main(argv=None) -> list[dict]:
                 rows.append(row("tiled (flash-style kernels)", c, c, tiled[0], tiled[1], g))
     if not args.quick:
         for ct, cs in PIXEL_RELATION_PAIRS:
-            steps, source = kernel_steps("pixel_relation", ct, cs, kernel_bytes("pixel_relation", ct, cs))
+            steps, source = kernel_steps("pixel_relation", ct, cs, count("pixel_relation", ct, cs))
             for g in MODEL_GPUS:
                 if steps:
                     rows.append(row("pixel relation (flash-style KL)", ct, cs, steps, source, g))
