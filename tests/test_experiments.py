@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import csv
+import math
 import statistics
 import subprocess
 from pathlib import Path
@@ -89,3 +90,193 @@ def test_the_recorded_commit_ignores_the_runners_own_tables(tmp_path):
     (tmp_path / "code.py").write_text("x = 2\n")
     assert experiments.source_version(tmp_path, tmp_path / "results") == f"{head} with uncommitted changes"
     assert experiments.source_version(tmp_path, tmp_path) == f"{head} with uncommitted changes"
+
+
+# --- the label-scarce table, the fair protocol (--tune), the paired tests, the plan ----------------------
+def _table_row(table: str, id: str, student: str = "mobile_unet") -> experiments.Row:
+    return next(r for r in experiments.TABLES[table][1]
+                if r != experiments.TEACHER and r.id == id and r.student == student)
+
+
+def test_the_scarce_table_has_every_method_at_both_fractions():
+    rows = [r for r in experiments.TABLES["scarce"][1] if r != experiments.TEACHER]
+    assert experiments.TEACHER in experiments.TABLES["scarce"][1]  # trained once, on every label
+    methods = ["alone", "kd", "cocod", "coco", "graph_flow", "ss", "cpkd", "emkd", "kd_coco"]
+    assert [r.id for r in rows] == [f"{m}_semi{p}" for p in (10, 20) for m in methods]
+    for r in rows:
+        cfg = parse_args(["--config", str(experiments.DEFAULT_CONFIG), *r.args()])
+        assert cfg.labelled_fraction == (0.1 if r.id.endswith("10") else 0.2)
+    settings = {r.id: dict(r.settings) for r in rows}
+    assert settings["cocod_semi10"] == {"losses": "coco", "adversarial": "false", "labelled_fraction": "0.1"}
+    assert settings["coco_semi10"]["adversarial"] == settings["graph_flow_semi20"]["adversarial"] == "true"
+    assert settings["graph_flow_semi10"]["losses"] == "graph_flow,kd"
+    assert settings["emkd_semi20"]["supervised_loss"] == "focal_dice"
+    assert settings["kd_coco_semi10"]["losses"] == "kd,coco"
+
+
+def test_each_method_searches_the_same_grid_around_its_defaults():
+    assert experiments.GRID == (0.01, 0.1, 1.0, 10.0)
+    axes = lambda table, id: [(a.key, a.values) for a in experiments.tuning_axes(_table_row(table, id), 2e-3)]
+    assert axes("I", "alone") == [("student_lr", (2e-5, 2e-4, 2e-3, 2e-2))]
+    assert axes("I", "coco") == [("weight", (0.01, 0.1, 1.0, 10.0))]
+    assert axes("II", "kd") == [("weight", (0.01, 0.1, 1.0, 10.0)), ("kd.temperature", (0.04, 0.4, 4.0, 40.0))]
+    assert axes("cpkd", "cpkd") == [("weight", (0.01, 0.1, 1.0, 10.0)), ("cpkd.tau", (0.01, 0.1, 1.0, 10.0))]
+    assert axes("emkd", "emkd")[1] == ("emkd.temperature", (0.04, 0.4, 4.0, 40.0))
+    assert axes("scarce", "graph_flow_semi10") == [("weight", experiments.GRID),
+                                                   ("kd.temperature", (0.04, 0.4, 4.0, 40.0))]
+    # Each point is a training configuration: weights scale from each loss's paper default (AT: 1000).
+    kd = _table_row("II", "kd")
+    axes_kd = experiments.tuning_axes(kd, 2e-3)
+    assert experiments.point_row(kd, axes_kd, {"weight": 1.0, "kd.temperature": 4.0}) is kd  # shares its runs
+    point = experiments.point_row(kd, axes_kd, {"weight": 0.1, "kd.temperature": 0.4})
+    assert dict(point.settings)["losses"] == "kd:0.1:temperature=0.4" and point.id == "kd-x0.1-kd_temperature0.4"
+    at = _table_row("II", "at")
+    assert dict(experiments.point_row(at, experiments.tuning_axes(at, 2e-3), {"weight": 0.01}).settings)[
+        "losses"] == "at:10"
+    both = _table_row("scarce", "kd_coco_semi20")
+    assert dict(experiments.point_row(both, experiments.tuning_axes(both, 2e-3),
+                                      {"weight": 10.0, "kd.temperature": 4.0}).settings)["losses"] == \
+        "kd:10:temperature=4,coco:10"
+    alone = _table_row("I", "alone")
+    lr_row = experiments.point_row(alone, experiments.tuning_axes(alone, 2e-3), {"student_lr": 2e-4})
+    for row in (point, lr_row):
+        cfg = parse_args(["--config", str(experiments.DEFAULT_CONFIG), *row.args()])
+        assert cfg.student_lr == (2e-4 if row is lr_row else 2e-3)
+    assert experiments.tuning_runs(kd) == 7 and experiments.tuning_runs(alone) == 4
+
+
+class FakeRunner:
+    """Stands in for Runner: no training, a val mIoU per point given by `score(row)`."""
+
+    def __init__(self, score, fail=()):
+        self.config, self.extra, self.dry_run = experiments.DEFAULT_CONFIG, [], False
+        self.score, self.fail, self.trained = score, set(fail), []
+
+    def row(self, row, seed):
+        self.trained.append((row.id, seed))
+        if row.id in self.fail:
+            raise experiments.RunFailed(f"{row.id} diverged")
+        return {}
+
+    def val_miou(self, row, seed):
+        return self.score(row)
+
+
+def test_the_search_picks_the_best_validation_point_axis_by_axis():
+    kd = _table_row("II", "kd")
+
+    def score(row):  # best weight x0.1; then, at that weight, best T 0.4
+        losses = dict(row.settings)["losses"]
+        if losses == "kd":
+            return 0.60
+        weight, _, rest = losses.partition(":")[2].partition(":")
+        temperature = float(rest.partition("=")[2]) if rest else 4.0
+        return {0.01: 0.50, 0.1: 0.70, 1.0: 0.60, 10.0: 0.40}[float(weight)] + (0.05 if temperature == 0.4 else 0)
+
+    fake = FakeRunner(score, fail={"kd-x10"})
+    result = experiments.tune(fake, kd, seed=100)
+    assert result.chosen == {"weight": 0.1, "kd.temperature": 0.4}
+    assert dict(result.chosen_row.settings)["losses"] == "kd:0.1:temperature=0.4"
+    assert result.per_axis[0] == [(0.01, 0.50), (0.1, 0.70), (1.0, 0.60)] + [(10.0, result.per_axis[0][3][1])]
+    assert math.isnan(result.per_axis[0][3][1])  # the failed point lost, the search went on
+    assert [s for _, s in result.per_axis[1]] == pytest.approx([0.70, 0.75, 0.70, 0.70])
+    # 4 weights, then 3 new temperatures at weight x0.1 (T = 4 there was already run); all at the tuning seed.
+    assert len(fake.trained) == result.runs == experiments.tuning_runs(kd) == 7
+    assert {seed for _, seed in fake.trained} == {100}
+    assert "weight ×0.1" in result.setting() and "kd T 0.4" in result.setting()
+
+
+def test_the_search_breaks_ties_toward_the_default_and_fails_loudly_when_every_point_fails(tmp_path):
+    alone = _table_row("I", "alone")
+    flat = experiments.tune(FakeRunner(lambda row: 0.5), alone, seed=100)
+    assert flat.chosen_row is alone and flat.chosen == {"student_lr": 2e-3}
+    # The learning rate searched around: the row's, else this invocation's --student_lr, else the config's.
+    fake = FakeRunner(lambda row: 0.5)
+    fake.extra = ["--student_lr=0.5"]
+    assert experiments.tuning_axes(alone, experiments.student_lr(fake, alone))[0].values == (0.005, 0.05, 0.5, 5.0)
+    tmp_config = tmp_path / "no_lr.yaml"
+    tmp_config.write_text("dataset: synthetic\n")
+    fake.extra, fake.config = [], tmp_config
+    with pytest.raises(experiments.RunFailed, match="student_lr"):
+        experiments.tune(fake, alone, seed=100)
+    ids = [f"alone-lr{v:g}" for v in (2e-5, 2e-4, 2e-2)] + ["alone"]
+    with pytest.raises(experiments.RunFailed, match="every tuning run"):
+        experiments.tune(FakeRunner(lambda row: 0.5, fail=ids), alone, seed=100)
+
+
+def test_sign_test_and_paired_t_test_against_hand_computed_values():
+    from cocofast.experiment_stats import paired_t_test, sign_test
+
+    assert sign_test([0.1, 0.2, 0.3, 0.4, 0.5]) == pytest.approx(2 / 32)         # 5 of 5 positive
+    assert sign_test([0.1, 0.2, -0.1, 0.3, 0.4]) == pytest.approx(2 * 6 / 32)    # 4 of 5: 2 (1 + 5) / 2^5
+    assert sign_test([0.0, 1.0, 1.0]) == pytest.approx(2 / 4)                    # the tie is dropped: n = 2
+    assert sign_test([1.0, -1.0]) == 1.0 and math.isnan(sign_test([0.0, 0.0]))
+    # df = 2: P(|T| >= t) = 1 - t / sqrt(2 + t^2). d = 1, 2, 3: mean 2, sd 1, t = 2 sqrt(3).
+    t, p = paired_t_test([1.0, 2.0, 3.0])
+    assert t == pytest.approx(2 * math.sqrt(3)) and p == pytest.approx(1 - math.sqrt(12 / 14))
+    # df = 1 (Cauchy): P(|T| >= t) = 1 - 2 atan(t) / pi. d = 1, 3: mean 2, sd sqrt(2), t = 2.
+    t, p = paired_t_test([3.0, 1.0])
+    assert t == pytest.approx(2.0) and p == pytest.approx(1 - 2 * math.atan(2) / math.pi)
+    t, p = paired_t_test([-1.0, -2.0, -3.0])
+    assert t == pytest.approx(-2 * math.sqrt(3)) and p == pytest.approx(1 - math.sqrt(12 / 14))
+    assert paired_t_test([0.5, 0.5]) == (math.inf, 0.0)
+    assert all(math.isnan(v) for v in paired_t_test([0.0, 0.0]) + paired_t_test([1.0]))
+
+
+def test_each_row_is_paired_with_its_own_student_alone():
+    ref = lambda table, id, student="mobile_unet": experiments.reference_of(
+        experiments.TABLES[table][1], _table_row(table, id, student))
+    assert ref("I", "alone") is None
+    assert ref("II", "kd").id == "alone"
+    assert ref("emkd", "emkd").id == "alone_focal_dice" and ref("emkd", "alone_focal_dice").id == "alone"
+    assert ref("III", "coco", "enet") == _table_row("III", "alone", "enet")
+    assert ref("graph_flow", "graph_flow_semi60").id == "alone_semi60"
+    assert ref("scarce", "emkd_semi10").id == "alone_semi10" and ref("scarce", "kd_coco_semi20").id == "alone_semi20"
+    records = [{"row": "alone", "reference": "", "seed": s, "miou": m} for s, m in [(0, 0.5), (1, 0.6), (2, 0.7)]]
+    records += [{"row": "kd", "reference": "alone", "seed": s, "miou": m} for s, m in [(0, 0.6), (1, 0.8), (2, 1.0)]]
+    (test,) = experiments.paired(records)
+    assert [s for s, _ in test["pairs"]] == [0, 1, 2]
+    assert [d for _, d in test["pairs"]] == pytest.approx([0.1, 0.2, 0.3])
+    assert test["wins"] == 3 and test["sign_p"] == pytest.approx(0.25)
+    assert test["t_p"] == pytest.approx(1 - math.sqrt(12 / 14))
+
+
+def test_the_plan_counts_shared_rows_once():
+    plan = {p["table"]: p for p in experiments.plan(["I", "II"], [0, 1])}
+    assert (plan["I"]["default"], plan["I"]["default_new"]) == (10, 10)
+    assert (plan["II"]["default"], plan["II"]["default_new"]) == (12, 8)  # alone and coco are Table I's
+    assert (plan["I"]["tuned"], plan["I"]["tuned_new"]) == (5 * 4 + 10, 30)
+    # II: KD searches 4 weights + 3 temperatures; alone and coco were searched for Table I.
+    assert (plan["II"]["tuned"], plan["II"]["tuned_new"]) == (7 + 5 * 4 + 12, (7 + 2) + 3 * (4 + 2))
+    text = experiments.format_plan(["I", "II"], [0, 1], run_seconds=36)
+    assert "18" in text and "0.2 h" in text  # 18 new default runs, at 36 s a run
+
+
+@pytest.mark.slow  # 8 training processes: about 4 CPU-minutes at tiny scale, most of it process start-up
+def test_a_small_table_tuned_end_to_end(tmp_path, monkeypatch):
+    rows = [experiments._row("alone", "student alone", "enet", losses="none", adversarial=False),
+            experiments._row("kd", "KD", "enet", losses="kd", adversarial=False)]
+    monkeypatch.setitem(experiments.TABLES, "tiny", ("tiny check", rows))
+    monkeypatch.setattr(experiments, "GRID", (0.1, 1.0))  # 2 learning rates; 2 KD weights, then 1 more T
+    argv = ["tiny", "--tune", "--seeds=0", "--tune_seed=7", f"--config={TINY}", f"--work={tmp_path / 'work'}",
+            f"--out={tmp_path / 'out'}", "--student_epochs=1", "--teacher_epochs=1", "--train_samples=8",
+            "--val_samples=4", "--num_overlays=0", "--save_every_iters=0"]
+    assert experiments.main(argv) == 0
+    with open(tmp_path / "out" / "tiny_tuned_search.csv") as f:
+        search = list(csv.DictReader(f))
+    assert [(r["row"], r["axis"]) for r in search] == [("student alone", "student_lr")] * 2 + \
+        [("KD", "weight")] * 2 + [("KD", "kd.temperature")] * 2
+    for axis in ("student_lr", "weight", "kd.temperature"):
+        points = [r for r in search if r["axis"] == axis]
+        best = max(float(r["val_miou"]) for r in points)
+        chosen = [r for r in points if r["chosen"] == "True"]
+        assert len(chosen) == 1 and float(chosen[0]["val_miou"]) == best
+    # The search ran at the tuning seed only, the chosen setting at the table's seed.
+    work = tmp_path / "work" / "enet"
+    assert {p.name for p in work.glob("*/seed*")} == {"seed7", "seed0"}
+    assert len(list(work.glob("*/seed7"))) == 2 + 3
+    text = (tmp_path / "out" / "tiny_tuned.md").read_text()
+    assert "## Tuning" in text and "## Against the student alone" in text and "seed 7" in text
+    with open(tmp_path / "out" / "tiny_tuned.csv") as f:
+        records = list(csv.DictReader(f))
+    assert [r["row"] for r in records] == ["student alone", "KD"] and records[1]["reference"] == "student alone"
