@@ -614,7 +614,7 @@ def markdown(name: str, records: list[dict], command: str, config: Path, seconds
     tests = paired(records)
     if tests:
         lines += ["", "## Against the student alone, paired by seed", "",
-                  "Δ = the row's test mIoU minus its reference's, seed by seed (the same seed draws the same data "
+                  "Δ = the row's test mIoU minus its reference's at the same seed (which draws the same data "
                   "order, augmentation and initialisation streams). Sign test: two-sided exact binomial over the "
                   "non-zero Δ; paired t-test: t = mean Δ / (sd Δ / √n), n - 1 degrees of freedom "
                   "(cocofast/experiment_stats.py). With 5 seeds the sign test cannot go below p = 0.0625.", "",
