@@ -1,4 +1,6 @@
 """What a user needs told: a network stuck on one class, the split eval scored, per-class IoU, CPU threads."""
+import os
+
 import torch
 
 from cocofast.train.config import TrainConfig
@@ -50,8 +52,11 @@ def test_eval_says_when_it_scores_the_validation_split(tmp_path):
     assert scored_split(TrainConfig()) == "test"
 
 
-def test_threads_default_to_every_core_and_one_per_process_under_torchrun_on_cpu():
+def test_threads_default_to_every_core_and_one_per_process_under_torchrun_on_cpu(monkeypatch):
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
     assert cpu_threads(3, 4, cpu) == 3
     assert cpu_threads(0, 4, cpu) == 1
-    assert cpu_threads(0, 1, cpu) >= 1 and cpu_threads(0, 4, cuda) == cpu_threads(0, 1, cpu)
+    monkeypatch.setenv("OMP_NUM_THREADS", "5")
+    assert cpu_threads(0, 1, cpu) == 5 and cpu_threads(0, 4, cuda) == 5
+    monkeypatch.delenv("OMP_NUM_THREADS")
+    assert cpu_threads(0, 1, cpu) == (os.cpu_count() or 1)

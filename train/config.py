@@ -64,8 +64,9 @@ class TrainConfig:
     stop_after_iters: int = _f(0, "run", "debugging: stop abruptly, without saving, after N iterations "
                                          "of this invocation (0: never); simulates a killed job")
     num_overlays: int = _f(4, "run", "validation patches drawn in overlays_*.png")
-    threads: int = _f(0, "run", "torch CPU threads per process (0: the machine's cores; 1 per process under "
-                                "torchrun on the CPU). On a busy machine fewer threads than cores can be faster")
+    threads: int = _f(0, "run", "torch CPU threads per process (0: OMP_NUM_THREADS where set, else the "
+                                "machine's cores; 1 per process under torchrun on the CPU). On a busy machine "
+                                "fewer threads than cores can be faster")
 
     # --- data ---
     seed: int = _f(0, "all", "seeds weights, data order and augmentation; data order is a function of (seed, epoch)")

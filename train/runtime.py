@@ -115,12 +115,15 @@ def init_runtime(cfg: TrainConfig) -> Runtime:
 
 
 def cpu_threads(threads: int, world_size: int, device: torch.device) -> int:
-    """The `threads` key resolved: as given, else 1 per process for CPU training under torchrun (several
-    processes each with every core oversubscribe the machine several times over), else every core."""
+    """The `threads` key resolved: as given; else 1 per process for CPU training under torchrun (several
+    processes each with every core oversubscribe the machine several times over); else what OMP_NUM_THREADS
+    says, where it is set; else every core."""
     if threads > 0:
         return threads
     if world_size > 1 and device.type == "cpu":
         return 1
+    if os.environ.get("OMP_NUM_THREADS", "").strip().isdigit():
+        return max(1, int(os.environ["OMP_NUM_THREADS"]))
     return os.cpu_count() or 1
 
 
