@@ -4,7 +4,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 export PYTHONUNBUFFERED := 1
 
-.PHONY: demo test bench install clean
+.PHONY: demo test test-all bench install clean
 
 $(STAMP): pyproject.toml setup.py
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -18,8 +18,16 @@ $(STAMP): pyproject.toml setup.py
 
 install: $(STAMP)
 
+# One process per core, each file on one worker (module fixtures built once), one torch thread per worker:
+# on a small machine torch's default threads oversubscribe the cores several times over.
+PYTEST := OMP_NUM_THREADS=1 $(PY) -m pytest -q -n auto --dist loadfile
+
 test: $(STAMP)
-	$(PY) -m pytest -q tests
+	$(PYTEST) -m "not slow" tests
+
+# Also the slow tests: the compile guard's full production-shape sweep and a tuned experiments run.
+test-all: $(STAMP)
+	$(PYTEST) tests
 
 demo: $(STAMP)
 	$(PY) -m cocofast.demo
