@@ -12,7 +12,6 @@ small probe run).
 """
 from __future__ import annotations
 
-import argparse
 import math
 import sys
 import time
@@ -20,7 +19,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from common import environment, free_bytes, has_cuda, run_child, vm_hwm, write_csv
+from common import case_arguments, environment, free_bytes, has_cuda, run_child, vm_hwm, write_csv
 
 from cocofast.pixel_relation import NAIVE_MATRICES
 
@@ -84,15 +83,7 @@ def child(args: dict, timeout: float) -> dict:
 
 
 def main(argv=None) -> list[dict]:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--budget-s", type=float, default=120.0, help="skip cases estimated above this (per repeat)")
-    ap.add_argument("--interpreter-budget-s", type=float, default=60.0,
-                    help="budget for the Triton CPU interpreter, which only shows that the kernels run")
-    ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--quick", action="store_true", help="only N=4,096 (a smoke run)")
-    ap.add_argument("--sizes", default="", help="comma-separated N values to run (default: all)")
-    ap.add_argument("--batches", default="1,8", help="comma-separated batch sizes")
-    ap.add_argument("--out", type=Path, default=HERE / "results" / "pixel_relation.csv")
+    ap = case_arguments(__doc__.splitlines()[0], 60.0, HERE / "results" / "pixel_relation.csv")
     args, _ = ap.parse_known_args(argv)
     cuda = has_cuda()
     interpreted = not cuda

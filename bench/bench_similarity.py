@@ -10,14 +10,13 @@ longer than the budget (the Triton interpreter on CPU) are not run: the table sa
 """
 from __future__ import annotations
 
-import argparse
 import sys
 import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from common import environment, free_bytes, has_cuda, run_child, vm_hwm, write_csv
+from common import case_arguments, environment, free_bytes, has_cuda, run_child, vm_hwm, write_csv
 
 PAIRS = {"FANet teacher 256/256": 256, "ENet/ERFNet 64/64": 64, "Mobile U-Net 24/24": 24}
 SIZES = {"256² input (N=4,096)": 64, "1024² at H/4 (N=65,536)": 256, "1024² at H/2 (N=262,144)": 512}
@@ -76,15 +75,7 @@ def child(args: dict, timeout: float) -> dict:
 
 
 def main(argv=None) -> list[dict]:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--budget-s", type=float, default=120.0, help="skip cases estimated above this (per repeat)")
-    ap.add_argument("--interpreter-budget-s", type=float, default=30.0,
-                    help="budget for the Triton CPU interpreter, which only shows that the kernels run")
-    ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--quick", action="store_true", help="only N=4,096 (a smoke run)")
-    ap.add_argument("--sizes", default="", help="comma-separated N values to run (default: all)")
-    ap.add_argument("--batches", default="1,8", help="comma-separated batch sizes")
-    ap.add_argument("--out", type=Path, default=HERE / "results" / "similarity.csv")
+    ap = case_arguments(__doc__.splitlines()[0], 30.0, HERE / "results" / "similarity.csv")
     args, _ = ap.parse_known_args(argv)
     cuda = has_cuda()
     interp_budget = min(args.interpreter_budget_s, args.budget_s)

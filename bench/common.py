@@ -81,3 +81,19 @@ def vm_hwm() -> int:
             if line.startswith("VmHWM:"):
                 return int(line.split()[1]) * 1024
     return 0
+
+
+def case_arguments(description: str, interpreter_budget_s: float, out: Path):
+    """The options the kernel benches share: time budgets, repeats, which sizes and batches, the CSV."""
+    import argparse
+
+    ap = argparse.ArgumentParser(description=description)
+    ap.add_argument("--budget-s", type=float, default=120.0, help="skip cases estimated above this (per repeat)")
+    ap.add_argument("--interpreter-budget-s", type=float, default=interpreter_budget_s,
+                    help="budget for the Triton CPU interpreter, which only shows that the kernels run")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--quick", action="store_true", help="only N=4,096 (a smoke run)")
+    ap.add_argument("--sizes", default="", help="comma-separated N values to run (default: all)")
+    ap.add_argument("--batches", default="1,8", help="comma-separated batch sizes")
+    ap.add_argument("--out", type=Path, default=out)
+    return ap

@@ -37,19 +37,27 @@ def labelled_rows(masks: torch.Tensor) -> torch.Tensor:
     return (masks != UNLABELLED).flatten(1).any(dim=1)
 
 
-class PartlyLabelled(Dataset):
-    """The training set with every mask outside `labelled` replaced by UNLABELLED."""
+class DatasetView(Dataset):
+    """A data set seen through a wrapper: same length, and the wrapped set's augmentation follows the epoch,
+    as the training loop asks of every training set. Subclasses change what __getitem__ returns."""
 
-    def __init__(self, dataset: Dataset, labelled: list[int]):
-        self.dataset, self.labelled = dataset, frozenset(labelled)
+    def __init__(self, dataset: Dataset):
+        self.dataset = dataset
 
     def __len__(self) -> int:
         return len(self.dataset)
 
     def set_epoch(self, epoch: int) -> None:
-        """The wrapped set's augmentation follows the epoch, as the training loop asks of every training set."""
         if hasattr(self.dataset, "set_epoch"):
             self.dataset.set_epoch(epoch)
+
+
+class PartlyLabelled(DatasetView):
+    """The training set with every mask outside `labelled` replaced by UNLABELLED."""
+
+    def __init__(self, dataset: Dataset, labelled: list[int]):
+        super().__init__(dataset)
+        self.labelled = frozenset(labelled)
 
     def __getitem__(self, index: int):
         image, mask = self.dataset[index]

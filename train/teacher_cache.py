@@ -44,6 +44,7 @@ from cocofast.data import joint_flip
 from .checkpoint import source_digests
 from .config import ConfigError, TrainConfig
 from .features import Features
+from .semi import DatasetView
 
 FORMAT_VERSION = 1
 
@@ -61,18 +62,8 @@ def image_digest(image: torch.Tensor) -> int:
     return int.from_bytes(h.digest(), "little", signed=True)
 
 
-class KeyedSamples(Dataset):
+class KeyedSamples(DatasetView):
     """The training set with each sample's cache key: (image, mask, tensor([index, image digest]))."""
-
-    def __init__(self, dataset: Dataset):
-        self.dataset = dataset
-
-    def __len__(self) -> int:
-        return len(self.dataset)
-
-    def set_epoch(self, epoch: int) -> None:
-        if hasattr(self.dataset, "set_epoch"):
-            self.dataset.set_epoch(epoch)
 
     def __getitem__(self, index: int):
         image, mask = self.dataset[index]
