@@ -134,6 +134,8 @@ class TrainConfig:
     paraphraser_epochs: int = _f(200, "paraphraser", "paraphraser training epochs")
     paraphraser_lr: float = _f(0.03, "paraphraser", "paraphraser SGD learning rate")
     paraphraser_momentum: float = _f(0.9, "paraphraser", "paraphraser SGD momentum")
+    paraphraser_clip: float = _f(0.0, "paraphraser", "cap on the paraphrasers' gradient norm per step (0: none, "
+                                                     "the paper)")
     paraphraser_scale_free: bool = _f(False, "paraphraser", "train each paraphraser in units of its teacher tap's "
                                                            "mean square (reconstruction MSE / ms, bias steps * "
                                                            "ms): the same SGD path whatever the teacher's feature "

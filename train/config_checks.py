@@ -65,7 +65,7 @@ def check_values(cfg) -> None:
         # A learning rate of 0 freezes a network (tests use it to compare initial weights); negative ones diverge.
         "teacher_lr": (0, None, "closed"), "paraphraser_lr": (0, None, "closed"), "student_lr": (0, None, "closed"),
         "disc_lr": (0, None, "closed"),
-        "lr_power": (0, None, "closed"), "lr_step_gamma": (0, None), "weight_decay": (0, None, "closed"),
+        "lr_power": (0, None, "closed"), "paraphraser_clip": (0, None, "closed"), "lr_step_gamma": (0, None), "weight_decay": (0, None, "closed"),
         "paraphraser_momentum": (0, 1, "closed"), "disc_beta1": (0, 1, "closed"), "disc_beta2": (0, 1, "closed"),
         "adv_weight": (0, None, "closed"), "gp_weight": (0, None, "closed"),
     }

@@ -139,6 +139,11 @@ def train_paraphrasers(cfg: TrainConfig, rt: Runtime, budget: IterationBudget) -
                 for p in params:
                     if p.grad is not None:
                         p.grad.mul_(ms)
+        if cfg.paraphraser_clip > 0:
+            # SGD with momentum on six stacked convolutions meets a few steep early steps; capping the step's
+            # gradient norm keeps those from throwing the auto-encoder far off (its loss then only falls).
+            scaler.unscale_(optimizer)
+            torch.nn.utils.clip_grad_norm_(pair.parameters(), cfg.paraphraser_clip)
         scaler.step(optimizer)
         scaler.update()
         schedule.advance()
