@@ -89,6 +89,7 @@ def test_overrides_types_and_precedence(tmp_path):
     (["--losses=cocoa"], ["'losses'", "'cocoa'", "did you mean coco", "ifvd"]),
     (["--losses=kd:lots"], ["'losses'", "weight of 'kd'", "'lots'"]),
     (["--losses=kd,kd"], ["'losses'", "listed twice"]),
+    (["--paraphraser_clip=-1"], ["'paraphraser_clip'", ">= 0"]),
     (["--losses=kd:T=0"], ["'losses'", "temperature must be a finite number > 0"]),
     (["--losses=kd:tau=2"], ["'losses'", "unknown hyper-parameter(s) tau", "temperature", "T (= temperature)"]),
     (["--losses=kd:1:2"], ["'losses'", "two weights"]),
