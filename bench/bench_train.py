@@ -63,7 +63,7 @@ def timed(fn, device, warmup: int, steps: int) -> float:
 def build_step(cfg: TrainConfig, rt: Runtime, teacher, paraphrasers) -> StudentStep:
     """The student stage's own builder (train/stages.py), so the bench times exactly what training runs."""
     losses = build_losses(cfg)
-    step, *_ = build_student_step(cfg, rt, 10**6, teacher=teacher if losses or cfg.adversarial else None,
+    step, *_ = build_student_step(cfg, rt, 10**6, losses, teacher=teacher if losses or cfg.adversarial else None,
                                   paraphrasers=paraphrasers if needs_paraphrasers(losses, cfg.use_paraphraser)
                                   else None)
     return step

@@ -60,7 +60,7 @@ import yaml
 
 from cocofast.experiment_stats import format_p, mean_std, paired_t_test, sign_test
 from cocofast.io import atomic_path, atomic_write_text
-from cocofast.losses import loss_parameters, parse_losses, resolve_aliases
+from cocofast.losses import LOSSES, loss_parameters, parse_losses, resolve_aliases
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_CONFIG = REPO / "configs" / "experiments.yaml"
@@ -181,7 +181,7 @@ def reads_paraphrased(row: Row) -> bool:
     settings = dict(row.settings)
     if settings.get("use_paraphraser", "true") == "false":
         return False
-    return any(spec.build().reads.teacher == "paraphrased" for spec in parse_losses(settings.get("losses", "none")))
+    return any(LOSSES[spec.name].reads.teacher == "paraphrased" for spec in parse_losses(settings.get("losses", "none")))
 
 
 # --- running ---------------------------------------------------------------------------------------------

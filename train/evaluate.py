@@ -21,8 +21,8 @@ from .runtime import Runtime, eval_loader
 
 
 @torch.no_grad()
-def evaluate_segmentation(model: nn.Module, loader, cfg: TrainConfig, rt: Runtime, prefix: str = "val_"):
-    model = unwrap_model(model)
+def confusion(model: nn.Module, loader, cfg: TrainConfig, rt: Runtime) -> ConfusionMatrix:
+    """One pass over `loader`: the confusion matrix of the model's predictions, all-reduced over ranks."""
     was_training = model.training
     model.eval()
     matrix = ConfusionMatrix(cfg.num_classes, device=rt.device)  # on the device: nccl reduces CUDA tensors
@@ -31,9 +31,17 @@ def evaluate_segmentation(model: nn.Module, loader, cfg: TrainConfig, rt: Runtim
         with rt.autocast():
             logits = model(images).logits
         matrix.update(logits.argmax(dim=1), masks)
-    matrix.all_reduce()
-    result = matrix.compute()
     model.train(was_training)
+    return matrix.all_reduce()
+
+
+def evaluate_segmentation(model: nn.Module, loader, cfg: TrainConfig, rt: Runtime, prefix: str = "val_"):
+    return scores_of(confusion(unwrap_model(model), loader, cfg, rt), unwrap_model(model), rt, prefix)
+
+
+def scores_of(matrix: ConfusionMatrix, model: nn.Module, rt: Runtime, prefix: str) -> dict[str, float]:
+    """ACC, mIoU, mDice and per-class IoU; warns when the model predicted one class everywhere."""
+    result = matrix.compute()
     scores = {f"{prefix}acc": float(result["acc"]), f"{prefix}miou": float(result["miou"]),
               f"{prefix}mdice": float(result["mdice"])}
     scores.update({f"{prefix}iou{k}": float(v) for k, v in enumerate(result["iou"])})
@@ -94,8 +102,9 @@ def evaluate_all(cfg: TrainConfig, rt: Runtime) -> list[dict]:
             net = create_model(spec["model_name"], **spec["model_kwargs"])
             load_weights(net, spec, role, path)
         net = net.to(rt.device)
-        metrics = evaluate_segmentation(net, loader, cfg, rt, prefix="")
-        collapsed = single_predicted_class_of(net, loader, rt)
+        matrix = confusion(net, loader, cfg, rt)
+        metrics = scores_of(matrix, net, rt, prefix="")
+        collapsed = single_predicted_class(matrix.matrix)
         rows.append({"name": name, "model": net.model_name, "width": net.model_kwargs.get("width"),
                      "params": count_parameters(net), f"gmacs@{cfg.image_size}": gmacs(net, cfg),
                      **metrics, "split": split,
@@ -116,23 +125,6 @@ def scored_split(cfg: TrainConfig) -> str:
     if cfg.dataset == "folder" and not (Path(cfg.data_root) / "test").is_dir():
         return "val"
     return "test"
-
-
-@torch.no_grad()
-def single_predicted_class_of(net: nn.Module, loader, rt: Runtime) -> int | None:
-    """evaluate_segmentation's collapse check, for the eval table (one more pass over the test split)."""
-    net.eval()
-    counts = None
-    for images, _ in loader:
-        with rt.autocast():
-            pred = net(images.to(rt.device)).logits.argmax(dim=1)
-        hist = torch.bincount(pred.flatten(), minlength=net(images[:1].to(rt.device)).logits.shape[1])
-        counts = hist if counts is None else counts + hist
-    counts = rt.all_reduce_sum(counts.double().cpu()) if counts is not None else None
-    if counts is None:
-        return None
-    used = (counts > 0).nonzero().flatten().tolist()
-    return used[0] if len(used) == 1 else None
 
 
 def gmacs(net: nn.Module, cfg: TrainConfig) -> float:

@@ -8,6 +8,7 @@ import torch.nn as nn
 
 from cocofast.models import (NetworkError, ScriptedNetwork, TapNotFoundError, TappedModel, create_model,
                              is_import_path, probe, unwrap_model)
+from cocofast.losses import LOSSES
 from cocofast.models.user import is_torchscript
 
 from .checkpoint import CheckpointError, check_model, load_checkpoint, load_weights
@@ -66,7 +67,7 @@ def check_networks(cfg: TrainConfig) -> None:
     """Before any stage: both networks build, take the configured input, give K-class logits at the input's
     size, and (where taps are named or built in) two taps of equal H·W; names, paths and shapes in errors."""
     stages = set(cfg.stages())
-    losses_read_taps = any(spec.build().reads.taps for spec in cfg.loss_specs())
+    losses_read_taps = any(LOSSES[spec.name].reads.taps for spec in cfg.loss_specs())
     needs_taps = "paraphraser" in stages or ("student" in stages and losses_read_taps)
     for role in ("teacher", "student"):
         if role == "teacher" and cfg.teacher_checkpoint and is_torchscript(cfg.teacher_checkpoint):

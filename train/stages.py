@@ -179,10 +179,9 @@ def train_paraphrasers(cfg: TrainConfig, rt: Runtime, budget: IterationBudget) -
 
 
 # --- stage 2: student (+ critic) -------------------------------------------------------------------------
-def build_student_step(cfg: TrainConfig, rt: Runtime, per_epoch: int, teacher=None, paraphrasers=None):
+def build_student_step(cfg: TrainConfig, rt: Runtime, per_epoch: int, losses, teacher=None, paraphrasers=None):
     """The student (wrapped for DDP), its optimiser and schedule, the critic, and the StudentStep that trains
-    them: what train_student runs and bench/bench_train.py times."""
-    losses = build_losses(cfg)
+    them with `losses` (build_losses): what train_student runs and bench/bench_train.py times."""
     kwargs = seg_kwargs(cfg, "student")
     # Re-seeded here so the student starts from the same weights whatever the losses loaded before it
     # (teacher, paraphrasers): methods compared at one seed differ only in how the student is trained.
@@ -228,7 +227,7 @@ def train_student(cfg: TrainConfig, rt: Runtime, budget: IterationBudget) -> Non
     paraphrasers = load_paraphrasers(cfg, rt, teacher) if needs_paraphrasers(losses, cfg.use_paraphraser) else None
     cached = cfg.teacher_cache and teacher is not None
     loader, sampler = student_loader(train_set, cfg, rt, keyed=cached)
-    step, models, optimizers, schedulers = build_student_step(cfg, rt, iters_per_epoch(sampler, cfg, rt),
+    step, models, optimizers, schedulers = build_student_step(cfg, rt, iters_per_epoch(sampler, cfg, rt), losses,
                                                               teacher, paraphrasers)
     if cached:  # before seed_per_rank, so building it leaves the training's random streams as they were
         step.cache = open_teacher_cache(cfg, rt, step, teacher, paraphrasers)

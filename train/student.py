@@ -17,7 +17,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from cocofast.losses import DistillLoss
+from cocofast.losses import LOSSES, DistillLoss
 from cocofast.losses.adversarial import AdversarialLoss
 from cocofast.losses.supervised import focal_dice_loss
 
@@ -32,7 +32,7 @@ def build_losses(cfg: TrainConfig) -> list[tuple[str, DistillLoss]]:
     backends = {"similarity": cfg.similarity_backend, "pixel_relation": cfg.pixel_relation_backend}
     built = []
     for spec in cfg.loss_specs():
-        family = spec.build().op_family
+        family = LOSSES[spec.name].op_family
         try:
             loss = spec.build(**({"backend": backends[family]} if family else {}))
         except ValueError as err:
