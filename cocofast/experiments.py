@@ -85,6 +85,7 @@ def _row(id: str, label: str, student: str = "mobile_unet", **settings) -> Row:
 ALONE = dict(losses="none", adversarial=False)
 COCO = dict(losses="coco", adversarial=True)  # CoCo DistillNet in full: CoCoD + AdvD
 TEACHER = "teacher"  # pseudo-row: the shared teacher's own scores
+TEACHER_SEEDS = "teacher seeds"  # pseudo-row: the teacher retrained at each of --teacher_seeds
 
 # The label-scarce table's methods: (id, label, settings). KD is the positive control: the logit-only loss
 # that needs no features and is known to help when labels are few (Hinton et al. 2015).
@@ -155,6 +156,8 @@ TABLES: dict[str, tuple[str, list]] = {
         _row("coco", "CoCo DistillNet", **COCO),
         _row("cpkd", "CPKD (channel + pixel relations)", losses="cpkd", adversarial=False),
     ]),
+    "teacher": ("The teacher (FANet) trained at several seeds on every label: how much its own test mIoU "
+                "moves, since every table's students learn from the seed-0 one", [TEACHER_SEEDS]),
     "scarce": ("Few labels: the teacher trained on every label, students on 10 % and 20 % of them "
                "(half-labelled batches), distillation on every image; Mobile U-Net student",
                [TEACHER, *scarce_rows((0.1, 0.2))]),
@@ -166,7 +169,7 @@ def _check_ids_are_consistent() -> None:
     seen: dict[tuple[str, str], Row] = {}
     for _, rows in TABLES.values():
         for row in rows:
-            if row == TEACHER:
+            if row in (TEACHER, TEACHER_SEEDS):
                 continue
             other = seen.setdefault((row.student, row.id), row)
             if other.settings != row.settings:
@@ -212,6 +215,19 @@ class Runner:
         self._once(["--stage=teacher", f"--run_dir={run_dir}", "--seed=0", "--resume"], "teacher")
         return run_dir / "teacher" / "best.pt"
 
+    def teacher_scores(self, seed: int) -> dict:
+        """The teacher trained at `seed` (seed 0: the one every row shares) and scored on test."""
+        run_dir = self.work / ("teacher" if seed == 0 else f"teacher_seed{seed}")
+        result, record = run_dir / "eval.json", run_dir / "experiment.json"
+        args = ["--stage=teacher,eval", f"--run_dir={run_dir}", f"--seed={seed}", "--resume"]
+        made_by = {"args": args + self.extra, "config": self.config.read_text()}
+        if not (result.is_file() and record.is_file() and json.loads(record.read_text()) == made_by):
+            self._call(args, f"teacher, seed {seed}")
+            if self.dry_run:
+                return {}
+            atomic_write_text(json.dumps(made_by, indent=1), record)
+        return next(e for e in json.loads(result.read_text()) if e["name"] == "teacher")
+
     def paraphraser(self, student: str) -> Path:
         run_dir = self.work / f"paraphraser_{student}"
         self._once(["--stage=paraphraser", f"--run_dir={run_dir}", f"--teacher_checkpoint={self.teacher()}",
@@ -233,7 +249,7 @@ class Runner:
         result, record = run_dir / "eval.json", run_dir / "experiment.json"
         args = ["--stage=student,eval", f"--run_dir={run_dir}", f"--seed={seed}",
                 f"--teacher_checkpoint={self.work / 'teacher' / 'teacher' / 'best.pt'}", "--student_name=student",
-                "--resume", *row.args()]
+                f"--teacher_cache_dir={self.work / 'teacher_cache'}", "--resume", *row.args()]
         if reads_paraphrased(row):
             args.append(f"--paraphraser_checkpoint={self.work / f'paraphraser_{row.student}' / 'paraphraser' / 'best.pt'}")
         # A finished run is reused only if it was made by the same command from the same base configuration;
@@ -447,7 +463,7 @@ def plan(names: list[str], seeds: list[int]) -> list[dict]:
     seen_tuned: set = set()
     out = []
     for name in names:
-        rows = [r for r in TABLES[name][1] if r != TEACHER]
+        rows = [r for r in TABLES[name][1] if r not in (TEACHER, TEACHER_SEEDS)]
         default = {(r.student, r.id, s) for r in rows for s in seeds}
         tuned = {(r.student, r.id) for r in rows}
         cost = {(r.student, r.id): tuning_runs(r) + len(seeds) for r in rows}
@@ -461,7 +477,7 @@ def plan(names: list[str], seeds: list[int]) -> list[dict]:
 
 def shared_stages(names: list[str]) -> tuple[int, int]:
     """(teachers, paraphraser sets) the tables need: one teacher, one paraphraser set per student network."""
-    rows = [r for name in names for r in TABLES[name][1] if r != TEACHER]
+    rows = [r for name in names for r in TABLES[name][1] if r not in (TEACHER, TEACHER_SEEDS)]
     return 1, len({r.student for r in rows if reads_paraphrased(r)})
 
 
@@ -487,13 +503,27 @@ def format_plan(names: list[str], seeds: list[int], run_seconds: float | None) -
 
 
 # --- reporting -------------------------------------------------------------------------------------------
+def teacher_records(name: str, runner: Runner, seeds: list[int]) -> list[dict]:
+    records = []
+    for seed in seeds:
+        t = runner.teacher_scores(seed)
+        if t:
+            records.append({"table": name, "row": "teacher", "id": "teacher_seed", "network": t["model"],
+                            "seed": seed, "acc": t["acc"], "miou": t["miou"], "mdice": t["mdice"],
+                            "val_miou": math.nan, "params": t["params"], "gmacs": _gmacs(t),
+                            "setting": "all labels", "reference": "", "settings": f"--seed={seed}"})
+    return records
+
+
 def run_table(name: str, runner: Runner, seeds: list[int], tune_seed: int | None = None,
-              tunings: dict | None = None) -> tuple[list[dict], list[Tuning]]:
+              tunings: dict | None = None, teacher_seeds: tuple[int, ...] = (0, 1, 2)) -> tuple[list[dict], list[Tuning]]:
     """Every row of the table over the seeds: as configured, or (tune_seed given) at its tuned setting.
 
     Returns the records (one per row and seed, the teacher first where the table shows it) and the searches.
     """
     title, rows = TABLES[name]
+    if rows == [TEACHER_SEEDS]:
+        return teacher_records(name, runner, teacher_seeds), []
     tunings = {} if tunings is None else tunings  # (network, row id) -> Tuning, shared between tables
     records, searches = [], []
     for row in rows:
@@ -685,6 +715,8 @@ def main(argv: list[str] | None = None) -> int:
                                      epilog="Any other --key=value is a training config key, passed to every run.")
     parser.add_argument("tables", nargs="+", metavar="TABLE", help=f"any of {', '.join(TABLES)}, or 'all'")
     parser.add_argument("--seeds", default="0,1,2,3,4", help="comma-separated student seeds (default 0,1,2,3,4)")
+    parser.add_argument("--teacher_seeds", default="0,1,2",
+                        help="seeds of the 'teacher' table (default 0,1,2; seed 0 is the teacher every table uses)")
     parser.add_argument("--config", default=str(DEFAULT_CONFIG), help="base training configuration (YAML)")
     parser.add_argument("--out", default="docs/results", help="folder for T.csv, T.md, T.png")
     parser.add_argument("--work", default="runs/experiments", help="folder for every run's checkpoints")
@@ -710,6 +742,10 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--seeds: expected comma-separated integers, got {args.seeds!r}")
     if not seeds:
         parser.error(f"--seeds: expected at least one integer seed, got {args.seeds!r}")
+    try:
+        teacher_seeds = tuple(int(s) for s in args.teacher_seeds.split(",") if s.strip())
+    except ValueError:
+        parser.error(f"--teacher_seeds: expected comma-separated integers, got {args.teacher_seeds!r}")
     if args.tune and args.tune_seed in seeds:
         parser.error(f"--tune_seed: {args.tune_seed} is one of --seeds; the search would pick a run whose own test "
                      f"score then enters the table")
@@ -728,13 +764,13 @@ def main(argv: list[str] | None = None) -> int:
     for name in names:
         started = time.perf_counter()
         try:
-            records, searches = run_table(name, runner, seeds, tune_seed, tunings)
+            records, searches = run_table(name, runner, seeds, tune_seed, tunings, teacher_seeds)
         except RunFailed as err:
             print(f"cocofast experiments: {err}", file=sys.stderr)
             return 1
         if args.dry_run:
             continue
-        stem = f"{name}_tuned" if args.tune else name
+        stem = f"{name}_tuned" if args.tune and TABLES[name][1] != [TEACHER_SEEDS] else name
         out.mkdir(parents=True, exist_ok=True)
         write_csv(records, out / f"{stem}.csv")
         if searches:

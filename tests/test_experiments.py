@@ -20,14 +20,15 @@ TINY = str(ROOT / "configs" / "tiny.yaml")
 def test_every_row_is_a_valid_training_configuration():
     for name, (_, rows) in experiments.TABLES.items():
         for row in rows:
-            if row == experiments.TEACHER:
+            if row in (experiments.TEACHER, experiments.TEACHER_SEEDS):
                 continue
             cfg = parse_args(["--config", str(experiments.DEFAULT_CONFIG), *row.args()])
             assert all(loss in list_losses() for loss in cfg.loss_names()), (name, row)
 
 
 def test_the_issue_tables_list_the_methods_they_promise():
-    labels = {name: [r.id for r in rows if r != experiments.TEACHER] for name, (_, rows) in experiments.TABLES.items()}
+    labels = {name: [r.id for r in rows if r not in (experiments.TEACHER, experiments.TEACHER_SEEDS)]
+              for name, (_, rows) in experiments.TABLES.items()}
     assert labels["I"] == ["alone", "ss", "cmss", "cocod", "coco"]
     assert {"kd", "at", "fsp", "ifvd", "coco"} <= set(labels["II"])
     assert experiments.TEACHER in experiments.TABLES["III"][1]
@@ -68,6 +69,24 @@ def test_a_small_table_end_to_end(tmp_path, monkeypatch, capsys):
     capsys.readouterr()
     assert experiments.main(argv) == 0
     assert ", seed " not in capsys.readouterr().out
+
+
+def test_the_teacher_table_trains_one_teacher_per_seed_and_reuses_them(tmp_path, capsys):
+    argv = ["teacher", "--teacher_seeds=0,1", f"--config={TINY}", f"--work={tmp_path / 'work'}",
+            f"--out={tmp_path / 'out'}", "--teacher_epochs=1"]
+    assert experiments.main(argv) == 0
+    with open(tmp_path / "out" / "teacher.csv") as f:
+        records = list(csv.DictReader(f))
+    assert [(r["row"], r["seed"]) for r in records] == [("teacher", "0"), ("teacher", "1")]
+    # Seed 0 is the shared teacher every student row reads; seed 1 is a run of its own.
+    assert (tmp_path / "work" / "teacher" / "teacher" / "best.pt").is_file()
+    assert (tmp_path / "work" / "teacher_seed1" / "teacher" / "best.pt").is_file()
+    miou = [float(r["miou"]) for r in records]
+    assert miou[0] != miou[1]
+    assert f"{statistics.mean(miou):.4f} ± {statistics.stdev(miou):.4f}" in (tmp_path / "out" / "teacher.md").read_text()
+    capsys.readouterr()
+    assert experiments.main(argv) == 0
+    assert "teacher, seed" not in capsys.readouterr().out
 
 
 def test_the_recorded_commit_ignores_the_runners_own_tables(tmp_path):

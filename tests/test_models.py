@@ -346,8 +346,12 @@ def test_paraphraser_keeps_the_signal_scale_at_initialisation(c, k):
     para = create_model("paraphraser", in_channels=c, k=k)
     x = torch.randn(4, c, 16, 16)
     with torch.no_grad():
-        assert 0.3 < para.encode(x).std().item() < 3
-        assert 0.3 < para(x).std().item() < 3
+        z = para.encode(x)
+        assert 0.3 < z.std().item() < 3
+        hidden = F.leaky_relu(para.deconv1(F.leaky_relu(para.deconv0(z), 0.1)), 0.1)
+        assert 0.3 < hidden.std().item() < 3  # what the last layer's weights first learn from
+        # The last layer starts at zero: the reconstruction error starts at the tap's mean square.
+        assert not para(x).any()
     assert all(not layer.bias.any() for layer in (para.conv0, para.deconv2))
 
 

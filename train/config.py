@@ -132,7 +132,11 @@ class TrainConfig:
     teacher_lr: float = _f(0.03, "teacher", "teacher Adam learning rate")
 
     paraphraser_epochs: int = _f(200, "paraphraser", "paraphraser training epochs")
-    paraphraser_lr: float = _f(0.03, "paraphraser", "paraphraser SGD learning rate")
+    paraphraser_optimizer: str = _f("sgd", "paraphraser", "'sgd' (the paper, with paraphraser_momentum) or "
+                                                         "'adam': its per-weight step does not grow with the "
+                                                         "teacher's feature scale, so one lr (1e-3) trains on "
+                                                         "every teacher", ("sgd", "adam"))
+    paraphraser_lr: float = _f(0.03, "paraphraser", "paraphraser learning rate")
     paraphraser_momentum: float = _f(0.9, "paraphraser", "paraphraser SGD momentum")
     paraphraser_clip: float = _f(0.0, "paraphraser", "cap on the paraphrasers' gradient norm per step (0: none, "
                                                      "the paper)")

@@ -96,8 +96,14 @@ def train_paraphrasers(cfg: TrainConfig, rt: Runtime, budget: IterationBudget) -
     all_kwargs = paraphraser_kwargs(cfg, teacher)
     pair = ParaphraserPair([create_model("paraphraser", **kw) for kw in all_kwargs]).to(rt.device)
     model = rt.wrap(pair)
-    optimizer = torch.optim.SGD(pair.parameters(), lr=cfg.paraphraser_lr, momentum=cfg.paraphraser_momentum,
-                                weight_decay=cfg.weight_decay)
+    if cfg.paraphraser_optimizer == "adam":
+        # SGD's stable step on six un-normalised convolutions shrinks with fan-in x the tap's mean square (the
+        # curvature of the reconstruction), so an lr that trains one teacher diverges on the next; Adam's step
+        # per weight is set by the lr alone.
+        optimizer = torch.optim.Adam(pair.parameters(), lr=cfg.paraphraser_lr, weight_decay=cfg.weight_decay)
+    else:
+        optimizer = torch.optim.SGD(pair.parameters(), lr=cfg.paraphraser_lr, momentum=cfg.paraphraser_momentum,
+                                    weight_decay=cfg.weight_decay)
     loader, sampler = train_loader(train_set, cfg, rt)
     schedule = lr_schedule(cfg, optimizer, cfg.paraphraser_lr, cfg.paraphraser_epochs,
                          iters_per_epoch(sampler, cfg, rt))

@@ -36,6 +36,10 @@ class Paraphraser(nn.Module):
             mode = "fan_out" if isinstance(layer, nn.ConvTranspose2d) else "fan_in"
             nn.init.kaiming_normal_(layer.weight, a=self.negative_slope, mode=mode, nonlinearity="leaky_relu")
             nn.init.zeros_(layer.bias)
+        # The last layer starts at zero, so the reconstruction starts at the all-zero output (error = the tap's
+        # mean square) and only falls from there. Left at He scale it adds a random map as large as the tap,
+        # doubling the starting error, and the first steps on it were steep enough to diverge.
+        nn.init.zeros_(self.deconv2.weight)
 
     def _check(self, x: torch.Tensor, channels: int, what: str) -> None:
         if x.dim() != 4 or x.shape[1] != channels:
