@@ -156,6 +156,13 @@ TABLES: dict[str, tuple[str, list]] = {
         _row("coco", "CoCo DistillNet", **COCO),
         _row("cpkd", "CPKD (channel + pixel relations)", losses="cpkd", adversarial=False),
     ]),
+    "drift": ("The critic's drift penalty (Karras et al. 2018): CoCo DistillNet at 20 % labels without it (the "
+              "paper) and with drift_weight = 1e-3; the last column shows how far the critic's scores wandered", [
+        _row("alone_semi20", "student alone, 20 % labelled", labelled_fraction=0.2, **ALONE),
+        _row("coco_semi20", "CoCo DistillNet, 20 % labelled", labelled_fraction=0.2, **COCO),
+        _row("coco_drift_semi20", "CoCo DistillNet + drift penalty, 20 % labelled", labelled_fraction=0.2,
+             drift_weight=1e-3, **COCO),
+    ]),
     "teacher": ("The teacher (FANet) trained at several seeds on every label: how much its own test mIoU "
                 "moves, since every table's students learn from the seed-0 one", [TEACHER_SEEDS]),
     "scarce": ("Few labels: the teacher trained on every label, students on 10 % and 20 % of them "
@@ -264,6 +271,19 @@ class Runner:
                 return {}
             atomic_write_text(json.dumps(made_by, indent=1), record)
         return {entry["name"]: entry for entry in json.loads(result.read_text())}
+
+    def critic_score(self, row: Row, seed: int) -> float:
+        """The largest |mean critic score on the student's output| over the run's epochs (nan: no critic).
+
+        The WGAN critic is unconstrained in level (only its slope is penalised), so its scores can drift far
+        from zero over a run; the drift penalty (drift_weight) is there to hold them, and this shows whether it did.
+        """
+        path = self.run_dir(row, seed) / "student" / "summary.csv"
+        if not path.is_file():
+            return math.nan
+        with open(path, newline="") as f:
+            values = [abs(float(r["loss_adv_g"])) for r in csv.DictReader(f) if r.get("loss_adv_g", "") != ""]
+        return max(values) if values else math.nan
 
     def val_miou(self, row: Row, seed: int) -> float:
         """The validation mIoU of the run's best.pt: the largest val_miou of its summary.csv (nan if none).
@@ -510,7 +530,7 @@ def teacher_records(name: str, runner: Runner, seeds: list[int]) -> list[dict]:
         if t:
             records.append({"table": name, "row": "teacher", "id": "teacher_seed", "network": t["model"],
                             "seed": seed, "acc": t["acc"], "miou": t["miou"], "mdice": t["mdice"],
-                            "val_miou": math.nan, "params": t["params"], "gmacs": _gmacs(t),
+                            "val_miou": math.nan, "critic": math.nan, "params": t["params"], "gmacs": _gmacs(t),
                             "setting": "all labels", "reference": "", "settings": f"--seed={seed}"})
     return records
 
@@ -544,7 +564,8 @@ def run_table(name: str, runner: Runner, seeds: list[int], tune_seed: int | None
             student = scores["student"]
             records.append({"table": name, "row": row.label, "id": used.id, "network": row.student, "seed": seed,
                             "acc": student["acc"], "miou": student["miou"], "mdice": student["mdice"],
-                            "val_miou": runner.val_miou(used, seed), "params": student["params"],
+                            "val_miou": runner.val_miou(used, seed), "critic": runner.critic_score(used, seed),
+                            "params": student["params"],
                             "gmacs": _gmacs(student), "setting": setting,
                             "reference": reference.label if reference is not None else "",
                             "settings": " ".join(used.args()[1:])})
@@ -552,7 +573,7 @@ def run_table(name: str, runner: Runner, seeds: list[int], tune_seed: int | None
                 t = scores["teacher"]
                 records.insert(0, {"table": name, "row": "teacher", "id": "teacher", "network": t["model"],
                                    "seed": 0, "acc": t["acc"], "miou": t["miou"], "mdice": t["mdice"],
-                                   "val_miou": math.nan, "params": t["params"], "gmacs": _gmacs(t),
+                                   "val_miou": math.nan, "critic": math.nan, "params": t["params"], "gmacs": _gmacs(t),
                                    "setting": "all labels", "reference": "", "settings": "trained once"})
     return records, searches
 
@@ -634,13 +655,15 @@ def markdown(name: str, records: list[dict], command: str, config: Path, seconds
     lines = [f"# Table {name}{' (tuned)' if tuned else ''}: {title}", "",
              f"Mean ± sample standard deviation over {len(seeds)} seeds ({', '.join(map(str, seeds))}); "
              f"{view}; test split of the built-in synthetic data unless the configuration says otherwise.", "",
-             "| method | network | setting | params | GMACs | ACC | mIoU | mIoU per seed |",
-             "|---|---|---|---:|---:|---:|---:|---|"]
+             "| method | network | setting | params | GMACs | ACC | mIoU | mIoU per seed | max \\|critic score\\| |",
+             "|---|---|---|---:|---:|---:|---:|---|---:|"]
     for label, rs in grouped(records):
         per_seed = ", ".join(f"{r['miou']:.4f}" for r in rs)
+        critic = [r.get("critic", math.nan) for r in rs]
+        critic = "–" if all(math.isnan(c) for c in critic) else f"{max(c for c in critic if not math.isnan(c)):.3g}"
         lines.append(f"| {label} | {rs[0]['network']} | {rs[0]['setting']} | {rs[0]['params']:,} | "
                      f"{rs[0]['gmacs']:.3f} | {mean_std([r['acc'] for r in rs])} | "
-                     f"{mean_std([r['miou'] for r in rs])} | {per_seed} |")
+                     f"{mean_std([r['miou'] for r in rs])} | {per_seed} | {critic} |")
     tests = paired(records)
     if tests:
         lines += ["", "## Against the student alone, paired by seed", "",
