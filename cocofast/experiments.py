@@ -5,6 +5,7 @@
     python -m cocofast.experiments I --config=configs/experiments.yaml --student_epochs=20   # any config key
     python -m cocofast.experiments scarce --tune          # every method tuned on validation first (T_tuned.*)
     python -m cocofast.experiments all --tune --dry_run --run_seconds=20   # the plan in hours, train nothing
+    OMP_NUM_THREADS=1 python -m cocofast.experiments scarce --jobs=16      # 16 single-threaded runs at a time
 
 Every run is the training program itself (`python -m cocofast.train.distill`, one subprocess per run) with
 `--config` (default configs/experiments.yaml) plus the row's settings plus any `--key=value` given here.
@@ -53,6 +54,7 @@ import statistics
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -200,22 +202,52 @@ class RunFailed(RuntimeError):
 
 
 class Runner:
-    def __init__(self, config: Path, work: Path, extra: list[str], dry_run: bool = False):
-        self.config, self.work, self.extra, self.dry_run = config, work, extra, dry_run
+    def __init__(self, config: Path, work: Path, extra: list[str], dry_run: bool = False, jobs: int = 1):
+        self.config, self.work, self.extra, self.dry_run, self.jobs = config, work, extra, dry_run, jobs
         self.base = [sys.executable, "-m", "cocofast.train.distill", "--config", str(config)]
         self._done: set[str] = set()
+        self._failed: dict[tuple[str, str, int], RunFailed] = {}  # (network, row id, seed) -> its failure
 
-    def _call(self, args: list[str], what: str) -> None:
+    def _call(self, args: list[str], what: str, log: Path | None = None) -> None:
+        """Run the training program; with `log` its output goes to that file (runs side by side) instead."""
         cmd = self.base + args + self.extra
         shown = " ".join(shlex.quote(a) for a in ["python", "-m", "cocofast.train.distill", *cmd[3:]])
         print(f"[experiments] {what}: {shown}", flush=True)
         if self.dry_run:
             return
         started = time.perf_counter()
-        done = subprocess.run(cmd, cwd=REPO)
+        if log is None:
+            done = subprocess.run(cmd, cwd=REPO)
+        else:
+            log.parent.mkdir(parents=True, exist_ok=True)
+            with open(log, "w") as out:
+                done = subprocess.run(cmd, cwd=REPO, stdout=out, stderr=subprocess.STDOUT)
         if done.returncode != 0:
-            raise RunFailed(f"{what} failed with exit status {done.returncode}; command: {shown}")
+            where = f" (its output: {log})" if log is not None else ""
+            raise RunFailed(f"{what} failed with exit status {done.returncode}{where}; command: {shown}")
         print(f"[experiments] {what}: {time.perf_counter() - started:.0f} s", flush=True)
+
+    def prefetch(self, pairs: list[tuple[Row, int]]) -> None:
+        """Train the (row, seed) runs not yet made, `jobs` at a time (one training process each; give each
+        process one thread, OMP_NUM_THREADS=1, when jobs fill the cores). The shared teacher and paraphrasers
+        are made first, one at a time; a run that fails is remembered and raised when the table reads it."""
+        if self.jobs <= 1 or self.dry_run:
+            return
+        todo = [(r, s) for r, s in dict.fromkeys(pairs) if (r.student, r.id, s) not in self._failed]
+        for student in dict.fromkeys(r.student for r, _ in todo if reads_paraphrased(r)):
+            self.paraphraser(student)
+        if todo:
+            self.teacher()
+
+        def one(pair: tuple[Row, int]) -> None:
+            row, seed = pair
+            try:
+                self.row(row, seed, log=self.run_dir(row, seed) / "log.txt")
+            except RunFailed as err:
+                self._failed[(row.student, row.id, seed)] = err
+
+        with ThreadPoolExecutor(max_workers=self.jobs) as pool:
+            list(pool.map(one, todo))
 
     def teacher(self) -> Path:
         run_dir = self.work / "teacher"
@@ -250,8 +282,10 @@ class Runner:
     def run_dir(self, row: Row, seed: int) -> Path:
         return self.work / row.student / row.id / f"seed{seed}"
 
-    def row(self, row: Row, seed: int) -> dict:
+    def row(self, row: Row, seed: int, log: Path | None = None) -> dict:
         """Train and score one (row, seed); returns the eval.json entries {name: metrics}."""
+        if (row.student, row.id, seed) in self._failed:
+            raise self._failed[(row.student, row.id, seed)]
         run_dir = self.run_dir(row, seed)
         result, record = run_dir / "eval.json", run_dir / "experiment.json"
         args = ["--stage=student,eval", f"--run_dir={run_dir}", f"--seed={seed}",
@@ -266,7 +300,7 @@ class Runner:
             self.teacher()
             if "--paraphraser_checkpoint" in args[-1]:
                 self.paraphraser(row.student)
-            self._call(args, f"{row.label} ({row.student}), seed {seed}")
+            self._call(args, f"{row.label} ({row.student}), seed {seed}", log)
             if self.dry_run:
                 return {}
             atomic_write_text(json.dumps(made_by, indent=1), record)
@@ -432,6 +466,7 @@ def tune(runner: Runner, row: Row, seed: int) -> Tuning:
     per_axis = []
     for axis in axes:
         scored = []
+        runner.prefetch([(point_row(row, axes, {**current, axis.key: v}), seed) for v in axis.values])
         for value in axis.values:
             candidate = point_row(row, axes, {**current, axis.key: value})
             if candidate.id not in scores:
@@ -501,7 +536,7 @@ def shared_stages(names: list[str]) -> tuple[int, int]:
     return 1, len({r.student for r in rows if reads_paraphrased(r)})
 
 
-def format_plan(names: list[str], seeds: list[int], run_seconds: float | None) -> str:
+def format_plan(names: list[str], seeds: list[int], run_seconds: float | None, jobs: int = 1) -> str:
     rows = plan(names, seeds)
     teachers, paraphrasers = shared_stages(names)
     total_default = sum(r["default_new"] for r in rows)
@@ -515,8 +550,8 @@ def format_plan(names: list[str], seeds: list[int], run_seconds: float | None) -
     lines.append(f"  {'total':<12}{'':>5}{'':>16}{total_default:>6}{'':>9}{total_tuned:>6}"
                  f"   (both views: {total_default + total_tuned})")
     if run_seconds:
-        hours = lambda n: f"{n * run_seconds / 3600:.1f} h"
-        lines.append(f"  at {run_seconds:g} s a run: default view {hours(total_default)}, --tune "
+        hours = lambda n: f"{math.ceil(n / jobs) * run_seconds / 3600:.1f} h"
+        lines.append(f"  at {run_seconds:g} s a run, {jobs} at a time: default view {hours(total_default)}, --tune "
                      f"{hours(total_tuned)}, both {hours(total_default + total_tuned)} (teacher and "
                      f"paraphrasers not included)")
     return "\n".join(lines)
@@ -546,6 +581,8 @@ def run_table(name: str, runner: Runner, seeds: list[int], tune_seed: int | None
         return teacher_records(name, runner, teacher_seeds), []
     tunings = {} if tunings is None else tunings  # (network, row id) -> Tuning, shared between tables
     records, searches = [], []
+    if tune_seed is None:
+        runner.prefetch([(row, seed) for row in rows if row != TEACHER for seed in seeds])
     for row in rows:
         if row == TEACHER:
             continue
@@ -557,6 +594,7 @@ def run_table(name: str, runner: Runner, seeds: list[int], tune_seed: int | None
             searches.append(tunings[key])
             used, setting = tunings[key].chosen_row, tunings[key].setting()
         reference = reference_of(rows, row)
+        runner.prefetch([(used, seed) for seed in seeds])
         for seed in seeds:
             scores = runner.row(used, seed)
             if not scores:
@@ -750,6 +788,9 @@ def main(argv: list[str] | None = None) -> int:
                         help=f"student seed of the tuning runs (default {DEFAULT_TUNE_SEED}; not one of --seeds)")
     parser.add_argument("--run_seconds", type=float, default=None,
                         help="seconds one student run takes here: turns the printed plan into hours")
+    parser.add_argument("--jobs", type=int, default=1,
+                        help="training runs side by side (default 1); each run's output then goes to its "
+                             "folder's log.txt. Runs are single-threaded when OMP_NUM_THREADS=1: use one job a core")
     parser.add_argument("--dry_run", action="store_true", help="print the plan and the commands, train nothing")
     args, extra = parser.parse_known_args(argv)
     names = list(TABLES) if args.tables == ["all"] else args.tables
@@ -772,14 +813,16 @@ def main(argv: list[str] | None = None) -> int:
     if args.tune and args.tune_seed in seeds:
         parser.error(f"--tune_seed: {args.tune_seed} is one of --seeds; the search would pick a run whose own test "
                      f"score then enters the table")
+    if args.jobs < 1:
+        parser.error(f"--jobs: expected a positive number of runs side by side, got {args.jobs}")
     if args.run_seconds is not None and not args.run_seconds > 0:
         parser.error(f"--run_seconds: expected a positive number of seconds, got {args.run_seconds}")
     config = Path(args.config).resolve()
     if not config.is_file():
         parser.error(f"--config: {config} not found")
     out, work = Path(args.out).resolve(), Path(args.work).resolve()
-    print(format_plan(names, seeds, args.run_seconds), flush=True)
-    runner = Runner(config, work, extra, args.dry_run)
+    print(format_plan(names, seeds, args.run_seconds, args.jobs), flush=True)
+    runner = Runner(config, work, extra, args.dry_run, args.jobs)
     command = "python -m cocofast.experiments " + " ".join(shlex.quote(a) for a in argv)
     version = source_version(REPO, out)  # before training: the runs are built from the tree as it is now
     tune_seed = args.tune_seed if args.tune else None

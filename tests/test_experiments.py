@@ -39,7 +39,7 @@ def test_the_issue_tables_list_the_methods_they_promise():
 
 
 def test_bad_arguments_are_refused(capsys):
-    for argv, words in [(["IV"], "unknown table"), (["I", "--seeds=a"], "--seeds"),
+    for argv, words in [(["IV"], "unknown table"), (["I", "--seeds=a"], "--seeds"), (["I", "--jobs=0"], "--jobs"),
                         (["I", "--student_epochs"], "unexpected argument"), (["I", "stray"], "unknown table"), (["I", "--config=/nope.yaml"], "not found")]:
         with pytest.raises(SystemExit):
             experiments.main(argv)
@@ -87,6 +87,30 @@ def test_the_teacher_table_trains_one_teacher_per_seed_and_reuses_them(tmp_path,
     capsys.readouterr()
     assert experiments.main(argv) == 0
     assert "teacher, seed" not in capsys.readouterr().out
+
+
+def test_runs_side_by_side_write_their_own_logs_and_a_failure_names_its_log(tmp_path, monkeypatch, capsys):
+    rows = [experiments._row("alone", "student alone", "enet", losses="none", adversarial=False),
+            experiments._row("kd", "KD", "enet", losses="kd", adversarial=False)]
+    monkeypatch.setitem(experiments.TABLES, "tiny", ("tiny check", rows))
+    argv = ["tiny", "--seeds=0,1", "--jobs=2", f"--config={TINY}", f"--work={tmp_path / 'work'}",
+            f"--out={tmp_path / 'out'}", "--student_epochs=1", "--teacher_epochs=1", "--train_samples=8",
+            "--val_samples=4"]
+    assert experiments.main(argv) == 0
+    with open(tmp_path / "out" / "tiny.csv") as f:
+        assert sorted((r["id"], r["seed"]) for r in csv.DictReader(f)) == [
+            ("alone", "0"), ("alone", "1"), ("kd", "0"), ("kd", "1")]
+    for id in ("alone", "kd"):
+        for seed in (0, 1):
+            assert "[student] epoch 1/1" in (tmp_path / "work" / "enet" / id / f"seed{seed}" / "log.txt").read_text()
+    # A run that fails (here a negative learning rate, refused at start-up) fails the table and names its log.
+    bad = experiments._row("kd_negative", "KD at -1", "enet", losses="kd", adversarial=False, student_lr=-1)
+    monkeypatch.setitem(experiments.TABLES, "tiny", ("tiny check", [rows[0], bad]))
+    capsys.readouterr()
+    assert experiments.main(argv) == 1
+    err = capsys.readouterr().err
+    assert "KD at -1 (enet), seed 0 failed with exit status 2" in err
+    assert str(tmp_path / "work" / "enet" / "kd_negative" / "seed0" / "log.txt") in err
 
 
 def test_the_recorded_commit_ignores_the_runners_own_tables(tmp_path):
@@ -269,6 +293,7 @@ def test_the_plan_counts_shared_rows_once():
     assert (plan["II"]["tuned"], plan["II"]["tuned_new"]) == (7 + 5 * 4 + 12, (7 + 2) + 3 * (4 + 2))
     text = experiments.format_plan(["I", "II"], [0, 1], run_seconds=36)
     assert "18" in text and "0.2 h" in text  # 18 new default runs, at 36 s a run
+    assert "0.1 h" in experiments.format_plan(["I", "II"], [0, 1], run_seconds=36, jobs=2)
 
 
 @pytest.mark.slow  # 8 training processes: about 4 CPU-minutes at tiny scale, most of it process start-up
