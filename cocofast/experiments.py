@@ -257,15 +257,24 @@ class Runner:
     def teacher_scores(self, seed: int) -> dict:
         """The teacher trained at `seed` (seed 0: the one every row shares) and scored on test."""
         run_dir = self.work / ("teacher" if seed == 0 else f"teacher_seed{seed}")
-        result, record = run_dir / "eval.json", run_dir / "experiment.json"
         args = ["--stage=teacher,eval", f"--run_dir={run_dir}", f"--seed={seed}", "--resume"]
+        entries = self._recorded(run_dir, args, f"teacher, seed {seed}")
+        return next((e for e in entries if e["name"] == "teacher"), {})
+
+    def _recorded(self, run_dir: Path, args: list[str], what: str, log: Path | None = None,
+                  before=lambda: None) -> list[dict]:
+        """Run the training program unless run_dir holds its finished result (eval.json) made by the same
+        command from the same base configuration (experiment.json); returns the eval.json entries ([] in a
+        dry run). Otherwise the program runs, and its --resume refuses a checkpoint with other settings."""
+        result, record = run_dir / "eval.json", run_dir / "experiment.json"
         made_by = {"args": args + self.extra, "config": self.config.read_text()}
         if not (result.is_file() and record.is_file() and json.loads(record.read_text()) == made_by):
-            self._call(args, f"teacher, seed {seed}")
+            before()
+            self._call(args, what, log)
             if self.dry_run:
-                return {}
+                return []
             atomic_write_text(json.dumps(made_by, indent=1), record)
-        return next(e for e in json.loads(result.read_text()) if e["name"] == "teacher")
+        return json.loads(result.read_text())
 
     def paraphraser(self, student: str) -> Path:
         run_dir = self.work / f"paraphraser_{student}"
@@ -287,24 +296,19 @@ class Runner:
         if (row.student, row.id, seed) in self._failed:
             raise self._failed[(row.student, row.id, seed)]
         run_dir = self.run_dir(row, seed)
-        result, record = run_dir / "eval.json", run_dir / "experiment.json"
         args = ["--stage=student,eval", f"--run_dir={run_dir}", f"--seed={seed}",
                 f"--teacher_checkpoint={self.work / 'teacher' / 'teacher' / 'best.pt'}", "--student_name=student",
                 f"--teacher_cache_dir={self.work / 'teacher_cache'}", "--resume", *row.args()]
         if reads_paraphrased(row):
             args.append(f"--paraphraser_checkpoint={self.work / f'paraphraser_{row.student}' / 'paraphraser' / 'best.pt'}")
-        # A finished run is reused only if it was made by the same command from the same base configuration;
-        # otherwise the training program runs, and its --resume refuses a checkpoint with other settings.
-        made_by = {"args": args + self.extra, "config": self.config.read_text()}
-        if not (result.is_file() and record.is_file() and json.loads(record.read_text()) == made_by):
+
+        def shared_stages() -> None:
             self.teacher()
             if "--paraphraser_checkpoint" in args[-1]:
                 self.paraphraser(row.student)
-            self._call(args, f"{row.label} ({row.student}), seed {seed}", log)
-            if self.dry_run:
-                return {}
-            atomic_write_text(json.dumps(made_by, indent=1), record)
-        return {entry["name"]: entry for entry in json.loads(result.read_text())}
+
+        entries = self._recorded(run_dir, args, f"{row.label} ({row.student}), seed {seed}", log, shared_stages)
+        return {entry["name"]: entry for entry in entries}
 
     def critic_score(self, row: Row, seed: int) -> float:
         """The largest |mean critic score on the student's output| over the run's epochs (nan: no critic).
