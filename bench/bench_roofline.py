@@ -43,15 +43,16 @@ def run_case(path: str, c1: int, c2: int, side: int) -> dict:
 def kernel_bytes(path: str, c1: int, c2: int) -> dict | None:
     """{forward, backward} DRAM bytes of one path at the full shape, or None without kernels/traffic.py.
 
-    For the Gram kernels, counted at two sizes and fitted as a + b·N per image: their per-launch C×C partial
-    sums weigh as much as the maps at N = 1,024, so a plain multiple of the small count would overstate the
-    large one. The N²-work paths are compute-bound by orders of magnitude; one count, scaled by N, serves."""
+    For the Gram kernels, counted at two sizes (N = 1,024 and 2,304, where the forward's row splits are the
+    same, so the fit is exact) and fitted as a + b·N per image: their C×C Grams weigh as much as the maps at
+    N = 1,024 and C = 256, so a plain multiple of the small count would overstate the large one. The
+    N²-work paths are compute-bound by orders of magnitude; one count, scaled by N, serves."""
     try:
         import cocofast.kernels.traffic  # noqa: F401 - only whether it exists
     except ImportError:
         return None
     os.environ["COCOFAST_GPU_CONFIG"] = "1"  # the tiles a GPU would launch, so re-reads are a GPU's
-    sides = (PROBE_SIDE[path], 2 * PROBE_SIDE[path]) if path == "gram" else (PROBE_SIDE[path],)
+    sides = (PROBE_SIDE[path], PROBE_SIDE[path] * 3 // 2) if path == "gram" else (PROBE_SIDE[path],)
     counts = []
     for side in sides:
         res = run_child("bench_roofline", dict(path=path, c1=c1, c2=c2, side=side), timeout=900, interpret=True)
@@ -78,7 +79,7 @@ def kernel_steps(path: str, c1: int, c2: int, counted: dict | None):
             return triton_gram_steps(BATCH, N_PIX, c1, c2), "pass-count defaults (cocofast/ops/roofline.py)"
         return (triton_gram_steps(BATCH, N_PIX, c1, c2, forward_bytes=counted["forward"],
                                   backward_bytes=counted["backward"]),
-                "kernels/traffic.py DRAM model, fitted over N = 1,024 and 4,096")
+                "kernels/traffic.py DRAM model, fitted over N = 1,024 and 2,304")
     if counted is None:
         return None, "not counted: cocofast.kernels.traffic unavailable"
     n2 = BATCH * N_PIX * N_PIX

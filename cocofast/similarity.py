@@ -24,7 +24,8 @@ import torch
 
 from cocofast.gram_torch import TorchGramStats
 from cocofast.ops.backends import SIMILARITY_BACKENDS, check_backend
-from cocofast.ops.checks import NaiveTooLargeError, check_map, check_naive_fits, check_pair, shape_str
+from cocofast.ops.checks import (NaiveTooLargeError, check_map, check_naive_fits, check_pair, extrema_check,
+                                 shape_str)
 from cocofast.ops.roofline import similarity_auto_backend
 
 BACKENDS = SIMILARITY_BACKENDS  # the name cocofast.losses and cocofast.BACKENDS have always used
@@ -50,9 +51,13 @@ def cmss(feat: torch.Tensor, *, channel_mix: bool = True, eps: float = 1e-6) -> 
     return g / torch.linalg.vector_norm(g, dim=2, keepdim=True).clamp_min(eps)
 
 
-def _stats(fn: str, f1, f2, channel_mix: bool, backend: str, eps: float = 1e-6):
-    """(k, p, q, d) per image in float64: ⟨M₁,M₂⟩, ‖M₁‖², ‖M₂‖², ‖M₁−M₂‖²."""
+def _stats(fn: str, names: tuple[str, str], f1, f2, channel_mix: bool, backend: str, eps: float = 1e-6):
+    """(k, p, q, d) per image in float64: ⟨M₁,M₂⟩, ‖M₁‖², ‖M₂‖², ‖M₁−M₂‖², after the input checks."""
+    check_pair(fn, names, f1, f2, values=False)
     backend = _resolve(backend, f1, f2)
+    if backend != "triton":  # the triton kernels check the values in the pass that finds the channel max
+        check_map(fn, names[0], f1)
+        check_map(fn, names[1], f2)
     if backend == "naive":
         check_naive_fits(fn, batch=f1.shape[0], n_pix=f1.shape[2] * f1.shape[3], matrices=6, element_bytes=4,
                          device=f1.device, alternatives="backend='gram', 'triton' or 'tiled'")
@@ -67,7 +72,7 @@ def _stats(fn: str, f1, f2, channel_mix: bool, backend: str, eps: float = 1e-6):
     if backend == "triton":
         from cocofast.kernels import gram_stats
 
-        k, p, q = gram_stats(f1, f2, channel_mix, eps)
+        k, p, q = gram_stats(f1, f2, channel_mix, eps, check=extrema_check(fn, names, f1, f2))
     else:
         k, p, q = TorchGramStats.apply(f1, f2, channel_mix, eps)
     return k, p, q, p + q - 2 * k
@@ -79,8 +84,7 @@ def _out_dtype(*ts: torch.Tensor) -> torch.dtype:
 
 def cross_layer_correlation(shallow: torch.Tensor, deep: torch.Tensor, *, backend: str = "auto") -> torch.Tensor:
     """φ(shallow, deep) per image, shape (B,): the Frobenius correlation of the two CMSS matrices."""
-    check_pair("cross_layer_correlation", ("shallow", "deep"), shallow, deep)
-    k, p, q, _ = _stats("cross_layer_correlation", shallow, deep, True, backend)
+    k, p, q, _ = _stats("cross_layer_correlation", ("shallow", "deep"), shallow, deep, True, backend)
     pq = p * q
     ok = pq > 0
     # sqrt only of safe values: sqrt'(0) = inf would turn the masked branch's zero gradient into NaN.
@@ -110,9 +114,9 @@ def coco_loss(teacher_pairs: Sequence, student_pairs: Sequence, *, backend: str 
 def similarity_distance(f_teacher: torch.Tensor, f_student: torch.Tensor, *, channel_mix: bool = True,
                         backend: str = "auto") -> torch.Tensor:
     """mean_b ‖M_T − M_S‖²_F / N²: the paper's SS ablation with channel_mix=False, CMSS with channel_mix=True."""
-    check_pair("similarity_distance", ("f_teacher", "f_student"), f_teacher, f_student)
+    _, _, _, d = _stats("similarity_distance", ("f_teacher", "f_student"), f_teacher, f_student, channel_mix,
+                        backend)
     n_pix = f_student.shape[2] * f_student.shape[3]
-    _, _, _, d = _stats("similarity_distance", f_teacher, f_student, channel_mix, backend)
     # The identity p + q − 2k can round slightly below zero when the matrices nearly agree.
     return (d.clamp_min(0) / math.prod((n_pix, n_pix))).mean().to(_out_dtype(f_teacher, f_student))
 

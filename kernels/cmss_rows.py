@@ -1,7 +1,8 @@
 """Per-pixel pieces of the channel-mixed rows Â, forward and backward, for one (B, C, H, W) map.
 
 Forward (SPEC §2, steps 1-3), with N = H·W:
-    a[b, c]   = max_n F[b, c, n]                     (torch.amax: any layout, deterministic)
+    a[b, c]   = max_n F[b, c, n]                     -> `channel_extrema_kernel` (with min and NaN count,
+                                                        the input check's figures, in the same read)
     w[b]      = softmax(a[b])                        (channel weights; all ones without channel mixing)
     G'[b,n,c] = F[b, c, n] · w[b, c]
     r[b, n]   = ‖G'[b, n, :]‖₂                       -> `row_norm_kernel` (also counts ties of the max)
@@ -12,9 +13,10 @@ Backward, given dÂ (from C×C matrices in registers, or from an fp32 (B, N, C) 
     dG'_n = (dÂ_n − [r_n > eps]·t_n·Â_n) / max(r_n, eps)
     dF    = dG' · w   (+ the max-pool term below),    dw_c = Σ_n dG'_nc · F_cn
     da    = w ⊙ (dw − ⟨w, dw⟩);   dF[c, n] += da_c · [F_cn = a_c] / #ties_c   (as torch.amax splits it)
-`grad_rows_kernel` assembles dÂ from the C×C matrices as one GEMM into an fp32 (B, N, C) buffer;
-`chain_backward_kernel` does the next three lines in one pass per row block; `maxpool_scatter_kernel` the last.
-(One kernel for both, recomputing dÂ twice per row block, held 255 registers and spilled ~7 KB a thread.)
+The tiled and pixel-relation paths write dÂ to a buffer: `chain_backward_kernel` does the next three lines
+in one pass per row block, `maxpool_scatter_kernel` the last. The fused Gram path (gram.py) does the three
+lines in registers and adds the last with `maxpool_add_kernel`, which reads F only for channels whose max
+is tied (the single position of an untied max is known from the forward).
 """
 from __future__ import annotations
 
@@ -25,9 +27,7 @@ import triton.language as tl
 from .launcher import (
     acc_dtype,
     channel_block,
-    dot_precision,
     feature_strides,
-    gemm_config,
     launch,
     load_inv_norm,
     load_mixed_tile,
@@ -61,44 +61,6 @@ def row_norm_kernel(
             ties = tl.sum(hit.to(tl.int32), axis=0)
             tl.store(ties_ptr + (b * tl.num_programs(1) + blk) * n_chan + chans, ties, mask=chans < n_chan)
     tl.store(norm_ptr + b * n_pix + rows, tl.sqrt(sumsq), mask=rows < n_pix)
-
-
-@triton.jit
-def grad_rows_kernel(
-    f_ptr, w_ptr, norm_ptr, o_ptr, w_o_ptr, norm_o_ptr, x_ptr, y_ptr, da_ptr,
-    stride_b, stride_c, stride_h, stride_w, width,
-    o_stride_b, o_stride_c, o_stride_h, o_stride_w, o_width,
-    n_pix, n_chan, n_chan_o, eps,
-    BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
-    ACC: tl.constexpr, PRECISION: tl.constexpr,
-):
-    """dÂ[rows, cj] = Â[rows]·X[:, cj] + B̂[rows]·Y[:, cj]: one GEMM with K = C + C_other, into the buffer.
-
-    The output channel tile is the fastest grid axis, so the programs that read one row block run together
-    and share it through L2."""
-    cj = tl.program_id(0) * BLOCK_D + tl.arange(0, BLOCK_D)
-    rows = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    b = tl.program_id(2).to(tl.int64)
-    f_b, w_b = f_ptr + b * stride_b, w_ptr + b * n_chan
-    o_b, w_o = o_ptr + b * o_stride_b, w_o_ptr + b * n_chan_o
-    inv = load_inv_norm(norm_ptr + b * n_pix, rows, n_pix, eps)
-    inv_o = load_inv_norm(norm_o_ptr + b * n_pix, rows, n_pix, eps)
-    x_b, y_b = x_ptr + b * n_chan * n_chan, y_ptr + b * n_chan_o * n_chan
-    acc = tl.zeros((BLOCK_N, BLOCK_D), dtype=ACC)
-    for k0 in range(0, n_chan, BLOCK_C):
-        ck = k0 + tl.arange(0, BLOCK_C)
-        a = load_mixed_tile(f_b, w_b, stride_c, stride_h, stride_w, width, n_pix, n_chan, rows, ck, ACC)
-        xm = (ck[:, None] < n_chan) & (cj[None, :] < n_chan)
-        x = tl.load(x_b + ck[:, None] * n_chan + cj[None, :], mask=xm, other=0.0)
-        acc += tl.dot(a * inv[:, None], x, input_precision=PRECISION, out_dtype=ACC)
-    for k0 in range(0, n_chan_o, BLOCK_C):
-        ck = k0 + tl.arange(0, BLOCK_C)
-        o = load_mixed_tile(o_b, w_o, o_stride_c, o_stride_h, o_stride_w, o_width, n_pix, n_chan_o, rows, ck, ACC)
-        ym = (ck[:, None] < n_chan_o) & (cj[None, :] < n_chan)
-        y = tl.load(y_b + ck[:, None] * n_chan + cj[None, :], mask=ym, other=0.0)
-        acc += tl.dot(o * inv_o[:, None], y, input_precision=PRECISION, out_dtype=ACC)
-    mask = (rows[:, None] < n_pix) & (cj[None, :] < n_chan)
-    tl.store(da_ptr + b * n_pix * n_chan + rows[:, None] * n_chan + cj[None, :], acc, mask=mask)
 
 
 @triton.jit
@@ -170,6 +132,63 @@ def maxpool_scatter_kernel(
         tl.store(ptrs, (old + s[None, :]).to(df_ptr.dtype.element_ty), mask=hit)
 
 
+@triton.jit
+def channel_extrema_kernel(
+    f_ptr, out_ptr, stride_b, stride_c, stride_h, stride_w, width, n_pix, n_chan, span,
+    BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, ACC: tl.constexpr,
+):
+    """Per (image, span of rows, channel): max, min and NaN count into out[b, span, 0:3, c]."""
+    chans = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    s = tl.program_id(1)
+    b = tl.program_id(2).to(tl.int64)
+    hi = tl.full((BLOCK_C,), float("-inf"), dtype=ACC)
+    lo = tl.full((BLOCK_C,), float("inf"), dtype=ACC)
+    nans = tl.zeros((BLOCK_C,), dtype=ACC)
+    for n0 in range(s * span, tl.minimum(s * span + span, n_pix), BLOCK_N):
+        rows = n0 + tl.arange(0, BLOCK_N)
+        pix = (rows // width) * stride_h + (rows % width) * stride_w
+        mask = (rows[:, None] < n_pix) & (chans[None, :] < n_chan)
+        x = tl.load(f_ptr + b * stride_b + pix[:, None] + chans[None, :] * stride_c, mask=mask, other=0.0).to(ACC)
+        hi = tl.maximum(hi, tl.max(tl.where(mask, x, float("-inf")), axis=0))
+        lo = tl.minimum(lo, tl.min(tl.where(mask, x, float("inf")), axis=0))
+        nans += tl.sum((mask & (x != x)).to(ACC), axis=0)
+    out = out_ptr + (b * tl.num_programs(1) + s) * 3 * n_chan + chans
+    keep = chans < n_chan
+    tl.store(out, hi, mask=keep)
+    tl.store(out + n_chan, lo, mask=keep)
+    tl.store(out + 2 * n_chan, nans, mask=keep)
+
+
+@triton.jit
+def maxpool_add_kernel(
+    f_ptr, amax_ptr, scale_ptr, ties_ptr, first_ptr, df_ptr,
+    stride_b, stride_c, stride_h, stride_w, df_stride_b, df_stride_c, df_stride_h, df_stride_w,
+    width, n_pix, n_chan,
+    BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, ACC: tl.constexpr,
+):
+    """dF[c, n] += scale_c where F_cn is channel c's max: at the known first position when it is the only one,
+    else wherever F_cn = a_c (F is read for those channels only)."""
+    b = tl.program_id(0).to(tl.int64)
+    rows = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    pix = (rows // width) * stride_h + (rows % width) * stride_w
+    df_pix = (rows // width) * df_stride_h + (rows % width) * df_stride_w
+    for c0 in range(0, n_chan, BLOCK_C):
+        chans = c0 + tl.arange(0, BLOCK_C)
+        keep = chans < n_chan
+        ties = tl.load(ties_ptr + b * n_chan + chans, mask=keep, other=0)
+        first = tl.load(first_ptr + b * n_chan + chans, mask=keep, other=-1)
+        mask = (rows[:, None] < n_pix) & keep[None, :]
+        multi = mask & (ties > 1)[None, :]
+        x = tl.load(f_ptr + b * stride_b + pix[:, None] + chans[None, :] * stride_c, mask=multi, other=0.0)
+        a = tl.load(amax_ptr + b * n_chan + chans, mask=keep, other=0.0)
+        s = tl.load(scale_ptr + b * n_chan + chans, mask=keep, other=0.0)
+        single = mask & (ties == 1)[None, :] & (rows[:, None] == first[None, :])
+        hit = single | (multi & (x.to(ACC) == a.to(ACC)[None, :]))
+        ptrs = df_ptr + b * df_stride_b + df_pix[:, None] + chans[None, :] * df_stride_c
+        old = tl.load(ptrs, mask=hit, other=0.0).to(ACC)
+        tl.store(ptrs, (old + s[None, :]).to(df_ptr.dtype.element_ty), mask=hit)
+
+
 # ----------------------------------------------------------------------------------------------- host
 
 
@@ -196,29 +215,10 @@ class MixedRows:
         self.ties = ties.sum(dim=1) if channel_mix else None
 
 
-def grad_rows(f, rows: MixedRows, other, other_rows: MixedRows, x, y) -> torch.Tensor:
-    """(B, N, C) buffer dÂ = Â·X + B̂·Y (x: (B, C, C), y: (B, C_other, C)), in the accumulation dtype."""
+def chain_backward(f, rows: MixedRows, da_buffer: torch.Tensor) -> torch.Tensor:
+    """dF for one map from the (B, N, C) buffer `da_buffer` = dÂ."""
     B, C, H, W = f.shape
     acc = rows.acc
-    cfg = gemm_config(H * W, max(C, other.shape[1]))
-    da = torch.empty(B, H * W, C, device=f.device, dtype=acc)
-    launch(grad_rows_kernel, (triton.cdiv(C, cfg.block_out), triton.cdiv(H * W, cfg.block_rows), B),
-           dict(f_ptr=f, w_ptr=rows.w, norm_ptr=rows.norm, o_ptr=other, w_o_ptr=other_rows.w,
-                norm_o_ptr=other_rows.norm, x_ptr=x.to(acc).contiguous(), y_ptr=y.to(acc).contiguous(), da_ptr=da,
-                **feature_strides(f), **feature_strides(other, "o_"), n_pix=H * W, n_chan=C,
-                n_chan_o=other.shape[1], eps=rows.eps),
-           dict(BLOCK_N=cfg.block_rows, BLOCK_C=cfg.block_k, BLOCK_D=cfg.block_out, ACC=tl_dtype(acc),
-                PRECISION=dot_precision(acc)), **cfg.options)
-    return da
-
-
-def chain_backward(f, rows: MixedRows, other=None, other_rows: MixedRows | None = None,
-                   x=None, y=None, da_buffer=None) -> torch.Tensor:
-    """dF for one map, from dÂ = Â·X + B̂·Y (x, y: (B, C, C) and (B, C_other, C)) or from `da_buffer`."""
-    B, C, H, W = f.shape
-    acc = rows.acc
-    if da_buffer is None:
-        da_buffer = grad_rows(f, rows, other, other_rows, x, y)
     bn, bc = row_block(H * W), channel_block(C)
     n_blocks = triton.cdiv(H * W, bn)
     df = torch.empty_like(f)
@@ -238,4 +238,39 @@ def chain_backward(f, rows: MixedRows, other=None, other_rows: MixedRows | None 
     return df
 
 
-__all__ = ["MixedRows", "acc_dtype", "chain_backward", "grad_rows"]
+def channel_extrema(f: torch.Tensor, acc: torch.dtype):
+    """(amax, amin, NaN count), each (B, C) in `acc`: one read of the map."""
+    B, C, H, W = f.shape
+    n_pix = H * W
+    bn, bc = row_block(n_pix), channel_block(C)
+    # Spans of 16 row blocks: enough programs to fill a GPU, and partials 3/(16·BLOCK_N) of the map.
+    span = bn * 16
+    n_spans = triton.cdiv(n_pix, span)
+    part = torch.empty(B, n_spans, 3, C, device=f.device, dtype=acc)
+    launch(channel_extrema_kernel, (triton.cdiv(C, bc), n_spans, B),
+           dict(f_ptr=f, out_ptr=part, **feature_strides(f), n_pix=n_pix, n_chan=C, span=span),
+           dict(BLOCK_N=bn, BLOCK_C=bc, ACC=tl_dtype(acc)))
+    if n_spans == 1:
+        return part[:, 0, 0].contiguous(), part[:, 0, 1], part[:, 0, 2]
+    return part[:, :, 0].amax(dim=1), part[:, :, 1].amin(dim=1), part[:, :, 2].sum(dim=1)
+
+
+def mix_weights(amax: torch.Tensor) -> torch.Tensor:
+    """Channel weights w = softmax over channels of the max-pool (B, C)."""
+    return torch.softmax(amax, dim=1).contiguous()
+
+
+def add_maxpool_grad(f, df, amax, w, dw, ties, first) -> None:
+    """dF += the max-pool share of the channel-weight gradient dw (B, C), split equally among the ties."""
+    B, C, H, W = f.shape
+    da = w * (dw - (w * dw).sum(dim=1, keepdim=True))
+    scale = (da / ties.to(da.dtype)).contiguous()
+    bn = row_block(H * W)
+    launch(maxpool_add_kernel, (B, triton.cdiv(H * W, bn)),
+           dict(f_ptr=f, amax_ptr=amax.contiguous(), scale_ptr=scale, ties_ptr=ties.to(torch.int32).contiguous(),
+                first_ptr=first.to(torch.int32).contiguous(), df_ptr=df, **feature_strides(f),
+                **feature_strides(df, "df_", width=False), n_pix=H * W, n_chan=C),
+           dict(BLOCK_N=bn, BLOCK_C=channel_block(C), ACC=tl_dtype(amax.dtype)))
+
+
+__all__ = ["MixedRows", "acc_dtype", "add_maxpool_grad", "chain_backward", "channel_extrema", "mix_weights"]

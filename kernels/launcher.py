@@ -112,31 +112,55 @@ def row_block(pixels: int) -> int:
 class TileConfig(NamedTuple):
     """Tiles and launch options of one kernel launch; `launch(..., **cfg.options)` applies the options."""
 
-    block_rows: int     # pixels per program (BLOCK_N / BLOCK_I; also BLOCK_J for the N×N walks)
-    block_k: int        # channel tile a dot reduces over (BLOCK_C)
-    block_out: int      # channel tile a program writes (BLOCK_D / the Gram's C-tile)
+    block_rows: int     # pixels per program step (BLOCK_N / BLOCK_I; also BLOCK_J for the N×N walks)
+    block_k: int        # channel tile a dot (or a norm) reduces over (BLOCK_K / BLOCK_C)
+    block_out: int      # channel tile a program writes (the Gram's C-tile, the walks' BLOCK_D)
     num_warps: int
     num_stages: int
+    span: int = 0       # rows one program walks (the Gram backward), a multiple of block_rows
 
     @property
     def options(self) -> dict:
         return {"num_warps": self.num_warps, "num_stages": self.num_stages}
 
 
-def gemm_config(pixels: int, channels: int) -> TileConfig:
-    """The N-reduction Gram and the dÂ assembly: a (64 pixels × 64 channels) fp32 accumulator.
+def gram_forward_config(pixels: int, channels: int) -> TileConfig:
+    """The fused Gram forward: a (64 × 64) fp32 tile of the concatenated Gram per program, 32 pixels a step.
 
-    GPU: 8 warps, 1 stage (2 stages spilled 8 B on sm_80 for bf16 maps). The 64×64 fp32 accumulator
-    and the tf32x3 hi/lo operand splits take 160-255 registers a thread, so one 8-warp CTA runs per SM
-    (16 warps of 64): enough to keep the MMA pipes busy, as the wgmma/HMMA pipeline, not latency hiding
-    across CTAs, bounds this loop. 4 warps spilled (255 registers + 70-560 B); a 64-wide reduction tile in
-    the dÂ assembly made sm_80's ptxas spill 10 KB, so that reduces over 32-channel tiles. Channel counts
-    ≤ 32 (Mobile U-Net's 24) take 32-wide output tiles so no dot is mostly padding.
+    GPU, C > 32: 8 warps, 1 stage. The 64×64 fp32 accumulator, the tf32x3 hi/lo operand splits and the
+    row-norm loop take 208-255 registers a thread, so one 8-warp CTA runs per SM (16 of 64 warps): the
+    wgmma/HMMA pipeline, not latency hiding across CTAs, bounds the loop. 64 pixels a step spilled 3.3 KB on
+    sm_80 once the norms and tie counts joined the loop. C ≤ 32 (Mobile U-Net's 24): 32-wide tiles, so no
+    dot is mostly padding, and 4 warps (128-166 registers, 3-4 CTAs per SM); with 8 warps ptxas held them
+    to 128 registers and spilled 28-64 B on sm_90. The row norms are summed over 32-channel tiles (a
+    (32,) accumulator). In the interpreter: big tiles (fewer Python-level loop trips).
     """
     if not GPU_CONFIG:
-        return TileConfig(row_block(pixels), max(16, min(256, next_pow2(channels))),
-                          max(16, min(256, next_pow2(channels))), 4, 1)
-    return TileConfig(row_block(pixels), 32, 32 if channels <= 32 else 64, 8, 1)
+        c = max(16, min(256, next_pow2(channels)))
+        return TileConfig(row_block(pixels), c, c, 4, 1)
+    if channels <= 32:
+        return TileConfig(32, 32, 32, 4, 1)
+    return TileConfig(32, 32, 64, 8, 1)
+
+
+def gram_backward_config(pixels: int, channels: int) -> TileConfig:
+    """The fused Gram backward: a dÂ row block (BLOCK_N × block_out channels) in registers per step.
+
+    block_out = next_pow2(C) up to 256, so the whole row block is held and dÂ is one GEMM; wider maps take
+    128-wide output tiles and two sweeps (gram.py: TWO_PASS; 256-wide ones reached 255 registers and spilled
+    4-12 B for bf16 maps at C = 512). GPU: the block holds 4,096 fp32 values (64
+    rows at C ≤ 64, 32 at 128, 16 at 256), 16 a thread at 8 warps, beside F and Â of the same block in the
+    epilogue: 170-245 registers, no spills on sm_80 / sm_90, so one 8-warp CTA per SM. 8,192 values (32
+    rows at 256) reached 255 registers and spilled 16-80 B; 16 warps cap a thread at 128 registers and
+    spilled at 512 channels. K tiles of 16 channels above C = 64 keep the tf32x3 operand splits small. One
+    program walks 1,024 rows, so its dw partial and its re-reads of the C×C operand are 1/1,024 of the map.
+    """
+    cp = max(16, min(256, next_pow2(channels)))
+    if not GPU_CONFIG:
+        rows = max(16, min(1024, next_pow2(pixels), (1 << 18) // cp))
+        return TileConfig(rows, cp, cp, 4, 1, span=rows)
+    rows = max(16, min(64, 4096 // cp))
+    return TileConfig(rows, 32 if cp <= 64 else 16, cp, 8, 1, span=rows * max(1, 1024 // rows))
 
 
 def tile_walk_config(pixels: int, channels: int) -> TileConfig:

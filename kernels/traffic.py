@@ -203,47 +203,94 @@ def map_bytes(*maps: torch.Tensor) -> int:
     return sum(m.numel() * m.element_size() for m in maps)
 
 
+PATHS = ("triton", "tiled", "pixel_relation")  # "gram" is accepted for "triton" (its old name here)
+
+
 def path_traffic(path: str, c1: int, c2: int, side: int = 32, dtype=torch.float32, mix: bool = True) -> dict:
     """Forward and backward traffic of one kernel path on (1, C, side, side) maps, in bytes and as multiples
-    of the minimum: each map read once forward; read once and its gradient written once backward."""
+    of the minimum: each map read once forward; read once and its gradient written once backward.
+
+    For the N×N walks (tiled, pixel_relation) a second minimum is set by the walk itself: a program owns a
+    block of BLOCK_I rows and must stream the other side's rows (both maps, all channels) past it, so
+
+        walk minimum, forward  = ⌈N/BLOCK_I⌉ · (|F₁| + |F₂|)
+        walk minimum, backward = Σ over maps s with a gradient of ⌈C_s/BLOCK_D⌉ · ⌈N/BLOCK_I⌉ · (|F₁| + |F₂|)
+                                 + |dF_s|      (one program per output-channel tile BLOCK_D as well)
+
+    bytes the kernels must *issue* (from L2 when the grid keeps a row block's programs together); their
+    issued bytes are reported against it (`walk_multiple`). For the Gram path it is the plain minimum."""
     from .gram import gram_stats
-    from .pixel_relation import pixel_relation_rows
+    from .launcher import tile_walk_config
+    from .pixel_relation import pixel_tiles, pixel_relation_rows
     from .tiled import tiled_stats
 
+    path = "triton" if path == "gram" else path
     torch.manual_seed(0)
     f1 = torch.randn(1, c1, side, side, dtype=dtype, requires_grad=True)
     f2 = torch.randn(1, c2, side, side, dtype=dtype, requires_grad=True)
+    n_pix = side * side
     if path == "pixel_relation":  # the teacher (f1) is a constant: no gradient, so no dF₁ to write
         run = lambda: pixel_relation_rows(f1.detach(), f2, 1.0, mix)  # noqa: E731
         grads = map_bytes(f2)
+        blocks = -(-n_pix // pixel_tiles(n_pix))
+        walk_fwd = blocks * map_bytes(f1, f2)
+        walk_bwd = -(-c2 // tile_walk_config(n_pix, c2).block_out) * blocks * map_bytes(f1, f2) + grads
     else:
-        stats = {"gram": gram_stats, "tiled": tiled_stats}[path]
+        stats = {"triton": gram_stats, "tiled": tiled_stats}[path]
         run = lambda: sum(s.sum() for s in stats(f1, f2, mix))  # noqa: E731
         grads = map_bytes(f1, f2)
+        blocks = -(-n_pix // tile_walk_config(n_pix, max(c1, c2)).block_rows)
+        walk_fwd = blocks * map_bytes(f1, f2)
+        walk_bwd = sum(-(-c // tile_walk_config(n_pix, c).block_out) for c in (c1, c2)) * blocks * map_bytes(f1, f2)
+        walk_bwd += grads
     holder = {}
     fwd = count_traffic(lambda: holder.setdefault("out", run()))
     bwd = count_traffic(lambda: holder["out"].sum().backward())
     minimum_fwd = map_bytes(f1, f2)
     minimum_bwd = map_bytes(f1, f2) + grads
-    if path == "pixel_relation":
-        minimum_bwd = map_bytes(f1, f2) + grads
+    if path == "triton":
+        walk_fwd, walk_bwd = minimum_fwd, minimum_bwd
     return {
-        "path": path, "c1": c1, "c2": c2, "n_pix": side * side, "dtype": str(dtype).removeprefix("torch."),
+        "path": path, "c1": c1, "c2": c2, "n_pix": n_pix, "dtype": str(dtype).removeprefix("torch."),
         "forward": fwd, "backward": bwd, "minimum_forward": minimum_fwd, "minimum_backward": minimum_bwd,
         "dram_multiple": (fwd.dram_bytes + bwd.dram_bytes) / (minimum_fwd + minimum_bwd),
         "issued_multiple": (fwd.issued_bytes + bwd.issued_bytes) / (minimum_fwd + minimum_bwd),
         "dram_multiple_forward": fwd.dram_bytes / minimum_fwd,
         "dram_multiple_backward": bwd.dram_bytes / minimum_bwd,
+        "walk_minimum_forward": walk_fwd, "walk_minimum_backward": walk_bwd,
+        "walk_multiple": (fwd.issued_bytes + bwd.issued_bytes) / (walk_fwd + walk_bwd),
     }
 
 
+def fitted_traffic(path: str, c1: int, c2: int, sides=(32, 48), n_pix: int = 65_536, **kwargs) -> dict:
+    """DRAM multiples at `n_pix` pixels per image from counts at two sizes, each phase's bytes fitted as
+    a + b·N: C×C partial sums and per-launch vectors are a fixed cost per image, which weighs as much as
+    the maps at N = 1,024 and C = 256 but not at a production N (65,536 at 1024² patches)."""
+    small, big = (path_traffic(path, c1, c2, side=s, **kwargs) for s in sides)
+    na, nb = small["n_pix"], big["n_pix"]
+    out = {"path": small["path"], "c1": c1, "c2": c2, "n_pix": n_pix, "dtype": small["dtype"], "fitted": sides}
+    total, total_min = 0.0, 0.0
+    for phase in ("forward", "backward"):
+        ya, yb = small[phase].dram_bytes, big[phase].dram_bytes
+        at = ya + (yb - ya) / (nb - na) * (n_pix - na)
+        minimum = small[f"minimum_{phase}"] * n_pix / na
+        out[f"dram_multiple_{phase}"] = at / minimum
+        total, total_min = total + at, total_min + minimum
+    out["dram_multiple"] = total / total_min
+    return out
+
+
 def format_table(results: list[dict]) -> str:
-    lines = ["| path | C₁/C₂ | N | dtype | fwd DRAM ×min | bwd DRAM ×min | fwd+bwd DRAM ×min | fwd+bwd issued ×min |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = ["| path | C₁/C₂ | N | dtype | fwd DRAM ×min | bwd DRAM ×min | fwd+bwd DRAM ×min | fwd+bwd issued ×min "
+             "| issued ×walk min |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for r in results:
-        lines.append(f"| {r['path']} | {r['c1']}/{r['c2']} | {r['n_pix']} | {r['dtype']} | "
+        n = f"{r['n_pix']:,}" + (f" (fit of {'²,'.join(map(str, r['fitted']))}²)" if "fitted" in r else "")
+        issued = f"{r['issued_multiple']:.2f}" if "issued_multiple" in r else "-"
+        walk = f"{r['walk_multiple']:.2f}" if r.get("path") != "triton" and "walk_multiple" in r else "-"
+        lines.append(f"| {r['path']} | {r['c1']}/{r['c2']} | {n} | {r['dtype']} | "
                      f"{r['dram_multiple_forward']:.2f} | {r['dram_multiple_backward']:.2f} | "
-                     f"{r['dram_multiple']:.2f} | {r['issued_multiple']:.2f} |")
+                     f"{r['dram_multiple']:.2f} | {issued} | {walk} |")
     return "\n".join(lines)
 
 
@@ -260,9 +307,10 @@ def format_kernels(result: dict) -> str:
 if __name__ == "__main__":
     with contextlib.suppress(Exception):
         torch.set_num_threads(1)
-    results = [path_traffic("gram", c, c) for c in (24, 256)]
-    results += [path_traffic("tiled", c, c, side=16) for c in (24, 256)]
-    results += [path_traffic("pixel_relation", 256, 24, side=16)]
-    print(format_table(results))
-    for r in results:
+    results = [path_traffic("triton", c1, c2) for c1, c2 in ((24, 24), (256, 256), (256, 24))]
+    fitted = [fitted_traffic("triton", c1, c2) for c1, c2 in ((24, 24), (256, 256), (256, 24))]
+    walks = [path_traffic("tiled", c, c, side=16) for c in (24, 256)]
+    walks += [path_traffic("pixel_relation", 256, 24, side=16)]
+    print(format_table(results + fitted + walks))
+    for r in results + walks:
         print(format_kernels(r))

@@ -23,10 +23,11 @@ from cocofast.kernels.gpu_compile import (
 )
 
 FAST_PAIRS = ((24, 24), (256, 256), (256, 24))
-KERNELS = {"row_norm_kernel", "gram_partial_kernel", "grad_rows_kernel", "chain_backward_kernel",
-           "maxpool_scatter_kernel", "tiled_forward_kernel", "tiled_backward_kernel",
+KERNELS = {"row_norm_kernel", "channel_extrema_kernel", "gram_forward_kernel", "gram_backward_kernel",
+           "maxpool_add_kernel", "chain_backward_kernel", "maxpool_scatter_kernel", "tiled_forward_kernel",
+           "tiled_backward_kernel",
            "pixel_relation_forward_kernel", "pixel_relation_backward_kernel"}
-DOT_KERNELS = {"gram_partial_kernel", "grad_rows_kernel", "tiled_forward_kernel", "tiled_backward_kernel",
+DOT_KERNELS = {"gram_forward_kernel", "gram_backward_kernel", "tiled_forward_kernel", "tiled_backward_kernel",
                "pixel_relation_forward_kernel", "pixel_relation_backward_kernel"}
 
 
@@ -39,9 +40,8 @@ def test_every_kernel_compiles_for_every_arch_at_both_tile_classes(compiled):
     seen = {(row["kernel"], row["arch"]) for row in compiled}
     assert seen == {(k, f"sm_{a}") for k in KERNELS for a in ARCHS}
     # Both channel classes (≤ 32 and the 64-wide tiles C = 256 uses) reach the GEMM kernels on each arch.
-    for kernel in ("gram_partial_kernel", "grad_rows_kernel"):
-        widths = {(r["arch"], r["constexprs"].get("BLOCK_D", r["constexprs"].get("BLOCK_C"))) for r in compiled
-                  if r["kernel"] == kernel}
+    for kernel, key in (("gram_forward_kernel", "BLOCK_C"), ("gram_backward_kernel", "CP1")):
+        widths = {(r["arch"], r["constexprs"][key]) for r in compiled if r["kernel"] == kernel}
         assert {a for a, _ in widths} == {f"sm_{a}" for a in ARCHS} and len(widths) >= 2, (kernel, widths)
 
 

@@ -34,8 +34,11 @@ def largest_safe_magnitude(channels: int, acc: torch.dtype) -> float:
     return math.sqrt(torch.finfo(acc).max / channels)
 
 
-def check_map(fn: str, name: str, t) -> None:
-    """`t` is a non-empty floating (B, C, H, W) tensor whose row norms are finite in the accumulation dtype."""
+def check_map(fn: str, name: str, t, values: bool = True) -> None:
+    """`t` is a non-empty floating (B, C, H, W) tensor whose row norms are finite in the accumulation dtype.
+
+    With values=False only the type, shape and dtype are checked: a caller whose kernels find the extrema
+    in a pass they make anyway hands them to `check_extrema` (no extra read of the map)."""
     if not isinstance(t, torch.Tensor):
         raise ValueError(f"{fn}: `{name}` must be a torch.Tensor of shape (B, C, H, W), got {type(t).__name__}")
     if t.dim() != 4:
@@ -45,9 +48,15 @@ def check_map(fn: str, name: str, t) -> None:
                          f"(shape {shape_str(t)})")
     if t.numel() == 0:
         raise ValueError(f"{fn}: `{name}` is empty, shape {shape_str(t)}")
-    # One pass, no input-sized temporary: NaN propagates into both ends, ±Inf into one.
-    lo, hi = (v.item() for v in torch.aminmax(t.detach()))
-    if math.isnan(lo) or math.isnan(hi):
+    if values:
+        # One pass, no input-sized temporary: NaN propagates into both ends, ±Inf into one.
+        lo, hi = (v.item() for v in torch.aminmax(t.detach()))
+        check_extrema(fn, name, t, lo, hi, math.isnan(lo) or math.isnan(hi))
+
+
+def check_extrema(fn: str, name: str, t: torch.Tensor, lo: float, hi: float, has_nan: bool) -> None:
+    """The value part of check_map, from the map's minimum, maximum and whether it holds a NaN."""
+    if has_nan:
         raise ValueError(f"{fn}: `{name}` (shape {shape_str(t)}) contains NaN")
     if math.isinf(lo) or math.isinf(hi):
         raise ValueError(f"{fn}: `{name}` (shape {shape_str(t)}) contains Inf")
@@ -60,10 +69,20 @@ def check_map(fn: str, name: str, t) -> None:
             f"{limit:.3g} for C={t.shape[1]} channels; rescale the features")
 
 
-def check_pair(fn: str, names: tuple[str, str], a: torch.Tensor, b: torch.Tensor) -> None:
+def extrema_check(fn: str, names: tuple[str, str], a: torch.Tensor, b: torch.Tensor):
+    """A callback for kernels that find per-channel extrema themselves: check(f, amin, amax, nans), each a
+    (B, C) tensor, raises as check_map would for whichever of `a`, `b` is `f`."""
+    def check(f, amin, amax, nans):
+        lo, hi, n_nan = torch.stack([amin.min(), amax.max(), nans.sum().to(amin.dtype)]).tolist()
+        check_extrema(fn, names[0] if f is a else names[1], f, lo, hi, n_nan > 0 or math.isnan(lo + hi))
+
+    return check
+
+
+def check_pair(fn: str, names: tuple[str, str], a: torch.Tensor, b: torch.Tensor, values: bool = True) -> None:
     """Two maps of one op: each valid, with equal batch, equal pixel count H·W, on one device."""
-    check_map(fn, names[0], a)
-    check_map(fn, names[1], b)
+    check_map(fn, names[0], a, values)
+    check_map(fn, names[1], b, values)
     if a.shape[0] != b.shape[0]:
         raise ValueError(f"{fn}: `{names[0]}` and `{names[1]}` have different batch sizes: shapes {shape_str(a)} "
                          f"and {shape_str(b)}")
@@ -105,5 +124,5 @@ def check_naive_fits(fn: str, *, batch: int, n_pix: int, matrices: int, element_
 
 
 __all__ = ["FLOAT_DTYPES", "NaiveTooLargeError", "accumulation_dtype", "available_host_memory",
-           "available_memory", "check_map", "check_naive_fits", "check_pair", "largest_safe_magnitude",
+           "available_memory", "check_extrema", "check_map", "extrema_check", "check_naive_fits", "check_pair", "largest_safe_magnitude",
            "shape_str"]

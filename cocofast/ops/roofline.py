@@ -77,12 +77,12 @@ def gram_torch_steps(batch: int, n_pix: int, c1: int, c2: int, element_bytes: in
             gram_torch_traffic(batch, n_pix, c1, c2, element_bytes)]
 
 
-# Passes over both N×C maps of the fused kernels, as cocofast.kernels.traffic counts them (DRAM model, GPU
-# tiles, kernels at 2ea08f8): at N = 1,024 forward 6.8 (C = 24) to 9.3 (C = 64), backward 3.7 × (maps +
-# gradients); fitted over N = 1,024 and 4,096 and taken to N = 65,536, 13.5 to 15 passes forward and backward
-# together for C = 24 to 256. bench/bench_roofline.py recounts them at every run.
-TRITON_FORWARD_PASSES = 8
-TRITON_BACKWARD_PASSES = 6
+# Passes over both N×C maps of the fused kernels, as cocofast.kernels.traffic counts them (DRAM model, each
+# byte once per launch), fitted as a + b·N over N = 1,024 and 2,304 and taken to N = 65,536 (C = 24 to
+# 256): forward 2.02-2.04 (the channel max, then one Gram pass), backward 1.01-1.02 × (maps + gradients),
+# i.e. one read of each map and one write of its gradient. bench/bench_roofline.py recounts them at every run.
+TRITON_FORWARD_PASSES = 2.04
+TRITON_BACKWARD_PASSES = 1.04  # reads of the maps; the gradient write is the + 1 below
 GRAM_TILE = 64  # the kernels' channel tile: the symmetric Grams compute the upper tile pairs only
 
 
