@@ -251,7 +251,7 @@ def format_table(rows: list[dict]) -> str:
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         tiles = ",".join(f"{k.removeprefix('BLOCK_')}={v}" for k, v in r["constexprs"].items()
-                         if k.startswith("BLOCK") or k in ("FUSED", "FROM_BUFFER"))
+                         if k.startswith("BLOCK") or k in ("CP1", "CP2", "SPLITS"))
         lines.append(f"| {r['kernel']} | {r['arch']} | {r['dtype'].lstrip('*')} | {tiles} | "
                      f"{r['options']['num_warps']}/{r['options']['num_stages']} | {r['registers']} | "
                      f"{r['spill_stores']}/{r['spill_loads']} | {r['stack']} | {r['shared_bytes']} | "
