@@ -148,19 +148,19 @@ def gram_backward_config(pixels: int, channels: int) -> TileConfig:
 
     block_out = next_pow2(C) up to 256, so the whole row block is held and dÂ is one GEMM; wider maps take
     128-wide output tiles and two sweeps (gram.py: TWO_PASS; 256-wide ones reached 255 registers and spilled
-    4-12 B for bf16 maps at C = 512). GPU: the block holds 4,096 fp32 values (64
-    rows at C ≤ 64, 32 at 128, 16 at 256), 16 a thread at 8 warps, beside F and Â of the same block in the
-    epilogue: 170-245 registers, no spills on sm_80 / sm_90, so one 8-warp CTA per SM. 8,192 values (32
-    rows at 256) reached 255 registers and spilled 16-80 B; 16 warps cap a thread at 128 registers and
-    spilled at 512 channels. K tiles of 16 channels above C = 64 keep the tf32x3 operand splits small. One
-    program walks 1,024 rows, so its dw partial and its re-reads of the C×C operand are 1/1,024 of the map.
+    4-12 B for bf16 maps at C = 512). GPU, 8 warps: 64 rows at C ≤ 32, 32 at 64 and 128, 16 at 256 (2,048
+    to 4,096 fp32 values, 8-16 a thread, beside F and Â of the same block in the epilogue): 165-255
+    registers, no spills on sm_80 / sm_90, so one 8-warp CTA per SM. 64 rows at C = 64 spilled 44-396 B on
+    sm_80, 32 rows at 256 16-80 B; 16 warps cap a thread at 128 registers and spilled at 512 channels. K
+    tiles of 16 channels above C = 32 keep the tf32x3 operand splits small. One program walks 1,024 rows,
+    so its dw partial and its re-reads of the C×C operand are 1/1,024 of the map.
     """
     cp = max(16, min(256, next_pow2(channels)))
     if not GPU_CONFIG:
         rows = max(16, min(1024, next_pow2(pixels), (1 << 18) // cp))
         return TileConfig(rows, cp, cp, 4, 1, span=rows)
-    rows = max(16, min(64, 4096 // cp))
-    return TileConfig(rows, 32 if cp <= 64 else 16, cp, 8, 1, span=rows * max(1, 1024 // rows))
+    rows = {16: 64, 32: 64, 64: 32, 128: 32}.get(cp, 16)
+    return TileConfig(rows, 32 if cp <= 32 else 16, cp, 8, 1, span=rows * max(1, 1024 // rows))
 
 
 def tile_walk_config(pixels: int, channels: int) -> TileConfig:
