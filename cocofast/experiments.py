@@ -712,7 +712,8 @@ def markdown(name: str, records: list[dict], command: str, config: Path, seconds
                   "Δ = the row's test mIoU minus its reference's at the same seed (which draws the same data "
                   "order, augmentation and initialisation streams). Sign test: two-sided exact binomial over the "
                   "non-zero Δ; paired t-test: t = mean Δ / (sd Δ / √n), n - 1 degrees of freedom "
-                  "(cocofast/experiment_stats.py). With 5 seeds the sign test cannot go below p = 0.0625.", "",
+                  f"(cocofast/experiment_stats.py). With {len(seeds)} seeds the sign test cannot go below "
+                  f"p = {format_p(min(1.0, 2 / 2 ** len(seeds)))}.", "",
                   "| method | against | Δ mIoU per seed | mean Δ ± sd | better in | sign test p | paired t | t-test p |",
                   "|---|---|---|---:|---:|---:|---:|---:|"]
         for t in tests:

@@ -193,13 +193,16 @@ class FakeRunner:
 
     def __init__(self, score, fail=()):
         self.config, self.extra, self.dry_run = experiments.DEFAULT_CONFIG, [], False
-        self.score, self.fail, self.trained = score, set(fail), []
+        self.score, self.fail, self.trained, self.prefetched = score, set(fail), [], []
 
     def row(self, row, seed):
         self.trained.append((row.id, seed))
         if row.id in self.fail:
             raise experiments.RunFailed(f"{row.id} diverged")
         return {}
+
+    def prefetch(self, pairs):
+        self.prefetched.append([(row.id, seed) for row, seed in pairs])
 
     def val_miou(self, row, seed):
         return self.score(row)
@@ -226,6 +229,8 @@ def test_the_search_picks_the_best_validation_point_axis_by_axis():
     # 4 weights, then 3 new temperatures at weight x0.1 (T = 4 there was already run); all at the tuning seed.
     assert len(fake.trained) == result.runs == experiments.tuning_runs(kd) == 7
     assert {seed for _, seed in fake.trained} == {100}
+    # Each axis's grid is handed to the runner at once, so --jobs can train its points side by side.
+    assert [len(points) for points in fake.prefetched] == [4, 4]
     assert "weight ×0.1" in result.setting() and "kd T 0.4" in result.setting()
 
 
