@@ -562,16 +562,17 @@ def format_plan(names: list[str], seeds: list[int], run_seconds: float | None, j
 
 
 # --- reporting -------------------------------------------------------------------------------------------
+def teacher_record(table: str, scores: dict, row_id: str, seed: int, settings: str) -> dict:
+    """One record of the teacher's own scores, in the columns every student record has."""
+    return {"table": table, "row": "teacher", "id": row_id, "network": scores["model"], "seed": seed,
+            "acc": scores["acc"], "miou": scores["miou"], "mdice": scores["mdice"], "val_miou": math.nan,
+            "critic": math.nan, "params": scores["params"], "gmacs": _gmacs(scores), "setting": "all labels",
+            "reference": "", "settings": settings}
+
+
 def teacher_records(name: str, runner: Runner, seeds: list[int]) -> list[dict]:
-    records = []
-    for seed in seeds:
-        t = runner.teacher_scores(seed)
-        if t:
-            records.append({"table": name, "row": "teacher", "id": "teacher_seed", "network": t["model"],
-                            "seed": seed, "acc": t["acc"], "miou": t["miou"], "mdice": t["mdice"],
-                            "val_miou": math.nan, "critic": math.nan, "params": t["params"], "gmacs": _gmacs(t),
-                            "setting": "all labels", "reference": "", "settings": f"--seed={seed}"})
-    return records
+    scored = ((seed, runner.teacher_scores(seed)) for seed in seeds)
+    return [teacher_record(name, t, "teacher_seed", seed, f"--seed={seed}") for seed, t in scored if t]
 
 
 def run_table(name: str, runner: Runner, seeds: list[int], tune_seed: int | None = None,
@@ -612,11 +613,7 @@ def run_table(name: str, runner: Runner, seeds: list[int], tune_seed: int | None
                             "reference": reference.label if reference is not None else "",
                             "settings": " ".join(used.args()[1:])})
             if TEACHER in rows and "teacher" in scores and not any(r["row"] == "teacher" for r in records):
-                t = scores["teacher"]
-                records.insert(0, {"table": name, "row": "teacher", "id": "teacher", "network": t["model"],
-                                   "seed": 0, "acc": t["acc"], "miou": t["miou"], "mdice": t["mdice"],
-                                   "val_miou": math.nan, "critic": math.nan, "params": t["params"], "gmacs": _gmacs(t),
-                                   "setting": "all labels", "reference": "", "settings": "trained once"})
+                records.insert(0, teacher_record(name, scores["teacher"], "teacher", 0, "trained once"))
     return records, searches
 
 

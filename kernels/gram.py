@@ -204,6 +204,22 @@ def grad_rows_tile(fs_b, ws_b, ss_c, ss_h, ss_w, wid_s, n_chan_s, off_s, coef_s,
 
 
 @triton.jit
+def grad_tile_with_map(fs_b, ws_b, ss_c, ss_h, ss_w, wid_s, n_chan_s, off_s, coef_s,
+                       fo_b, wo_b, so_c, so_h, so_w, wid_o, n_chan_o, off_o, coef_o,
+                       g_b, ct, rows, pix, keep, cs, inv_s, inv_o, n_pix,
+                       BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, CP: tl.constexpr,
+                       ACC: tl.constexpr, PRECISION: tl.constexpr):
+    """dÂ's tile at rows × cs, with the map's values and channel weights there: what both sweeps need."""
+    acc = grad_rows_tile(fs_b, ws_b, ss_c, ss_h, ss_w, wid_s, n_chan_s, off_s, coef_s,
+                         fo_b, wo_b, so_c, so_h, so_w, wid_o, n_chan_o, off_o, coef_o,
+                         g_b, ct, rows, cs, inv_s, inv_o, n_pix, BLOCK_N, BLOCK_K, CP, ACC, PRECISION)
+    mask = keep[:, None] & (cs[None, :] < n_chan_s)
+    x = tl.load(fs_b + pix[:, None] + cs[None, :] * ss_c, mask=mask, other=0.0).to(ACC)
+    w = tl.load(ws_b + cs, mask=cs < n_chan_s, other=0.0).to(ACC)
+    return acc, x, w, mask
+
+
+@triton.jit
 def grad_map(fs_b, ws_b, ns_b, ss_c, ss_h, ss_w, wid_s, n_chan_s, off_s, coef_s,
              fo_b, wo_b, no_b, so_c, so_h, so_w, wid_o, n_chan_o, off_o, coef_o,
              df_b, d_c, d_h, d_w, dw_b, g_b, ct, start, stop, n_pix, eps,
@@ -227,23 +243,19 @@ def grad_map(fs_b, ws_b, ns_b, ss_c, ss_h, ss_w, wid_s, n_chan_s, off_s, coef_s,
         t = tl.zeros((BLOCK_N,), dtype=ACC)
         if TWO_PASS:
             for c0 in range(0, n_chan_s, CP):
-                cs = c0 + tl.arange(0, CP)
-                acc = grad_rows_tile(fs_b, ws_b, ss_c, ss_h, ss_w, wid_s, n_chan_s, off_s, coef_s,
-                                     fo_b, wo_b, so_c, so_h, so_w, wid_o, n_chan_o, off_o, coef_o,
-                                     g_b, ct, rows, cs, inv_s, inv_o, n_pix, BLOCK_N, BLOCK_K, CP, ACC, PRECISION)
-                mask = keep[:, None] & (cs[None, :] < n_chan_s)
-                x = tl.load(fs_b + pix[:, None] + cs[None, :] * ss_c, mask=mask, other=0.0).to(ACC)
-                w = tl.load(ws_b + cs, mask=cs < n_chan_s, other=0.0).to(ACC)
+                acc, x, w, mask = grad_tile_with_map(
+                    fs_b, ws_b, ss_c, ss_h, ss_w, wid_s, n_chan_s, off_s, coef_s,
+                    fo_b, wo_b, so_c, so_h, so_w, wid_o, n_chan_o, off_o, coef_o,
+                    g_b, ct, rows, pix, keep, c0 + tl.arange(0, CP), inv_s, inv_o, n_pix,
+                    BLOCK_N, BLOCK_K, CP, ACC, PRECISION)
                 t += tl.sum(acc * (x * w[None, :] * inv_s[:, None]), axis=1)
         for c0 in range(0, n_chan_s, CP):
             cs = c0 + tl.arange(0, CP)
-            acc = grad_rows_tile(fs_b, ws_b, ss_c, ss_h, ss_w, wid_s, n_chan_s, off_s, coef_s,
-                                 fo_b, wo_b, so_c, so_h, so_w, wid_o, n_chan_o, off_o, coef_o,
-                                 g_b, ct, rows, cs, inv_s, inv_o, n_pix, BLOCK_N, BLOCK_K, CP, ACC, PRECISION)
+            acc, x, w, mask = grad_tile_with_map(
+                fs_b, ws_b, ss_c, ss_h, ss_w, wid_s, n_chan_s, off_s, coef_s,
+                fo_b, wo_b, so_c, so_h, so_w, wid_o, n_chan_o, off_o, coef_o,
+                g_b, ct, rows, pix, keep, cs, inv_s, inv_o, n_pix, BLOCK_N, BLOCK_K, CP, ACC, PRECISION)
             # Through the normalisation and the channel weights, the row block's tile in registers.
-            mask = keep[:, None] & (cs[None, :] < n_chan_s)
-            x = tl.load(fs_b + pix[:, None] + cs[None, :] * ss_c, mask=mask, other=0.0).to(ACC)
-            w = tl.load(ws_b + cs, mask=cs < n_chan_s, other=0.0).to(ACC)
             ahat = x * w[None, :] * inv_s[:, None]
             if not TWO_PASS:
                 t = tl.sum(acc * ahat, axis=1)
