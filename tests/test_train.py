@@ -211,6 +211,18 @@ def test_full_run_writes_everything_a_person_reads(full_run):
     create_model(spec["model_name"], **spec["model_kwargs"]).load_state_dict(spec["state_dict"])
 
 
+def test_curves_are_redrawn_at_most_every_curves_every_s_and_after_the_last_epoch(tmp_path, monkeypatch):
+    from cocofast.train import report
+    drawn = []
+    monkeypatch.setattr(report, "plot_curves", lambda history, path, title: drawn.append(len(history)))
+    assert run(tmp_path / "rare", "--stage=teacher", "--teacher_epochs=3", "--curves_every_s=1e9") == 0
+    assert drawn == [1, 3]  # the first epoch (nothing drawn yet) and the last
+    assert len(summary_rows(tmp_path / "rare" / "teacher" / "summary.csv")) == 3  # the CSV after every epoch
+    drawn.clear()
+    assert run(tmp_path / "every", "--stage=teacher", "--teacher_epochs=3", "--curves_every_s=0") == 0
+    assert drawn == [1, 2, 3]
+
+
 def test_resume_after_kills_mid_epoch_is_bit_identical(full_run, tmp_path):
     # tiny.yaml: 4 iterations per epoch, last.pt every 2. Kill 1 lands in the teacher's first epoch after
     # iteration 3 (resume from 2); kill 2 in the student's second epoch after iteration 7 (resume from 6).

@@ -59,6 +59,8 @@ class TrainConfig:
     paraphraser_checkpoint: str = _f("", "run", "paraphraser weights (empty: run_dir/paraphraser/best.pt)")
     device: str = _f("auto", "run", "'auto' (cuda:LOCAL_RANK when available, else cpu), 'cpu' or 'cuda'")
     progress: bool = _f(True, "run", "tqdm bar per epoch on rank 0")
+    curves_every_s: float = _f(30.0, "run", "redraw curves.png at most every this many seconds (0: every "
+                                            "epoch); always after the last epoch")
     num_workers: int = _f(2, "run", "DataLoader worker processes per rank")
     save_every_iters: int = _f(500, "run", "also write last.pt every N iterations inside an epoch (0: epoch ends only)")
     stop_after_iters: int = _f(0, "run", "debugging: stop abruptly, without saving, after N iterations "

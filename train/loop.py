@@ -10,8 +10,9 @@ evaluation); `run_stage` does the rest the same way for the teacher, the paraphr
   crash between the two leaves a last.pt that redoes the epoch, never a finished one beside an older best.pt;
 - `config.yaml` rewritten after every `last.pt`, so it always describes the checkpoint beside it (a failed
   --overwrite leaves both as they were);
-- `summary.csv`, `curves.png` and `overlays_*.png` in the stage's folder (rank 0 only), redrawn from the
-  checkpoints when a finished stage is skipped on resume.
+- `summary.csv` after every epoch, `curves.png` at most every `curves_every_s` and after the last epoch, and
+  `overlays_*.png`, in the stage's folder (rank 0 only); all redrawn from the checkpoints when a finished
+  stage is skipped on resume.
 """
 from __future__ import annotations
 
@@ -91,6 +92,7 @@ def run_stage(stage: Stage, cfg: TrainConfig, rt: Runtime, loader, sampler: Resu
     history: list[dict] = []
     meters: dict[str, list[float]] = {}
     best_score, best_epoch, run_id = None, None, uuid.uuid4().hex
+    curves_drawn_at = -math.inf
     # Outputs of the run an --overwrite replaces; removed once the new run's first last.pt exists.
     stale = sorted(p for p in stage.out_dir.glob("*") if p.name in STAGE_OUTPUTS or p.match("overlays_*.png"))
     if last_path.exists() and not cfg.overwrite:
@@ -207,7 +209,12 @@ def run_stage(stage: Stage, cfg: TrainConfig, rt: Runtime, loader, sampler: Resu
             checkpoint(best_path)
         checkpoint(last_path, finished=epoch == stage.epochs)
         if rt.is_main:
-            write_reports(stage, cfg, history)
+            # Drawing the curves costs about a second: in short runs of seconds-long epochs it was a third of
+            # the wall time, so they are redrawn at most every curves_every_s, and always after the last epoch.
+            draw = epoch == stage.epochs or time.perf_counter() - curves_drawn_at >= cfg.curves_every_s
+            write_reports(stage, cfg, history, curves=draw)
+            if draw:
+                curves_drawn_at = time.perf_counter()
             if stage.draw_overlays is not None and cfg.num_overlays:
                 stage.draw_overlays(stage.out_dir / "overlays_last.png")
                 if improved:
@@ -221,9 +228,10 @@ def run_stage(stage: Stage, cfg: TrainConfig, rt: Runtime, loader, sampler: Resu
 STAGE_OUTPUTS = ("best.pt", "summary.csv", "curves.png")
 
 
-def write_reports(stage: Stage, cfg: TrainConfig, history: list[dict]) -> None:
+def write_reports(stage: Stage, cfg: TrainConfig, history: list[dict], curves: bool = True) -> None:
     report.write_summary(history, stage.out_dir / "summary.csv")
-    report.plot_curves(history, stage.out_dir / "curves.png", title=f"{stage.name} ({cfg.run_dir})")
+    if curves:
+        report.plot_curves(history, stage.out_dir / "curves.png", title=f"{stage.name} ({cfg.run_dir})")
 
 
 def check_best_matches(last: dict, best_path: Path) -> dict | None:
