@@ -209,7 +209,7 @@ def run_stage(stage: Stage, cfg: TrainConfig, rt: Runtime, loader, sampler: Resu
             checkpoint(best_path)
         checkpoint(last_path, finished=epoch == stage.epochs)
         if rt.is_main:
-            # Drawing the curves costs about a second: in short runs of seconds-long epochs it was a third of
+            # Drawing the curves costs about a second: in short runs of seconds-long epochs it was a fifth of
             # the wall time, so they are redrawn at most every curves_every_s, and always after the last epoch.
             draw = epoch == stage.epochs or time.perf_counter() - curves_drawn_at >= cfg.curves_every_s
             write_reports(stage, cfg, history, curves=draw)
