@@ -358,10 +358,13 @@ def student_lr(runner: Runner, row: Row) -> float:
 
 
 # --- the fair protocol (--tune) ------------------------------------------------------------------------
-# Every method gets the same search on the validation split, one seed: its loss weight scaled by each of
-# GRID, then each temperature it has (KD's T, EMKD's T, CPKD's tau) over default x GRID at the chosen weight.
-# The student alone gets GRID over its learning rate instead. The default (x1) is a point of every axis, so
-# on the tuning seed's validation split a tuned row is never worse than its default-weight self.
+# Every method gets the same search on the validation split, one seed. First the student alone searches its
+# learning rate over default x GRID; every row paired with it then trains at the rate it chose and searches
+# its loss weight scaled by each of GRID, then each temperature it has (KD's T, EMKD's T, CPKD's tau) over
+# default x GRID at the chosen weight. Searching the rate for the baseline alone would compare a tuned rate
+# with an untuned one: a 16-epoch run at a 10x too low rate loses more than any loss weight can win back.
+# The default (x1) is a point of every axis, so on the tuning seed's validation split a tuned row is never
+# worse than its default-weight self at the same rate.
 GRID = (0.01, 0.1, 1.0, 10.0)
 TEMPERATURES = ("temperature", "tau")  # constructor arguments that are a softmax temperature
 DEFAULT_TUNE_SEED = 100  # outside the table seeds: a chosen run's own test score is never one of the table's
@@ -437,6 +440,12 @@ def _show_value(value) -> str:
     return f"{value:g}" if isinstance(value, float) else str(value)
 
 
+def with_student_lr(row: Row, lr: float) -> Row:
+    """The row at another student learning rate (the rate its student alone chose)."""
+    settings = {**dict(row.settings), "student_lr": f"{lr:g}"}
+    return Row(f"{row.id}-lr{lr:g}", row.label, row.student, tuple(sorted(settings.items())))
+
+
 @dataclass
 class Tuning:
     row: Row
@@ -445,9 +454,11 @@ class Tuning:
     chosen: dict[str, float]
     chosen_row: Row
     runs: int  # distinct training runs the search made
+    lr: float | None = None  # the rate the search trained at, chosen by the row's student alone
 
     def setting(self) -> str:
-        return describe(self.axes, self.chosen)
+        rate = [] if self.lr is None else [f"lr {self.lr:g} (student alone's)"]
+        return ", ".join(rate + [describe(self.axes, self.chosen)])
 
 
 def describe(axes: list[Axis], point: dict[str, float]) -> str:
@@ -462,9 +473,15 @@ def choose(axis: Axis, scored: list[tuple[float, float]]) -> float | None:
     return min(valid, key=lambda vs: (-vs[1], abs(math.log10(vs[0] / axis.default)), vs[0]))[0]
 
 
-def tune(runner: Runner, row: Row, seed: int) -> Tuning:
-    """Search the row's axes one after the other on the validation split at one seed (see GRID)."""
-    axes = tuning_axes(row, student_lr(runner, row))
+def tune(runner: Runner, row: Row, seed: int, lr: float | None = None) -> Tuning:
+    """Search the row's axes one after the other on the validation split at one seed (see GRID), training a
+    distillation row at student learning rate `lr` (the one its student alone chose) where that is given."""
+    configured = student_lr(runner, row)
+    if lr is not None and not is_alone(row) and _number(lr) != _number(configured):
+        row = with_student_lr(row, _number(lr))
+    else:
+        lr = None
+    axes = tuning_axes(row, configured)
     current = {a.key: a.default for a in axes}
     scores: dict[str, float] = {}
     per_axis = []
@@ -486,7 +503,17 @@ def tune(runner: Runner, row: Row, seed: int) -> Tuning:
         if best is None and not runner.dry_run:
             raise RunFailed(f"every tuning run of {row.label} ({row.student}) over {axis.key} failed")
         current[axis.key] = axis.default if best is None else best
-    return Tuning(row, axes, per_axis, current, point_row(row, axes, current), len(scores))
+    return Tuning(row, axes, per_axis, current, point_row(row, axes, current), len(scores), lr)
+
+
+def tuned(runner: Runner, rows: list, row: Row, seed: int, tunings: dict) -> Tuning:
+    """The row's search, made once per (network, row id): its student alone's first, whose rate it trains at."""
+    key = (row.student, row.id)
+    if key not in tunings:
+        reference = None if is_alone(row) else reference_of(rows, row)
+        lr = None if reference is None else tuned(runner, rows, reference, seed, tunings).chosen["student_lr"]
+        tunings[key] = tune(runner, row, seed, lr)
+    return tunings[key]
 
 
 def reference_of(rows: list, row: Row) -> Row | None:
@@ -593,11 +620,9 @@ def run_table(name: str, runner: Runner, seeds: list[int], tune_seed: int | None
             continue
         used, setting = row, "as configured"
         if tune_seed is not None:
-            key = (row.student, row.id)
-            if key not in tunings:
-                tunings[key] = tune(runner, row, tune_seed)
-            searches.append(tunings[key])
-            used, setting = tunings[key].chosen_row, tunings[key].setting()
+            search = tuned(runner, rows, row, tune_seed, tunings)
+            searches.append(search)
+            used, setting = search.chosen_row, search.setting()
         reference = reference_of(rows, row)
         runner.prefetch([(used, seed) for seed in seeds])
         for seed in seeds:
@@ -727,12 +752,15 @@ def markdown(name: str, records: list[dict], command: str, config: Path, seconds
                   f"One run per grid point at seed {tune_seed} (not a table seed), scored by the validation mIoU "
                   f"of its best.pt (the largest val_miou of its summary.csv: the figure that chose the checkpoint; "
                   f"the test split is never read to choose). Grid: the default × "
-                  f"{{{', '.join(f'{m:g}' for m in GRID)}}}: the loss weight(s) of the row (all of its losses "
-                  f"scaled together), then each temperature at the chosen weight; the student alone over its "
-                  f"learning rate. Ties go to the value nearest the default. {runs} tuning runs for this table "
+                  f"{{{', '.join(f'{m:g}' for m in GRID)}}}: first the student alone over its learning rate; then every "
+                  f"row paired with it, at the rate it chose, over the loss weight(s) of the row (all of its "
+                  f"losses scaled together), then each temperature at the chosen weight. Ties go to the value "
+                  f"nearest the default. {runs} tuning runs for this table "
                   f"(shared with other tables where the row is the same).", "",
                   "| method | axis | val mIoU per grid value | chosen |", "|---|---|---|---|"]
         for s in searches:
+            if s.lr is not None:
+                lines.append(f"| {s.row.label} | student_lr | the student alone's choice | lr {s.lr:g} |")
             for axis, scored in zip(s.axes, s.per_axis):
                 tried = ", ".join(f"{v:g}: {'failed' if math.isnan(score) else f'{score:.4f}'}"
                                   for v, score in scored)
@@ -784,8 +812,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default="docs/results", help="folder for T.csv, T.md, T.png")
     parser.add_argument("--work", default="runs/experiments", help="folder for every run's checkpoints")
     parser.add_argument("--tune", action="store_true",
-                        help="choose each row's loss weight and temperature (the student alone: its learning rate) "
-                             "on the validation split first; writes T_tuned.* beside the default view")
+                        help="choose on the validation split first: the student alone's learning rate, then, at that "
+                             "rate, each row's loss weight and temperature; writes T_tuned.* beside the default view")
     parser.add_argument("--tune_seed", type=int, default=DEFAULT_TUNE_SEED,
                         help=f"student seed of the tuning runs (default {DEFAULT_TUNE_SEED}; not one of --seeds)")
     parser.add_argument("--run_seconds", type=float, default=None,

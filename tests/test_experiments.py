@@ -234,6 +234,34 @@ def test_the_search_picks_the_best_validation_point_axis_by_axis():
     assert "weight ×0.1" in result.setting() and "kd T 0.4" in result.setting()
 
 
+def test_every_row_searches_its_weights_at_the_rate_its_student_alone_chose():
+    rows = experiments.TABLES["II"][1]
+    alone, kd = _table_row("II", "alone"), _table_row("II", "kd")
+    lr_of = lambda row: float(dict(row.settings).get("student_lr", 2e-3))
+    # The rate decides: 2e-2 is best; at that rate KD's weight x0.1 is best. At 2e-3 KD would prefer x10.
+    def score(row):
+        if experiments.is_alone(row):
+            return {2e-5: 0.1, 2e-4: 0.3, 2e-3: 0.5, 2e-2: 0.7}[lr_of(row)]
+        weight = float(dict(row.settings)["losses"].partition(":")[2].partition(":")[0] or 1.0)
+        return (0.8 if weight == 0.1 else 0.75) if lr_of(row) == 2e-2 else (0.6 if weight == 10.0 else 0.55)
+
+    fake, tunings = FakeRunner(score), {}
+    search = experiments.tuned(fake, rows, kd, 100, tunings)
+    assert set(tunings) == {("mobile_unet", "alone"), ("mobile_unet", "kd")}  # the baseline searched first
+    assert tunings[("mobile_unet", "alone")].chosen == {"student_lr": 2e-2}
+    assert [id for id, _ in fake.trained[:4]] == ["alone-lr2e-05", "alone-lr0.0002", "alone", "alone-lr0.02"]
+    kd_runs = [id for id, _ in fake.trained[4:]]
+    assert kd_runs and all(id.startswith("kd-lr0.02") for id in kd_runs)  # none at the configured rate
+    assert search.lr == 2e-2 and search.chosen["weight"] == 0.1
+    chosen = parse_args(["--config", str(experiments.DEFAULT_CONFIG), *search.chosen_row.args()])
+    assert chosen.student_lr == 2e-2 and "lr 0.02 (student alone's)" in search.setting()
+    # Made once: a second table asking for the same row reuses both searches.
+    assert experiments.tuned(fake, rows, kd, 100, tunings) is search and len(fake.trained) == 4 + len(kd_runs)
+    # Where the student alone keeps the configured rate, the row's runs are its default-view runs.
+    flat = experiments.tuned(FakeRunner(lambda row: 0.5), rows, kd, 100, {})
+    assert flat.lr is None and flat.chosen_row is kd
+
+
 def test_the_search_breaks_ties_toward_the_default_and_fails_loudly_when_every_point_fails(tmp_path):
     alone = _table_row("I", "alone")
     flat = experiments.tune(FakeRunner(lambda row: 0.5), alone, seed=100)
