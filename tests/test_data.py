@@ -93,6 +93,27 @@ def test_synthetic_is_deterministic_and_well_formed():
             SyntheticPathology(**bad)
 
 
+def test_synthetic_keeps_drawn_patches_and_hands_out_copies(monkeypatch):
+    import cocofast.data.synthetic as synthetic
+
+    fresh = [SyntheticPathology(3, size=64, seed=2, flips=True) for _ in range(2)]
+    fresh[1]._drawn = None  # draws every time
+    calls, original = [], synthetic.render_patch
+    monkeypatch.setattr(synthetic, "render_patch", lambda *a: calls.append(1) or original(*a))
+    kept = fresh[0]
+    for epoch in range(3):  # augmentation redrawn each epoch from the kept patch, bit for bit as drawn afresh
+        for ds in fresh:
+            ds.set_epoch(epoch)
+        for i in range(3):
+            (x, m), (y, n) = kept[i], fresh[1][i]
+            assert torch.equal(x, y) and torch.equal(m, n) and m.dtype == torch.int64
+            x.fill_(7.0)  # a caller changing its sample in place leaves the kept one alone
+            m.fill_(1)
+    assert len(calls) == 3 + 3 * 3  # the kept set drew each patch once, the other every time
+    monkeypatch.setattr(SyntheticPathology, "MEMO_BYTES", 3 * 64 * 64 * 13 - 1)  # one byte short of 3 patches
+    assert SyntheticPathology(3, size=64)._drawn is None
+
+
 def test_synthetic_labels_follow_the_tissue():
     # Cancer carries more nuclear material (hematoxylin absorbs red light most): on average the
     # fraction of dark, red-poor pixels must be higher inside the mask than outside it.

@@ -43,6 +43,8 @@ class SyntheticPathology(Dataset):
     epoch (deterministically, from (seed, augment_seed, epoch, index)).
     """
 
+    MEMO_BYTES = 256 * 2**20
+
     def __init__(self, length: int, size: int = 256, seed: int = 0, in_channels: int = 3,
                  flips: bool = False, augment: Augmentation | None = None, augment_seed: int = 0):
         if length < 1:
@@ -57,6 +59,11 @@ class SyntheticPathology(Dataset):
         self.augment = augment if augment is not None else Augmentation(flips=flips)
         self.augment.check_channels(in_channels)
         self._epoch = torch.zeros(1, dtype=torch.int64).share_memory_()
+        # Drawing a patch is ~2.6 ms at 64x64, redone every epoch; a short run spent a fifth of its time here.
+        # Keep the drawn patches when they all fit in MEMO_BYTES (per process: each DataLoader worker has its own).
+        per_sample = size * size * (4 * in_channels + 1)  # float32 image + uint8 mask
+        self._drawn: dict[int, tuple[torch.Tensor, torch.Tensor]] | None = (
+            {} if length * per_sample <= self.MEMO_BYTES else None)
 
     def set_epoch(self, epoch: int) -> None:
         self._epoch.fill_(int(epoch))
@@ -68,15 +75,24 @@ class SyntheticPathology(Dataset):
         if not -self.length <= index < self.length:
             raise IndexError(f"index {index} out of range for {self.length} samples")
         index %= self.length
-        rgb, mask = render_patch(self.size, np.random.default_rng((self.seed, index)))
-        image = luma(rgb) if self.in_channels == 1 else rgb
-        image = torch.from_numpy(np.ascontiguousarray(
-            image[None] if image.ndim == 2 else image.transpose(2, 0, 1)))
-        mask = torch.from_numpy(mask.astype(np.int64))
+        image, mask = self.drawn(index)
         if self.augment.active:
             rng = np.random.default_rng((self.seed, self.augment_seed, int(self._epoch.item()), index, 1))
             image, mask = augment_pair(image, mask, rng, self.augment)
         return image, mask
+
+    def drawn(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Patch `index` before augmentation; a fresh copy each call, so callers may change it in place."""
+        if self._drawn is not None and index in self._drawn:
+            image, mask = self._drawn[index]
+            return image.clone(), mask.long()
+        rgb, mask = render_patch(self.size, np.random.default_rng((self.seed, index)))
+        image = luma(rgb) if self.in_channels == 1 else rgb
+        image = torch.from_numpy(np.ascontiguousarray(
+            image[None] if image.ndim == 2 else image.transpose(2, 0, 1)))
+        if self._drawn is not None:
+            self._drawn[index] = (image.clone(), torch.from_numpy(mask.astype(np.uint8)))
+        return image, torch.from_numpy(mask.astype(np.int64))
 
 
 # ----------------------------------------------------------------------------------------------
