@@ -155,6 +155,8 @@ def test_the_scarce_table_has_every_method_at_both_fractions():
     assert settings["graph_flow_semi10"]["losses"] == "graph_flow,kd"
     assert settings["emkd_semi20"]["supervised_loss"] == "focal_dice"
     assert settings["kd_coco_semi10"]["losses"] == "kd,coco"
+    # scarce10 is its 10 % half, row for row: the same runs, not look-alikes.
+    assert experiments.TABLES["scarce10"][1] == [experiments.TEACHER, *[r for r in rows if r.id.endswith("10")]]
 
 
 def test_each_method_searches_the_same_grid_around_its_defaults():
