@@ -238,7 +238,7 @@ def test_the_search_picks_the_best_validation_point_axis_by_axis():
 
 def test_every_row_searches_its_weights_at_the_rate_its_student_alone_chose():
     rows = experiments.TABLES["II"][1]
-    alone, kd = _table_row("II", "alone"), _table_row("II", "kd")
+    kd = _table_row("II", "kd")
     lr_of = lambda row: float(dict(row.settings).get("student_lr", 2e-3))
     # The rate decides: 2e-2 is best; at that rate KD's weight x0.1 is best. At 2e-3 KD would prefer x10.
     def score(row):
@@ -250,6 +250,7 @@ def test_every_row_searches_its_weights_at_the_rate_its_student_alone_chose():
     fake, tunings = FakeRunner(score), {}
     search = experiments.tuned(fake, rows, kd, 100, tunings)
     assert set(tunings) == {("mobile_unet", "alone"), ("mobile_unet", "kd")}  # the baseline searched first
+    assert tunings[("mobile_unet", "alone")].row == _table_row("II", "alone")
     assert tunings[("mobile_unet", "alone")].chosen == {"student_lr": 2e-2}
     assert [id for id, _ in fake.trained[:4]] == ["alone-lr2e-05", "alone-lr0.0002", "alone", "alone-lr0.02"]
     kd_runs = [id for id, _ in fake.trained[4:]]
