@@ -416,24 +416,28 @@ def tuning_axes(row: Row, lr: float) -> list[Axis]:
     return axes
 
 
+def with_student_lr(row: Row, lr: float) -> Row:
+    """The row at another student learning rate (the rate its student alone chose)."""
+    settings = {**dict(row.settings), "student_lr": f"{lr:g}"}
+    return Row(f"{row.id}-lr{lr:g}", row.label, row.student, tuple(sorted(settings.items())))
+
+
 def point_row(row: Row, axes: list[Axis], point: dict[str, float]) -> Row:
     """The row trained at one point of its search; the row itself at the all-default point (shared runs)."""
     if all(point[a.key] == a.default for a in axes):
         return row
-    settings = dict(row.settings)
-    if "student_lr" in point:
-        settings["student_lr"] = f"{point['student_lr']:g}"
-    else:
-        items = []
-        for spec in _losses(row):
-            params = resolve_aliases(spec.name, spec.params)
-            for param in TEMPERATURES:
-                if f"{spec.name}.{param}" in point:
-                    params[param] = point[f"{spec.name}.{param}"]
-            weight = _number(spec.build().weight * point["weight"])
-            items.append(":".join([spec.name, f"{weight:g}", *(f"{k}={_show_value(v)}" for k, v in params.items())]))
-        settings["losses"] = ",".join(items)
-    suffix = "-".join(f"{a.key.replace('student_lr', 'lr').replace('weight', 'x').replace('.', '_')}{point[a.key]:g}"
+    if "student_lr" in point:  # the student alone's one axis
+        return with_student_lr(row, point["student_lr"])
+    items = []
+    for spec in _losses(row):
+        params = resolve_aliases(spec.name, spec.params)
+        for param in TEMPERATURES:
+            if f"{spec.name}.{param}" in point:
+                params[param] = point[f"{spec.name}.{param}"]
+        weight = _number(spec.build().weight * point["weight"])
+        items.append(":".join([spec.name, f"{weight:g}", *(f"{k}={_show_value(v)}" for k, v in params.items())]))
+    settings = {**dict(row.settings), "losses": ",".join(items)}
+    suffix = "-".join(f"{a.key.replace('weight', 'x').replace('.', '_')}{point[a.key]:g}"
                       for a in axes if point[a.key] != a.default)
     return Row(f"{row.id}-{suffix}", row.label, row.student, tuple(sorted(settings.items())))
 
@@ -442,12 +446,6 @@ def _show_value(value) -> str:
     if isinstance(value, bool):
         return str(value).lower()
     return f"{value:g}" if isinstance(value, float) else str(value)
-
-
-def with_student_lr(row: Row, lr: float) -> Row:
-    """The row at another student learning rate (the rate its student alone chose)."""
-    settings = {**dict(row.settings), "student_lr": f"{lr:g}"}
-    return Row(f"{row.id}-lr{lr:g}", row.label, row.student, tuple(sorted(settings.items())))
 
 
 @dataclass
