@@ -214,6 +214,23 @@ class MixedRows:
                dict(COUNT_TIES=channel_mix, BLOCK_N=bn, BLOCK_C=bc, ACC=tl_dtype(acc)))
         self.ties = ties.sum(dim=1) if channel_mix else None
 
+    SAVED = ("amax", "w", "norm", "ties")
+
+    def tensors(self) -> tuple:
+        """The tensors, for ctx.save_for_backward (so saved-tensor hooks and version checks see them)."""
+        return tuple(getattr(self, name) for name in self.SAVED)
+
+    def options(self) -> tuple:
+        return self.channel_mix, self.eps, self.acc
+
+    @classmethod
+    def from_saved(cls, options: tuple, tensors) -> "MixedRows":
+        rows = cls.__new__(cls)
+        rows.channel_mix, rows.eps, rows.acc = options
+        for name, t in zip(cls.SAVED, tensors, strict=True):
+            setattr(rows, name, t)
+        return rows
+
 
 def chain_backward(f, rows: MixedRows, da_buffer: torch.Tensor) -> torch.Tensor:
     """dF for one map from the (B, N, C) buffer `da_buffer` = dÂ."""

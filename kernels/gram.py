@@ -342,6 +342,20 @@ class MapStats:
         self.norm = torch.empty(B, f.shape[2] * f.shape[3], device=f.device, dtype=acc)
         self.ties = self.first = None
 
+    SAVED = ("amax", "w", "norm", "ties", "first")
+
+    def tensors(self) -> tuple:
+        """The tensors, for ctx.save_for_backward (so saved-tensor hooks and version checks see them)."""
+        return tuple(getattr(self, name) for name in self.SAVED)
+
+    @classmethod
+    def from_saved(cls, channel_mix: bool, channels: int, tensors) -> "MapStats":
+        stats = cls.__new__(cls)
+        stats.channel_mix, stats.channels = channel_mix, channels
+        for name, t in zip(cls.SAVED, tensors, strict=True):
+            setattr(stats, name, t)
+        return stats
+
 
 def gram_forward(f1, f2, channel_mix: bool, eps: float, check: Callable | None = None):
     """(G, r1, r2): the concatenated Gram (B, C₁+C₂, C₁+C₂) in the accumulation dtype and each map's stats."""
@@ -374,8 +388,13 @@ def gram_forward(f1, f2, channel_mix: bool, eps: float, check: Callable | None =
             r.ties, r.first = stat[:, :, 0].sum(dim=1), stat[:, :, 1].amin(dim=1)
         elif check is not None:
             check(f, stat[:, :, 1].amin(dim=1), stat[:, :, 0].amax(dim=1), stat[:, :, 2].sum(dim=1))
-    gram = part[:, 0] if splits == 1 else part.sum(dim=1)
-    return gram, r1, r2
+    return reduce_splits(part), r1, r2
+
+
+def reduce_splits(part: torch.Tensor) -> torch.Tensor:
+    """(B, SPLITS, C, C) partial Grams -> (B, C, C), summed in a fixed order (bit-identical runs). Its own
+    function so a test can break it and see the GPU-configuration test fail."""
+    return part[:, 0] if part.shape[1] == 1 else part.sum(dim=1)
 
 
 def gram_backward(f1, f2, gram, r1: MapStats, r2: MapStats, coef: torch.Tensor, eps: float, maps=(0, 1)):
@@ -421,8 +440,8 @@ class GramStats(torch.autograd.Function):
     def forward(ctx, f1, f2, channel_mix: bool, eps: float, check):
         check_runnable(f1, f2)
         gram, r1, r2 = gram_forward(f1, f2, channel_mix, eps, check)
-        ctx.save_for_backward(f1, f2, gram)
-        ctx.rows, ctx.eps = (r1, r2), eps
+        ctx.save_for_backward(f1, f2, gram, *r1.tensors(), *r2.tensors())
+        ctx.channel_mix, ctx.eps = channel_mix, eps
         C1 = f1.shape[1]
         # Sums of squares of the fp32 Gram blocks, combined in fp64 (p + q − 2k cancels when small).
         sq = lambda m: torch.linalg.vector_norm(m, dim=(1, 2), dtype=torch.float64).square()  # noqa: E731
@@ -430,8 +449,10 @@ class GramStats(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, gk, gp, gq):
-        f1, f2, gram = ctx.saved_tensors
-        r1, r2 = ctx.rows
+        f1, f2, gram, *saved = ctx.saved_tensors
+        n = len(MapStats.SAVED)
+        r1 = MapStats.from_saved(ctx.channel_mix, f1.shape[1], saved[:n])
+        r2 = MapStats.from_saved(ctx.channel_mix, f2.shape[1], saved[n:])
         maps = tuple(i for i in (0, 1) if ctx.needs_input_grad[i])
         if not maps:
             return None, None, None, None, None
@@ -448,4 +469,4 @@ def gram_stats(f1: torch.Tensor, f2: torch.Tensor, channel_mix: bool = True, eps
     return GramStats.apply(f1, f2, channel_mix, eps, check)
 
 
-__all__ = ["GramStats", "MapStats", "gram_backward", "gram_forward", "gram_splits", "gram_stats"]
+__all__ = ["GramStats", "MapStats", "gram_backward", "gram_forward", "gram_splits", "gram_stats", "reduce_splits"]

@@ -6,6 +6,7 @@ machine without a GPU: the CPU interpreter accepts code that a GPU rejects, so t
 """
 from __future__ import annotations
 
+import contextlib
 import os
 from typing import NamedTuple
 
@@ -15,7 +16,8 @@ import triton.language as tl
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
 # Tile sizes and dot precision as a GPU would use them. Off in the interpreter (big tiles run faster
-# there); COCOFAST_GPU_CONFIG=1 forces them, so the compile check sees the launches a GPU would get.
+# there); COCOFAST_GPU_CONFIG=1 forces them, so the compile check sees the launches a GPU would get, and
+# `gpu_tiles()` switches them for one block of code (a test of the shipped configuration).
 GPU_CONFIG = not INTERPRETED or os.environ.get("COCOFAST_GPU_CONFIG", "0") == "1"
 
 # (module, kernel name, signature, constexprs, options) of every distinct launch since import; options are
@@ -31,6 +33,24 @@ _TRITON_TYPES = {
     torch.int64: "*i64",
 }
 _TL_DTYPES = {torch.float32: tl.float32, torch.float64: tl.float64}
+
+
+def gpu_config() -> bool:
+    """Whether launches use the GPU tiles, row splits and tf32x3 dots (always on CUDA)."""
+    return GPU_CONFIG
+
+
+@contextlib.contextmanager
+def gpu_tiles(enabled: bool = True):
+    """Launch with the GPU configuration (or the interpreter's) inside the block, without reloading modules:
+    every config below reads the switch at launch time."""
+    global GPU_CONFIG
+    before = GPU_CONFIG
+    GPU_CONFIG = bool(enabled)
+    try:
+        yield
+    finally:
+        GPU_CONFIG = before
 
 
 def acc_dtype(*tensors: torch.Tensor) -> torch.dtype:

@@ -36,12 +36,12 @@ import triton
 import triton.language as tl
 
 from .launcher import (
-    GPU_CONFIG,
     INTERPRETED,
     LAUNCHED,
     acc_dtype,
     dot_precision,
     feature_strides,
+    gpu_config,
     launch,
     load_inv_norm,
     load_mixed_tile,
@@ -154,7 +154,7 @@ def pixel_relation_backward_kernel(
 def pixel_tiles(n_pix: int) -> int:
     """Square pixel tile: 64 on a GPU (two relation tiles and a dot operand stay in registers), up to 256 in
     the interpreter, where fewer, bigger tiles mean fewer Python-level loop trips."""
-    cap = 64 if GPU_CONFIG else 256
+    cap = 64 if gpu_config() else 256
     return max(16, min(cap, next_pow2(n_pix)))
 
 
@@ -186,22 +186,23 @@ class PixelRelationKL(torch.autograd.Function):
                     n_pix=n_pix, n_chan_t=Ct, n_chan_s=Cs, eps=eps, inv_tau=1.0 / tau),
                dict(BLOCK_I=tile, BLOCK_J=tile, BLOCK_C=cfg.block_k, ACC=tl_dtype(acc),
                     PRECISION=dot_precision(acc)), **cfg.options)
-        ctx.save_for_backward(ft, fs, lse_t, lse_s)
-        ctx.rows, ctx.tau, ctx.tile = (rt, rs), tau, tile
+        ctx.save_for_backward(ft, fs, lse_t, lse_s, *rt.tensors(), *rs.tensors())
+        ctx.options, ctx.tau, ctx.tile = rt.options(), tau, tile
         return kl
 
     @staticmethod
     def backward(ctx, g):
-        ft, fs, lse_t, lse_s = ctx.saved_tensors
+        ft, fs, lse_t, lse_s, *saved = ctx.saved_tensors
         if not ctx.needs_input_grad[1]:
             return None, None, None, None, None, None
-        rt, rs = ctx.rows
+        n = len(MixedRows.SAVED)
+        rt, rs = (MixedRows.from_saved(ctx.options, saved[i:i + n]) for i in (0, n))
         acc = rs.acc
         B, Ct, H, W = ft.shape
         n_pix, Cs = H * W, fs.shape[1]
         cfg = tile_walk_config(n_pix, Cs)
         # 32 streamed rows a step on a GPU: with 64, the bf16 build spilled 164 B on sm_80 (255 registers).
-        bj = min(ctx.tile, 32) if GPU_CONFIG else ctx.tile
+        bj = min(ctx.tile, 32) if gpu_config() else ctx.tile
         da = torch.empty(B, n_pix, Cs, device=fs.device, dtype=acc)
         launch(pixel_relation_backward_kernel, (triton.cdiv(Cs, cfg.block_out), triton.cdiv(n_pix, ctx.tile), B),
                dict(ft_ptr=ft, wt_ptr=rt.w, nt_ptr=rt.norm, fs_ptr=fs, ws_ptr=rs.w, ns_ptr=rs.norm,

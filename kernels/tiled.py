@@ -139,15 +139,16 @@ class TiledStats(torch.autograd.Function):
                     n_chan_2=f2.shape[1], eps=eps),
                dict(BLOCK_I=cfg.block_rows, BLOCK_J=cfg.block_rows, BLOCK_C=cfg.block_k, ACC=tl_dtype(acc),
                     PRECISION=dot_precision(acc)), **cfg.options)
-        ctx.save_for_backward(f1, f2)
-        ctx.rows = (r1, r2)
+        ctx.save_for_backward(f1, f2, *r1.tensors(), *r2.tensors())
+        ctx.options = r1.options()
         k, p, q, d = part.double().sum(dim=1).unbind(dim=1)
         return k, p, q, d
 
     @staticmethod
     def backward(ctx, gk, gp, gq, gd):
-        f1, f2 = ctx.saved_tensors
-        r1, r2 = ctx.rows
+        f1, f2, *saved = ctx.saved_tensors
+        n = len(MixedRows.SAVED)
+        r1, r2 = (MixedRows.from_saved(ctx.options, saved[i:i + n]) for i in (0, n))
         alpha = gk - 2 * gd
         df1 = df2 = None
         if ctx.needs_input_grad[0]:

@@ -235,3 +235,28 @@ def test_naive_refuses_before_allocating():
     with pytest.raises(cocofast.NaiveTooLargeError, match="N=65536"):
         cocofast.cross_layer_correlation(f, f, backend="naive")
     assert cocofast.cross_layer_correlation(f[:1, :, :32, :32], f[:1, :, :32, :32], backend="naive").item() > 0
+
+
+@pytest.mark.parametrize("path", ["triton", "tiled", "pixel_relation"])
+def test_kernel_paths_save_every_backward_tensor_through_save_for_backward(path):
+    """Autograd's saved-tensor hooks (offloading, checkpointing) and version checks see only what
+    ctx.save_for_backward holds: the row norms and channel weights the backward reads must be there."""
+    from cocofast.kernels.pixel_relation import pixel_relation_rows
+
+    f1 = features(81, 2, 24, 5, 7, torch.float32).requires_grad_(True)
+    f2 = features(82, 2, 40, 7, 5, torch.float32).requires_grad_(True)
+    packed = []
+
+    def pack(t):
+        packed.append(tuple(t.shape))
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        if path == "pixel_relation":
+            out = pixel_relation_rows(f1, f2, 0.5, True).sum()
+        else:
+            out = cocofast.cross_layer_correlation(f1, f2, backend=path).sum()
+    out.backward()
+    assert packed.count((2, 35)) >= (4 if path == "pixel_relation" else 2), packed  # row norms (and lse)
+    assert (2, 40) in packed and (path == "pixel_relation" or (2, 24) in packed), packed  # channel weights
+    assert torch.isfinite(f2.grad).all()
