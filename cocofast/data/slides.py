@@ -339,8 +339,15 @@ def level_for_mpp(path: str | os.PathLike, mpp: float, kind: str = "auto") -> tu
                              "and downscale factor instead")
         width0 = base.level_shapes[0][1]
         level_mpps = [base.mpp * width0 / w for _, w in base.level_shapes]
+        shapes = list(base.level_shapes)
     finally:
         base.close()
+    return choose_level(level_mpps, shapes, mpp, path)
+
+
+def choose_level(level_mpps: list[float], shapes: list[tuple[int, int]], mpp: float,
+                 path: str | os.PathLike = "the slide") -> tuple[int, int, float]:
+    """`level_for_mpp` given each level's µm per pixel and (height, width) (for a pixel size the file lacks)."""
     usable = [i for i, m in enumerate(level_mpps) if m <= mpp * (1 + MPP_TOLERANCE)]
     if not usable:
         raise ValueError(f"{path}: {mpp} µm per pixel is finer than the full resolution "
