@@ -288,3 +288,19 @@ def test_an_rgb_slide_for_a_gray_network_is_said_aloud(slides):
     with pytest.warns(UserWarning, match=r"RGB slides are turned to gray .* \(in_channels 1\)"):
         gray = dataset(slides, "val", in_channels=1)
     assert gray[0][0].shape == (1, PATCH, PATCH)
+
+
+def test_the_training_program_names_bad_slides_and_keys_before_training(slides, tmp_path, capsys):
+    from cocofast.train import distill
+
+    tiny = str(Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml")
+    base = ["--config", tiny, f"--run_dir={tmp_path / 'run'}", "--dataset=slides", f"--data_root={slides}",
+            "--num_classes=3", "--stage=teacher"]
+    assert distill.main(base + ["--slide_classes=Tumor:1,Stroma:2,Hole:0"]) == 2  # no slide_mpp
+    assert "config key 'slide_mpp': required for slides" in capsys.readouterr().err
+    assert distill.main(base + ["--slide_mpp=2", "--slide_classes=Tumor:1,Stroma:7"]) == 2
+    assert "config key 'slide_classes': 'Stroma' -> 7, outside classes 0..2" in capsys.readouterr().err
+    assert distill.main(base + ["--slide_mpp=2", "--slide_classes=Tumor:1,Stroma:2"]) == 2  # 'Hole' unmapped
+    err = capsys.readouterr().err
+    assert "config key 'data_root'" in err and "val.xml" in err and "class 'Hole' is not in the class mapping" in err
+    assert not (tmp_path / "run" / "teacher" / "last.pt").exists()

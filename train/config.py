@@ -74,16 +74,29 @@ class TrainConfig:
     seed: int = _f(0, "all", "seeds weights, data order and augmentation; data order is a function of (seed, epoch)")
     data_seed: int = _f(0, "all", "seeds the synthetic data set and the labelled subset, so runs with different "
                                   "`seed` train and test on the same patches")
-    dataset: str = _f("synthetic", "all", "'synthetic' (built-in generated patches) or 'folder' (images + masks)",
-                      ("synthetic", "folder"))
+    dataset: str = _f("synthetic", "all", "'synthetic' (built-in generated patches), 'folder' (images + masks) or "
+                                          "'slides' (whole slides with annotations, docs/slides.md)",
+                      ("synthetic", "folder", "slides"))
     data_root: str = _f("", "all", "folder dataset: root holding train/, val/ (and optionally test/), each with "
                                    "images/ and masks/ paired by file stem")
     mask_values: str = _f("", "all", "folder dataset: mask value -> class, e.g. '0:0,255:1' (empty: value = class)")
     patch_size: int = _f(0, "all", "folder dataset: cut images into patches of this side before resizing "
                                    "(paper: 1024 from 2048² images; 0: whole images)")
     patch_stride: int = _f(0, "all", "folder dataset: patch stride (0: patch_size, no overlap)")
-    train_samples: int = _f(800, "all", "synthetic data: number of training patches")
+    train_samples: int = _f(800, "all", "synthetic data and slides: number of training patches (per epoch)")
     val_samples: int = _f(100, "all", "synthetic data: number of validation patches")
+    # Slides (cocofast.data.slide_dataset): data_root is a folder of slides with annotations beside them, or a
+    # CSV list file; patches of image_size pixels are read at slide_mpp, which checkpoints carry to segment.
+    slide_mpp: float = _f(0.0, "all", "slides: µm per pixel the patches are read at (required; segment and "
+                                      "predict default to it)")
+    slide_classes: str = _f("", "all", "slides: annotation class name -> class, e.g. 'Tumor:1,Stroma:2'")
+    slide_split: str = _f("", "all", "slides: split file, CSV 'slide,split' (empty: DATA_ROOT/split.csv or the "
+                                     "list file's split column)")
+    slide_unannotated: int = _f(0, "all", "slides: class of tissue no annotation covers (255: ignored)")
+    slide_balance: bool = _f(False, "all", "slides: draw training patches class by class, not by area")
+    tissue_method: str = _f("saturation", "all", "slides: tissue measure of the Otsu mask, 'saturation' or 'od'",
+                            ("saturation", "od"))
+    tissue_threshold: float = _f(0.0, "all", "slides: tissue threshold on that measure (0: Otsu's, per slide)")
     image_size: int = _f(512, "all", "square input size in pixels (paper: 512)")
     in_channels: int = _f(3, "all", "3 for RGB, 1 for grayscale (authors' code)")
     num_classes: int = _f(2, "all", "segmentation classes (0 = normal, 1 = cancer)")
@@ -220,8 +233,9 @@ class TrainConfig:
                      "patch_stride"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"config key '{name}': must be >= 0, got {getattr(self, name)}")
-        if self.dataset == "folder" and not self.data_root:
-            raise ConfigError("config key 'data_root': required when dataset is 'folder'")
+        if self.dataset in ("folder", "slides") and not self.data_root:
+            raise ConfigError(f"config key 'data_root': required when dataset is '{self.dataset}'")
+        self.slide_options()  # raises on a malformed class mapping or resolution
         self.mask_mapping()  # raises on a malformed mapping
         self.data_options()  # raises on a malformed normalisation or augmentation strength
         self.check_backends()
@@ -253,6 +267,32 @@ class TrainConfig:
         augment = Augmentation(flips=self.flips, hed=self.hed_jitter, brightness=self.brightness,
                                contrast=self.contrast)
         return {"normalise": norm, "augment": augment}
+
+    def slide_options(self) -> dict[str, Any]:
+        """SlideDataset arguments of the slide keys (checked whatever the data set, so a typo fails early)."""
+        from cocofast.data.annotations import IGNORE, parse_classes
+
+        try:
+            classes = parse_classes(self.slide_classes)
+        except ValueError as err:
+            raise ConfigError(f"config key 'slide_classes': {err}") from None
+        for name, value in classes.items():
+            if not 0 <= value < self.num_classes:
+                raise ConfigError(f"config key 'slide_classes': {name!r} -> {value}, outside classes "
+                                  f"0..{self.num_classes - 1}")
+        if not (0 <= self.slide_unannotated < self.num_classes or self.slide_unannotated == IGNORE):
+            raise ConfigError(f"config key 'slide_unannotated': a class 0..{self.num_classes - 1} or {IGNORE} "
+                              f"(ignored), got {self.slide_unannotated}")
+        if self.dataset == "slides":
+            if not self.slide_mpp > 0:
+                raise ConfigError("config key 'slide_mpp': required for slides (µm per pixel of the patches, e.g. "
+                                  "0.5 for 20x, 1.0 for 10x)")
+            if self.patch_size:
+                raise ConfigError("config key 'patch_size': slides are read at slide_mpp in image_size patches; "
+                                  "leave patch_size 0 and choose the resolution with slide_mpp")
+        return {"classes": classes, "mpp": self.slide_mpp, "unannotated": self.slide_unannotated,
+                "balance": self.slide_balance, "tissue_method": self.tissue_method,
+                "tissue_threshold": self.tissue_threshold or None, "split_file": self.slide_split or None}
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

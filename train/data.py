@@ -4,6 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from cocofast.data import FolderDataset, SyntheticPathology
+from cocofast.data.slide_dataset import SlideDataset
 
 from .config import ConfigError, TrainConfig
 from .runtime import Runtime, train_loader
@@ -24,6 +25,8 @@ def build_dataset(cfg: TrainConfig, split: str):
         length = cfg.train_samples if split == "train" else cfg.val_samples
         return SyntheticPathology(length, size=cfg.image_size, seed=cfg.data_seed + SPLIT_SEED_OFFSETS[split],
                                   in_channels=cfg.in_channels, augment=augment, augment_seed=cfg.seed)
+    if cfg.dataset == "slides":
+        return build_slides(cfg, split, options, augment)
     root = Path(cfg.data_root)
     folder = root / split
     if split == "test" and not folder.is_dir():
@@ -37,6 +40,26 @@ def build_dataset(cfg: TrainConfig, split: str):
                              normalise=options["normalise"], augment=augment, seed=cfg.seed)
     except ValueError as err:  # the dataset lists every bad file; say which split and key it came from
         raise ConfigError(f"config key 'data_root': the {split} split in {folder} is not usable: {err}") from None
+
+
+def build_slides(cfg: TrainConfig, split: str, options: dict, augment):
+    """The slides of one split; with no test slides, the val slides stand in (as for folders)."""
+    slides = cfg.slide_options()
+    kwargs = dict(classes=slides["classes"], num_classes=cfg.num_classes, mpp=slides["mpp"],
+                  patch_size=cfg.image_size, length=cfg.train_samples, unannotated=slides["unannotated"],
+                  balance=slides["balance"], tissue_method=slides["tissue_method"],
+                  tissue_threshold=slides["tissue_threshold"], in_channels=cfg.in_channels,
+                  normalise=options["normalise"], augment=augment, seed=cfg.seed)
+    try:
+        try:
+            return SlideDataset(cfg.data_root, split=split, split_file=slides["split_file"], **kwargs)
+        except ValueError as err:
+            if split != "test" or "no slide is assigned to the test split" not in str(err):
+                raise
+            return SlideDataset(cfg.data_root, split="val", split_file=slides["split_file"], **kwargs)
+    except ValueError as err:  # every bad slide and annotation at once; say which split and key
+        raise ConfigError(f"config key 'data_root': the {split} slides of {cfg.data_root} are not usable: "
+                          f"{err}") from None
 
 
 def student_loader(train_set, cfg: TrainConfig, rt: Runtime, keyed: bool = False):

@@ -8,6 +8,7 @@ import torch
 import torch.nn as nn
 
 from cocofast.io import atomic_write_text
+from cocofast.losses.base import IGNORE_INDEX
 from cocofast.metrics import ConfusionMatrix
 from cocofast.models import count_macs, count_parameters, create_model, unwrap_model
 
@@ -25,7 +26,9 @@ def confusion(model: nn.Module, loader, cfg: TrainConfig, rt: Runtime) -> Confus
     """One pass over `loader`: the confusion matrix of the model's predictions, all-reduced over ranks."""
     was_training = model.training
     model.eval()
-    matrix = ConfusionMatrix(cfg.num_classes, device=rt.device)  # on the device: nccl reduces CUDA tensors
+    # On the device: nccl reduces CUDA tensors. IGNORE_INDEX marks pixels scored nowhere (unlabelled slide
+    # tissue, and the part of a held-out patch an earlier patch already scored).
+    matrix = ConfusionMatrix(cfg.num_classes, ignore_index=IGNORE_INDEX, device=rt.device)
     for images, masks in loader:
         images, masks = images.to(rt.device), masks.to(rt.device)
         with rt.autocast():
@@ -45,6 +48,7 @@ def scores_of(matrix: ConfusionMatrix, model: nn.Module, rt: Runtime, prefix: st
     scores = {f"{prefix}acc": float(result["acc"]), f"{prefix}miou": float(result["miou"]),
               f"{prefix}mdice": float(result["mdice"])}
     scores.update({f"{prefix}iou{k}": float(v) for k, v in enumerate(result["iou"])})
+    scores.update({f"{prefix}dice{k}": float(v) for k, v in enumerate(result["dice"])})  # the papers' per-class figure
     predicted = single_predicted_class(matrix.matrix)
     if predicted is not None and rt.is_main:
         name = getattr(model, "model_name", type(model).__name__)

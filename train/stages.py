@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from cocofast.losses.adversarial import AdversarialLoss
+from cocofast.losses.base import IGNORE_INDEX
 from cocofast.models import create_model
 
 from .checkpoint import source_digests
@@ -71,7 +72,7 @@ def train_teacher(cfg: TrainConfig, rt: Runtime, budget: IterationBudget) -> Non
         schedule.apply()
         with rt.autocast():
             logits = model(images).logits
-        loss = F.cross_entropy(logits.float(), masks)
+        loss = F.cross_entropy(logits.float(), masks, ignore_index=IGNORE_INDEX)  # slides: unlabelled, padding
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         scaler.step(optimizer)

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 
 from cocofast.losses import LOSSES, DistillLoss
 from cocofast.losses.adversarial import AdversarialLoss
+from cocofast.losses.base import IGNORE_INDEX
 from cocofast.losses.supervised import focal_dice_loss
 
 from .config import ConfigError, TrainConfig
@@ -45,7 +46,7 @@ def build_losses(cfg: TrainConfig) -> list[tuple[str, DistillLoss]]:
 def supervised_loss(kind: str, logits: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
     if kind == "focal_dice":
         return focal_dice_loss(logits, masks)
-    return F.cross_entropy(logits.float(), masks)
+    return F.cross_entropy(logits.float(), masks, ignore_index=IGNORE_INDEX)  # as focal_dice: unlabelled pixels
 
 
 class CriticUpdate:
