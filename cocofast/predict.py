@@ -110,7 +110,7 @@ def _parse(argv):
     ap.add_argument("--batch-size", type=int, default=4, help="windows per forward pass")
     ap.add_argument("--downscale", type=int, help="run the network at 1/N resolution (default: the checkpoint "
                                                   "config's patch_size // image_size, else 1)")
-    ap.add_argument("--level", type=int, default=0, help="pyramid level of slides (0 = full resolution)")
+    ap.add_argument("--level", type=int, help="pyramid level of slides (default 0 = full resolution)")
     ap.add_argument("--mpp", type=float, help="run at about this many µm per pixel (instead of --level/--downscale)")
     ap.add_argument("--reader", default="auto", choices=["auto", "pil", "tiff", "openslide"])
     ap.add_argument("--normalise", help="input normalisation (default: the checkpoint's training config)")
@@ -134,9 +134,9 @@ def _check_arguments(args) -> str | None:
               (args.batch_size >= 1, f"--batch-size {args.batch_size}: must be at least 1"),
               (args.downscale is None or args.downscale >= 1,
                f"--downscale {args.downscale}: must be a positive integer"),
-              (args.level >= 0, f"--level {args.level}: must be >= 0"),
+              (args.level is None or args.level >= 0, f"--level {args.level}: must be >= 0"),
               (args.mpp is None or args.mpp > 0, f"--mpp {args.mpp}: must be a positive number of µm per pixel"),
-              (args.mpp is None or not (args.level or args.downscale is not None),
+              (args.mpp is None or (args.level is None and args.downscale is None),  # even --level 0
                "--mpp picks the level and downscale itself; give either --mpp or --level/--downscale"),
               (args.outline_width >= 1, f"--outline-width {args.outline_width}: must be at least 1 pixel"),
               (Path(args.input).exists(), f"{args.input}: no such folder, list file or image"),

@@ -241,6 +241,19 @@ def mask_levels(num_classes: int, mask_values: str = "spread") -> np.ndarray:
                      for k in range(num_classes)], dtype=np.uint8)
 
 
+def mpp_level(image, mpp: float, reader: str = "auto", given: bool = False) -> tuple[int, int, float]:
+    """`level_for_mpp`, saying which flags choose the scale of an image that does not record its pixel size."""
+    try:
+        return level_for_mpp(image, mpp, reader)
+    except ValueError as err:
+        if "does not record its pixel size" not in str(err):
+            raise
+        origin = "" if given else " (the resolution the network was trained at, from its checkpoint)"
+        raise ValueError(f"{image}: the file does not record its pixel size, so {mpp} µm per pixel{origin} cannot "
+                         f"be found in it; choose the scale with --downscale N (and --level L), or with --mpp "
+                         f"once you know it") from None
+
+
 def segment_image(image: str | os.PathLike, model: torch.nn.Module, settings: SegmentSettings, *,
                   mask_path: str | os.PathLike, overlay_path: str | os.PathLike | None = None,
                   device: str | torch.device = "cpu") -> Segmented:
@@ -253,13 +266,16 @@ def segment_image(image: str | os.PathLike, model: torch.nn.Module, settings: Se
     device = torch.device(device)
     level, factor = settings.level, settings.downscale
     if settings.mpp is not None:
-        level, factor, _ = level_for_mpp(image, settings.mpp, settings.reader)
+        level, factor, _ = mpp_level(image, settings.mpp, settings.reader)
     if factor < 1:
         raise ValueError(f"downscale must be a positive integer (1 = full resolution), got {factor}")
     norm = Normalisation.parse(settings.normalise)
     num_classes = settings.num_classes
     reader = open_reader(image, settings.reader, level)
     try:
+        if settings.in_channels == 1 and reader.channels >= 3:  # the authors' grayscale setting, but say so
+            warnings.warn(f"{image}: an RGB image turned to gray (ITU-R 601 luma) for a network that takes 1 "
+                          f"channel; its colour is not used", stacklevel=2)
         stats = image_stats(reader, norm, settings.in_channels)  # of the stored image, as training computes them
         source = DownscaledReader(reader, factor) if factor > 1 else reader
         height, width = reader.height, reader.width
@@ -350,6 +366,7 @@ class TrainedInput:
     in_channels: int
     num_classes: int
     normalise: str
+    mpp: float | None = None  # config slide_mpp: the µm per pixel of a network trained on slides
 
 
 def trained_input(ckpt: dict, entry: dict, model: torch.nn.Module | None = None,
@@ -388,8 +405,10 @@ def trained_input(ckpt: dict, entry: dict, model: torch.nn.Module | None = None,
         warnings.warn(f"checkpoint {path}: trained on {patch} px patches resized to {window} px, not an integer "
                       f"ratio; segmenting at downscale {downscale} (choose one with --downscale or --mpp)",
                       stacklevel=2)
+    mpp = config.get("slide_mpp")
+    mpp = float(mpp) if isinstance(mpp, (int, float)) and not isinstance(mpp, bool) and mpp > 0 else None
     return TrainedInput(window, downscale, from_network("in_channels", 3), from_network("num_classes", 2),
-                        checkpoint_normalisation(ckpt))
+                        checkpoint_normalisation(ckpt), mpp)
 
 
 def check_window(window: int, model: torch.nn.Module, name: str = "the network") -> None:
@@ -438,7 +457,7 @@ def _parse(argv):
     ap.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda, cuda:1 ...")
     ap.add_argument("--no-amp", action="store_true", help="run in float32 on the GPU")
     ap.add_argument("--reader", default="auto", choices=["auto", "pil", "tiff", "openslide"])
-    ap.add_argument("--level", type=int, default=0, help="pyramid level of a slide (0 = full resolution)")
+    ap.add_argument("--level", type=int, help="pyramid level of a slide (default 0 = full resolution)")
     ap.add_argument("--mask-values", default="spread", choices=["spread", "index"],
                     help="spread: class k is written as k*255/(K-1) (0/255 for two classes); index: k")
     ap.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -455,13 +474,13 @@ def _check_arguments(args) -> str | None:
         return f"--batch-size {args.batch_size}: must be at least 1"
     if args.downscale is not None and args.downscale < 1:
         return f"--downscale {args.downscale}: must be a positive integer (1 = full resolution)"
-    if args.level < 0:
+    if args.level is not None and args.level < 0:
         return f"--level {args.level}: must be >= 0"
     if args.outline_width < 1:
         return f"--outline-width {args.outline_width}: must be at least 1 pixel"
     if args.mpp is not None and not args.mpp > 0:
         return f"--mpp {args.mpp}: must be a positive number of µm per pixel"
-    if args.mpp is not None and (args.level or args.downscale is not None):
+    if args.mpp is not None and (args.level is not None or args.downscale is not None):  # even --level 0
         return "--mpp picks the level and downscale itself; give either --mpp or --level/--downscale"
     source = Path(args.image)
     named = [("out", Path(args.out))] + ([("overlay", Path(args.overlay))] if args.overlay else [])
@@ -500,12 +519,20 @@ def network_and_settings(args, device) -> tuple[torch.nn.Module, SegmentSettings
     trained = trained_input(ckpt, entry, model, args.checkpoint)
     settings = SegmentSettings(
         window=args.window or trained.window, overlap=args.overlap, batch_size=args.batch_size,
-        downscale=args.downscale or trained.downscale, level=args.level, mpp=args.mpp, reader=args.reader,
+        downscale=args.downscale or trained.downscale, level=args.level or 0, mpp=default_mpp(args, trained),
+        reader=args.reader,
         normalise=Normalisation.parse(args.normalise or trained.normalise), in_channels=trained.in_channels,
         num_classes=trained.num_classes, mask_values=args.mask_values, amp=not args.no_amp,
         progress=not args.quiet, thickness=args.outline_width)
     check_window(settings.window, model, entry["model_name"])
     return model, settings
+
+
+def default_mpp(args, trained: TrainedInput) -> float | None:
+    """--mpp; else, when neither --level nor --downscale chooses the scale, the training resolution."""
+    if args.mpp is not None or args.level is not None or args.downscale is not None:
+        return args.mpp
+    return trained.mpp
 
 
 def main(argv=None) -> int:
@@ -517,11 +544,11 @@ def main(argv=None) -> int:
     device = device_of(args.device)
     try:
         model, settings = network_and_settings(args, device)
-        settings = replace(settings, mpp=None)  # --mpp is resolved below, to say what was chosen
-        if args.mpp is not None:  # resolved here, not in segment_image, to say what was chosen before the run
-            level, factor, got = level_for_mpp(args.image, args.mpp, args.reader)
-            if abs(got / args.mpp - 1) > 0.1:
-                print(f"note: {args.image}: the nearest to {args.mpp} µm per pixel is {got:.4g} "
+        mpp, settings = settings.mpp, replace(settings, mpp=None)  # --mpp is resolved below, to say what was chosen
+        if mpp is not None:  # resolved here, not in segment_image, to say what was chosen before the run
+            level, factor, got = mpp_level(args.image, mpp, args.reader, given=args.mpp is not None)
+            if abs(got / mpp - 1) > 0.1:
+                print(f"note: {args.image}: the nearest to {mpp} µm per pixel is {got:.4g} "
                       f"(level {level}, downscale {factor})", file=sys.stderr)
             settings = replace(settings, level=level, downscale=factor)
         # decode errors mid-slide, a full disk: no output is left behind
