@@ -304,3 +304,50 @@ def test_the_training_program_names_bad_slides_and_keys_before_training(slides, 
     err = capsys.readouterr().err
     assert "config key 'data_root'" in err and "val.xml" in err and "class 'Hole' is not in the class mapping" in err
     assert not (tmp_path / "run" / "teacher" / "last.pt").exists()
+
+
+# --- trial defects of FolderDataset -----------------------------------------------------------------------
+def test_patch_stride_tiles_training_only_and_scored_patches_hold_each_pixel_once(tmp_path):
+    from cocofast.train.config import TrainConfig
+    from cocofast.train.data import build_dataset
+
+    for split in ("train", "val"):
+        (tmp_path / split / "images").mkdir(parents=True)
+        (tmp_path / split / "masks").mkdir(parents=True)
+        for i, side in enumerate((80, 100)):
+            Image.fromarray(np.full((side, side + 20, 3), 100, np.uint8)).save(tmp_path / split / "images" / f"{i}.png")
+            Image.fromarray(np.ones((side, side + 20), np.uint8)).save(tmp_path / split / "masks" / f"{i}.png")
+    cfg = TrainConfig(dataset="folder", data_root=str(tmp_path), patch_size=48, patch_stride=16, image_size=48,
+                      num_classes=2).validate()
+    train, val = build_dataset(cfg, "train"), build_dataset(cfg, "val")
+    assert len(train) > len(val)  # the stride overlaps training patches only
+    counted = {0: np.zeros((80, 100), int), 1: np.zeros((100, 120), int)}
+    for index in range(len(val)):
+        pair, top, left, h, w = val.index[index]
+        _, mask = val[index]
+        counted[pair][top:top + h, left:left + w] += (mask.numpy() != IGNORE)
+    assert all((c == 1).all() for c in counted.values())  # every pixel scored exactly once
+
+
+def test_a_16_bit_image_using_a_sliver_of_its_range_is_named(tmp_path):
+    from cocofast.data import FolderDataset
+
+    (tmp_path / "images").mkdir()
+    (tmp_path / "masks").mkdir()
+    image = (np.arange(64 * 64).reshape(64, 64) % 263).astype(np.uint16)  # 0..262: 0.4 % of 0..65535
+    tifffile.imwrite(tmp_path / "images" / "dim.tif", image)
+    tifffile.imwrite(tmp_path / "images" / "full.tif", image * 249)  # 0..65487: the whole range
+    for name in ("dim", "full"):
+        Image.fromarray(np.zeros((64, 64), np.uint8)).save(tmp_path / "masks" / f"{name}.png")
+    with pytest.warns(UserWarning) as caught:
+        FolderDataset(tmp_path, in_channels=1)
+    texts = [str(w.message) for w in caught if "values span" in str(w.message)]
+    assert len(texts) == 1 and "dim.tif: uint16 values span 0..262, 0.4% of the 0..65535" in texts[0]
+    assert "range:0:262" in texts[0]
+    import warnings
+
+    for path in (tmp_path / "images" / "full.tif", tmp_path / "masks" / "full.png"):
+        path.unlink()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        FolderDataset(tmp_path, in_channels=1, normalise="range:0:4095")  # a declared range: nothing to say

@@ -36,7 +36,9 @@ def build_dataset(cfg: TrainConfig, split: str):
     try:
         return FolderDataset(folder, mask_values=cfg.mask_mapping(), num_classes=cfg.num_classes,
                              in_channels=cfg.in_channels, patch_size=cfg.patch_size or None,
-                             stride=cfg.patch_stride or None, resize=cfg.image_size,
+                             # patch_stride tiles training only: scored patches must hold each pixel once
+                             stride=(cfg.patch_stride or None) if split == "train" else None,
+                             score_once=split != "train", resize=cfg.image_size,
                              normalise=options["normalise"], augment=augment, seed=cfg.seed)
     except ValueError as err:  # the dataset lists every bad file; say which split and key it came from
         raise ConfigError(f"config key 'data_root': the {split} split in {folder} is not usable: {err}") from None

@@ -13,6 +13,7 @@ checks the values against the declared range and, for per-image percentiles, rec
 from __future__ import annotations
 
 import os
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,8 +25,9 @@ from torch.utils.data import Dataset
 
 from .imageio import IMAGE_SUFFIXES, is_tiff, load_mask, read_header
 from .normalise import Normalisation, image_stats, standardise, to_unit_range, values_outside
+from .annotations import IGNORE
 from .slides import MAX_PIXELS, ArrayReader, TiffReader, open_reader
-from .tiling import patch_grid, resolve_stride
+from .tiling import axis_starts, first_cover_offsets, patch_grid, resolve_stride
 from .transforms import Augmentation, augment_pair, resize_pair
 
 # Pixels per band when the check scans an image or mask: bounds its temporaries (bincount's int64 copy).
@@ -91,7 +93,7 @@ class FolderDataset(Dataset):
                  resize: int | tuple[int, int] | None = None, flips: bool = False, seed: int = 0,
                  mask_suffix: str = "", check_mask_values: bool = True, threads: int | None = None,
                  normalise: Normalisation | str = "range", augment: Augmentation | None = None,
-                 check_pixels: bool = True, max_pixels: int = MAX_PIXELS):
+                 check_pixels: bool = True, max_pixels: int = MAX_PIXELS, score_once: bool = False):
         if sum(x is not None for x in (root, list_file, pairs)) != 1:
             raise ValueError("give exactly one of root (a folder with images/ and masks/), list_file or pairs")
         if in_channels not in (1, 3):
@@ -107,6 +109,11 @@ class FolderDataset(Dataset):
         self.augment.check_channels(in_channels)
         self.seed = seed
         self.max_pixels = max_pixels
+        # Evaluation sets: patches at stride patch_size, and where the last one is pulled back inside the image,
+        # the pixels the previous patch holds are IGNORE (255) in its mask, so metrics count every pixel once.
+        self.score_once = score_once
+        if score_once and (stride is not None or overlap is not None):
+            raise ValueError("score_once tiles at stride patch_size; give no stride or overlap")
         self.mapping = _mapping(mask_values, num_classes, ignore_index)
         self.lut = _value_lut(self.mapping)
         self.mask_values = mask_values
@@ -153,6 +160,14 @@ class FolderDataset(Dataset):
             else:
                 for top, left in patch_grid(pair.height, pair.width, self.patch, self.stride):
                     self.index.append((i, top, left, *self.patch))
+        self.first_cover: dict[int, tuple[int, int]] = {}  # index -> rows, columns an earlier patch holds
+        if score_once and self.patch is not None:
+            for n, (i, top, left, height, width) in enumerate(self.index):
+                ys = axis_starts(self.pairs[i].height, height, height)
+                xs = axis_starts(self.pairs[i].width, width, width)
+                own = (first_cover_offsets(ys, height)[ys.index(top)], first_cover_offsets(xs, width)[xs.index(left)])
+                if any(own):
+                    self.first_cover[n] = own
 
     def _check_pair(self, image: Path, mask: Path, check_values: bool, check_pixels: bool):
         problems = []
@@ -186,6 +201,10 @@ class FolderDataset(Dataset):
                 stats = self._scan_image(image)
             except ValueError as err:
                 problems.append((str(image), str(err).removeprefix(f"{image}: ")))
+        if not problems and check_pixels:
+            note = narrow_range(image, self.normalise, self.max_pixels)
+            if note:
+                warnings.warn(note, stacklevel=2)
         if check_values and not problems:
             try:
                 bad = self._scan_mask(mask)
@@ -272,6 +291,9 @@ class FolderDataset(Dataset):
         finally:
             reader.close()
         mask = self._map(raw, pair.mask)
+        rows, cols = self.first_cover.get(index, (0, 0))
+        mask[:rows] = IGNORE
+        mask[:, :cols] = IGNORE
         image, mask = torch.from_numpy(image), torch.from_numpy(mask)
         if self.resize is not None:
             image, mask = resize_pair(image, mask, self.resize)
@@ -293,6 +315,34 @@ class FolderDataset(Dataset):
             shown = ", ".join(str(v) for v in np.unique(raw[unmapped])[:8].tolist())
             raise ValueError(f"{path}: mask values {shown} are not in the mapping {self._mapping_text()}")
         return mask
+
+
+# An integer image wider than 8 bits whose largest value is below this share of its dtype's range, read under
+# 'range' (x / dtype max), reaches the network as a nearly black input: worth a warning.
+NARROW_RANGE = 0.1
+
+
+def narrow_range(path: Path, norm: Normalisation, max_pixels: int = MAX_PIXELS) -> str | None:
+    """The warning for an image of 16 or more bits that uses a small part of the range `norm` maps to [0, 1]."""
+    if norm.mode not in ("range", "meanstd") or norm.low is not None:
+        return None
+    reader = open_reader(path, max_pixels=max_pixels)
+    try:
+        if reader.dtype.kind != "u" or reader.dtype.itemsize < 2:
+            return None
+        rows = max(1, CHECK_BAND_PIXELS // reader.width)
+        low, high = np.iinfo(reader.dtype).max, 0
+        for top in range(0, reader.height, rows):
+            band = reader.read(top, 0, rows, reader.width)
+            low, high = min(low, int(band.min())), max(high, int(band.max()))
+        full = int(np.iinfo(reader.dtype).max)
+    finally:
+        reader.close()
+    if high >= NARROW_RANGE * full:
+        return None
+    return (f"{path}: {reader.dtype} values span {low}..{high}, {high / full:.1%} of the 0..{full} that normalise "
+            f"'{norm.text()}' maps to [0, 1], so the network sees inputs of at most {high / full:.3g}; declare the "
+            f"stored range (normalise 'range:0:{high}', or 'range:0:4095' for 12-bit data) or use 'percentile:1:99'")
 
 
 def mask_reader(path: Path):

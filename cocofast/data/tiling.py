@@ -50,6 +50,13 @@ def axis_starts(length: int, window: int, stride: int) -> list[int]:
     return [min(i * stride, length - window) for i in range(count)]
 
 
+def first_cover_offsets(starts: list[int], window: int) -> list[int]:
+    """For windows at `starts` (increasing) along one axis, where inside each one the pixels no earlier window
+    covers begin: 0 for the first, and for a last window pulled back to the border, the part it shares with
+    the one before. Evaluation that counts a window's pixels from there on scores every pixel exactly once."""
+    return [0] + [max(0, before + window - start) for before, start in zip(starts, starts[1:])]
+
+
 def patch_grid(height: int, width: int, patch: int | tuple[int, int],
                stride: int | tuple[int, int] | None = None) -> list[tuple[int, int]]:
     """(top, left) of every patch covering a height x width image, row by row."""
