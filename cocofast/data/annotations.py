@@ -35,7 +35,8 @@ import numpy as np
 import shapely
 from shapely.geometry import MultiPolygon, Polygon, shape
 
-IGNORE = 255  # the label of pixels that count nowhere (unannotated when so configured, padding)
+from .imageio import IGNORE
+
 GEOJSON_SUFFIXES = (".geojson", ".json")
 XML_SUFFIXES = (".xml",)
 UNCLASSIFIED = "Unclassified"

@@ -23,9 +23,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from .imageio import IMAGE_SUFFIXES, is_tiff, load_mask, read_header
+from .imageio import IGNORE, IMAGE_SUFFIXES, is_tiff, load_mask, read_header
 from .normalise import Normalisation, image_stats, standardise, to_unit_range, values_outside
-from .annotations import IGNORE
 from .slides import MAX_PIXELS, ArrayReader, TiffReader, open_reader
 from .tiling import axis_starts, first_cover_offsets, patch_grid, resolve_stride
 from .transforms import Augmentation, augment_pair, resize_pair

@@ -20,6 +20,9 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff")
 TIFF_SUFFIXES = (".tif", ".tiff", ".svs", ".ndpi", ".scn", ".bif", ".qptiff")
 # Slide formats only OpenSlide reads.
 OPENSLIDE_SUFFIXES = (".mrxs", ".vms", ".vmu", ".svslide")
+# The mask label of pixels that count in no loss and no metric (cocofast.losses' IGNORE_INDEX): unlabelled
+# slide tissue, padding beyond a slide's edge, pixels an earlier evaluation patch already scored.
+IGNORE = 255
 
 
 @dataclass(frozen=True)

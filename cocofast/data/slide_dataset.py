@@ -46,12 +46,12 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from .annotations import GEOJSON_SUFFIXES, IGNORE, XML_SUFFIXES, Annotations, read_annotations
+from .annotations import GEOJSON_SUFFIXES, XML_SUFFIXES, Annotations, read_annotations
 from .folder import DatasetError
-from .imageio import OPENSLIDE_SUFFIXES, TIFF_SUFFIXES
+from .imageio import IGNORE, OPENSLIDE_SUFFIXES, TIFF_SUFFIXES
 from .normalise import Normalisation, standardise, to_unit_range
 from .slides import DownscaledReader, choose_level, open_reader
-from .tiling import axis_starts
+from .tiling import axis_starts, first_cover_offsets
 from .tissue import TissueMask, tissue_mask
 from .transforms import Augmentation, augment_pair
 
@@ -341,12 +341,10 @@ class SlideDataset(Dataset):
         p = self.patch
         for i, slide in enumerate(self.slides):
             ys, xs = axis_starts(slide.height, p, p), axis_starts(slide.width, p, p)
-            for a, top in enumerate(ys):
-                for b, left in enumerate(xs):
+            for top, own_top in zip(ys, first_cover_offsets(ys, p)):
+                for left, own_left in zip(xs, first_cover_offsets(xs, p)):
                     if self._window_labelled(slide, top, left):
-                        own_top = ys[a - 1] + p - top if a else 0
-                        own_left = xs[b - 1] + p - left if b else 0
-                        self.grid.append((i, top, left, max(own_top, 0), max(own_left, 0)))
+                        self.grid.append((i, top, left, own_top, own_left))
 
     def _window_labelled(self, slide: Slide, top: int, left: int) -> bool:
         s = slide.scale / slide.tissue.scale  # thumbnail pixels per patch pixel
