@@ -150,6 +150,23 @@ def test_auto_follows_the_model():
     assert roofline.gpu_spec("NVIDIA A100-SXM4-80GB") is gpu and roofline.gpu_spec("Tesla T4").name == "H100 SXM"
 
 
+def test_the_fused_forward_reads_its_maps_twice_unless_they_fit_in_l2():
+    h100 = roofline.GPUS["H100"]
+    maps = lambda b, n, c1, c2: b * n * (c1 + c2) * 4  # noqa: E731
+    # Mobile U-Net's maps at a 1024² patch, B = 8: 100 MB, twice the L2: both forward reads from DRAM.
+    big = roofline.triton_gram_steps(8, 65_536, 24, 24, gpu=h100)[0]
+    assert big.bytes == pytest.approx(maps(8, 65_536, 24, 24) * roofline.TRITON_FORWARD_PASSES)
+    # One 64² image: 0.8 MB, the Gram launch's re-read of what the channel max read comes from L2.
+    small = roofline.triton_gram_steps(1, 4_096, 24, 24, gpu=h100)[0]
+    assert small.bytes == pytest.approx(maps(1, 4_096, 24, 24) * (roofline.TRITON_FORWARD_PASSES - 1))
+    # The boundary is the usable share of this GPU's L2 (A100: 40 MB), and no GPU means no L2.
+    a100 = roofline.GPUS["A100"]
+    edge = int(roofline.L2_USABLE * a100.l2_bytes) // (48 * 4)
+    assert roofline.forward_passes(1, edge, 24, 24, 4, a100) == roofline.TRITON_FORWARD_PASSES - 1
+    assert roofline.forward_passes(1, edge + 1, 24, 24, 4, a100) == roofline.TRITON_FORWARD_PASSES
+    assert roofline.forward_passes(1, 4_096, 24, 24, 4, None) == roofline.TRITON_FORWARD_PASSES
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_on_cuda_auto_runs_what_the_model_picks_and_every_gram_path_agrees():

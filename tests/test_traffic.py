@@ -5,7 +5,9 @@ import pytest
 import torch
 
 from cocofast.kernels.cmss_rows import MixedRows, channel_extrema
+from cocofast.kernels.launcher import gpu_tiles
 from cocofast.kernels.traffic import count_traffic, fitted_traffic, path_traffic
+from cocofast.ops.roofline import TRITON_BACKWARD_PASSES, TRITON_FORWARD_PASSES
 
 
 def rows_of(report, kernel):
@@ -68,9 +70,32 @@ def test_triton_path_at_a_production_size_is_near_its_floor(c):
 
 
 def test_the_tile_walks_report_against_their_own_minimum():
-    for path, c1, c2 in (("tiled", 24, 24), ("pixel_relation", 256, 24)):
-        r = path_traffic(path, c1, c2, side=8)
-        assert r["walk_minimum_forward"] >= r["minimum_forward"] and 1.0 <= r["walk_multiple"] <= r["issued_multiple"]
+    """At the GPU's 64-pixel tiles and N = 256 (4 row blocks, so the walk minimum is 4× the plain one),
+    the walk minimum is the formula's figure, and each walk kernel issues exactly twice it: a program
+    re-reads its own row block at every step of the walk (one tile from L1/L2, not a new stream)."""
+    m1, m2 = 24 * 256 * 4, 40 * 256 * 4  # one (1, C, 16, 16) fp32 map
+    with gpu_tiles():
+        tiled = path_traffic("tiled", 24, 40, side=16)
+        relation = path_traffic("pixel_relation", 40, 24, side=16)
+    assert tiled["walk_minimum_forward"] == 4 * (m1 + m2) == relation["walk_minimum_forward"]
+    # Backward: one program per 32-wide output tile of each map with a gradient (24: 1 tile, 40: 2).
+    assert tiled["walk_minimum_backward"] == (1 + 2) * 4 * (m1 + m2) + m1 + m2
+    assert relation["walk_minimum_backward"] == 1 * 4 * (m1 + m2) + m1  # the student (24) has the gradient
+    for r, kernel, names in ((tiled, "tiled_forward_kernel", ("f1_ptr", "f2_ptr")),
+                             (relation, "pixel_relation_forward_kernel", ("ft_ptr", "fs_ptr"))):
+        rows = rows_of(r["forward"], kernel)
+        assert sum(rows[n].loads for n in names) == 2 * r["walk_minimum_forward"], kernel
+    assert 1.0 < tiled["walk_multiple"] < tiled["issued_multiple"] / 3  # the walk, not the plain minimum
+
+
+def test_auto_models_the_fused_path_with_the_counted_passes():
+    """roofline's TRITON_*_PASSES are the counter's figures at the GPU tiles and row splits (24/24, the
+    largest of the production pairs; 256/256 and 256/24 count 2.03 and 1.015), rounded up to 0.01."""
+    with gpu_tiles():
+        r = fitted_traffic("triton", 24, 24)
+    fwd, bwd_reads = r["dram_multiple_forward"], 2 * r["dram_multiple_backward"] - 1
+    assert TRITON_FORWARD_PASSES - 0.01 < fwd <= TRITON_FORWARD_PASSES, fwd
+    assert TRITON_BACKWARD_PASSES - 0.01 < bwd_reads <= TRITON_BACKWARD_PASSES, bwd_reads
 
 
 def test_needs_the_interpreter(monkeypatch):

@@ -11,6 +11,8 @@ Datasheet peaks (dense, no sparsity), SXM parts:
     A100   HBM2e 2.0 TB/s (80 GB: 2.039);  FP32 19.5; TF32 156; BF16 312
 Triton's fp32 dots run as tf32x3 (three TF32 MMAs for fp32 accuracy): a third of the TF32 peak. torch's fp32
 matmul runs on the FP32 units unless torch.backends.cuda.matmul.allow_tf32 is set, which the model reads.
+L2: H100 / H200 SXM 50 MB, A100 40 MB (whitepapers). The fused path's second forward read of the maps (the
+Gram launch after the channel-max launch) comes from L2 only when everything read in between fits in it.
 """
 from __future__ import annotations
 
@@ -28,6 +30,7 @@ class GPUSpec:
     fp32_flops_per_s: float
     tf32_flops_per_s: float
     bf16_flops_per_s: float
+    l2_bytes: float
 
     def peak(self, math: str) -> float:
         """FLOP/s of one arithmetic kind: 'fp32' (SIMT), 'tf32', 'tf32x3' or 'bf16' (tensor cores)."""
@@ -39,9 +42,9 @@ class GPUSpec:
 
 
 GPUS = {
-    "H100": GPUSpec("H100 SXM", 3.35e12, 67e12, 494.7e12, 989.4e12),
-    "H200": GPUSpec("H200 SXM", 4.8e12, 67e12, 494.7e12, 989.4e12),
-    "A100": GPUSpec("A100 SXM", 2.0e12, 19.5e12, 156e12, 312e12),
+    "H100": GPUSpec("H100 SXM", 3.35e12, 67e12, 494.7e12, 989.4e12, 50 * 2**20),
+    "H200": GPUSpec("H200 SXM", 4.8e12, 67e12, 494.7e12, 989.4e12, 50 * 2**20),
+    "A100": GPUSpec("A100 SXM", 2.0e12, 19.5e12, 156e12, 312e12, 40 * 2**20),
 }
 
 
@@ -77,24 +80,42 @@ def gram_torch_steps(batch: int, n_pix: int, c1: int, c2: int, element_bytes: in
             gram_torch_traffic(batch, n_pix, c1, c2, element_bytes)]
 
 
-# Passes over both N×C maps of the fused kernels, as cocofast.kernels.traffic counts them (DRAM model, each
-# byte once per launch), fitted as a + b·N over N = 1,024 and 2,304 and taken to N = 65,536 (C = 24 to
-# 256): forward 2.02-2.04 (the channel max, then one Gram pass), backward 1.01-1.02 × (maps + gradients),
-# i.e. one read of each map and one write of its gradient. bench/bench_roofline.py recounts them at every run.
-TRITON_FORWARD_PASSES = 2.04
-TRITON_BACKWARD_PASSES = 1.04  # reads of the maps; the gradient write is the + 1 below
+# Passes over both N×C maps of the fused kernels as cocofast.kernels.traffic counts them with the GPU tiles
+# and row splits (DRAM model: each byte once per launch, L2 serving re-reads within a launch), fitted as
+# a + b·N over N = 1,024 and 2,304 and taken to N = 65,536, the largest over C₁/C₂ = 24/24, 256/256, 256/24
+# rounded up to 0.01: forward 2.057 at 24/24 (2.03 at 256: the channel max, then one Gram pass, plus the
+# row splits' partial Grams), backward reads 1.046 at 24/24 (1.015 at 256). tests/test_traffic.py recounts
+# the 24/24 figures against these; bench/bench_roofline.py recounts them at every run.
+TRITON_FORWARD_PASSES = 2.06
+TRITON_BACKWARD_PASSES = 1.05  # reads of the maps; the gradient write is the + 1 below
 GRAM_TILE = 64  # the kernels' channel tile: the symmetric Grams compute the upper tile pairs only
+# Share of L2 a re-read may count on: the rest holds the C×C partials, the row norms and other streams,
+# and the hashed, set-associative L2 evicts before it is full. An assumption, not a measurement.
+L2_USABLE = 0.5
+
+
+def forward_passes(batch: int, n_pix: int, c1: int, c2: int, element_bytes: int, gpu: GPUSpec | None) -> float:
+    """DRAM passes over the maps of the fused forward on `gpu`: the counted TRITON_FORWARD_PASSES, one
+    fewer when the whole batch's maps (what the channel-max launch reads before the Gram launch re-reads
+    it) fit in the usable L2. gpu=None: no L2 (every launch's bytes from DRAM)."""
+    maps = batch * n_pix * (c1 + c2) * element_bytes
+    if gpu is not None and maps <= L2_USABLE * gpu.l2_bytes:
+        return TRITON_FORWARD_PASSES - 1
+    return TRITON_FORWARD_PASSES
 
 
 def triton_gram_steps(batch: int, n_pix: int, c1: int, c2: int, element_bytes: int = 4, *,
                       forward_bytes: float | None = None, backward_bytes: float | None = None,
-                      math: str = "tf32x3") -> list[Step]:
-    """The fused `triton` path: one forward and one backward step. Bytes default to the pass counts above;
+                      math: str = "tf32x3", gpu: GPUSpec | None = None) -> list[Step]:
+    """The fused `triton` path: one forward and one backward step. Bytes default to the pass counts above
+    (with `gpu`, the forward's second read is served from its L2 where the maps fit, see forward_passes);
     pass counted figures (kernels/traffic.py) as forward_bytes / backward_bytes to model the kernels as they
     are. FLOPs: the forward forms K in full and S₁, S₂ on their upper channel-tile pairs; the backward
-    evaluates dÂ = Â·S + Â'·K once per map (a GEMM with inner dimension C₁ + C₂)."""
+    evaluates dÂ = Â·S + Â'·K once per map (a GEMM with inner dimension C₁ + C₂). The backward's read is
+    always from DRAM: the rest of the network's backward runs between it and the forward."""
     maps = batch * n_pix * (c1 + c2) * element_bytes
-    fwd_bytes = maps * TRITON_FORWARD_PASSES if forward_bytes is None else forward_bytes
+    passes = forward_passes(batch, n_pix, c1, c2, element_bytes, gpu)
+    fwd_bytes = maps * passes if forward_bytes is None else forward_bytes
     bwd_bytes = maps * (TRITON_BACKWARD_PASSES + 1) if backward_bytes is None else backward_bytes
     upper = lambda c: min(c * c, c * (c + GRAM_TILE) / 2)  # noqa: E731
     fwd_flops = 2 * batch * n_pix * (upper(c1) + upper(c2) + c1 * c2)
@@ -121,10 +142,10 @@ def similarity_auto_backend(f1: torch.Tensor, f2: torch.Tensor) -> str:
         return "gram"
     gpu = gpu_spec(torch.cuda.get_device_name(f1.device))
     shape = (f1.shape[0], f1.shape[2] * f1.shape[3], f1.shape[1], f2.shape[1], f1.element_size())
-    return faster_backend({"triton": modelled_time(triton_gram_steps(*shape), gpu),
+    return faster_backend({"triton": modelled_time(triton_gram_steps(*shape, gpu=gpu), gpu),
                            "gram": modelled_time(gram_torch_steps(*shape), gpu)})
 
 
 __all__ = ["GPUS", "GPUSpec", "Step", "TRITON_BACKWARD_PASSES", "TRITON_FORWARD_PASSES", "faster_backend",
-           "gpu_spec", "gram_torch_steps", "modelled_time", "similarity_auto_backend", "step_time",
+           "forward_passes", "gpu_spec", "gram_torch_steps", "L2_USABLE", "modelled_time", "similarity_auto_backend", "step_time",
            "torch_matmul_math", "triton_gram_steps", "GRAM_TILE"]
