@@ -17,7 +17,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from cocofast.losses import LOSSES, DistillLoss
+from cocofast.losses import LOSSES, DistillLoss, LossOutputError
 from cocofast.losses.adversarial import AdversarialLoss
 from cocofast.losses.base import IGNORE_INDEX
 from cocofast.losses.supervised import focal_dice_loss
@@ -107,7 +107,10 @@ class StudentStep:
             args = self.adapter.inputs(criterion, student, teacher, masks)
             if args is None:  # a loss on labels, and no labelled row in this batch
                 continue
-            value = criterion(*args)
+            try:
+                value = criterion(*args)
+            except LossOutputError as err:  # a user's loss that returns a vector: name it, no traceback
+                raise ConfigError(f"config key 'losses': {name!r}: {err}") from None
             loss = loss + value
             terms[f"loss_{name}"] = value.item()
         if self.adversarial is not None:

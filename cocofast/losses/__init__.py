@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 import yaml
 
 from cocofast.losses.at import ATLoss
-from cocofast.losses.base import FEATURES, IGNORE_INDEX, DistillLoss, Reads
+from cocofast.losses.base import FEATURES, IGNORE_INDEX, DistillLoss, LossOutputError, Reads
 from cocofast.losses.cmss import CMSSLoss
 from cocofast.losses.coco import CoCoLoss
 from cocofast.losses.cpkd import CPKDLoss
@@ -148,11 +148,10 @@ def parse_losses(text: str) -> list[LossSpec]:
         for part in parts:
             key, eq, value = part.partition("=")
             if eq:
-                try:
-                    params[key.strip()] = yaml.safe_load(value.strip())
-                except yaml.YAMLError:
-                    raise ValueError(f"{name}: value of {key.strip()!r} is not a number, true/false or a word: "
-                                     f"{value.strip()!r}") from None
+                key = key.strip()
+                if key in params:
+                    raise ValueError(f"{name}: {key!r} is given twice in {item.strip()!r}; give it once")
+                params[key] = hyper_parameter(name, key, value.strip())
             elif weight is None:
                 try:
                     weight = float(part)
@@ -162,11 +161,34 @@ def parse_losses(text: str) -> list[LossSpec]:
             else:
                 raise ValueError(f"{name!r} has two weights in {item.strip()!r}; hyper-parameters are key=value")
         spec = LossSpec(name, weight, params)
-        spec.build()  # unknown keys and bad values fail now, naming the loss
+        try:
+            spec.build()  # unknown keys and bad values fail now, naming the loss
+        except ValueError:
+            raise
+        except Exception as err:  # a constructor's TypeError on a list or a word (a user's loss, too)
+            shown = ", ".join(f"{k}={v!r}" for k, v in params.items())
+            raise ValueError(f"{name}: cannot build it with {shown or 'its defaults'} "
+                             f"({type(err).__name__}: {err})") from None
         specs.append(spec)
     return specs
 
 
+def hyper_parameter(loss: str, key: str, text: str):
+    """One `key=value` value: a YAML scalar (2 -> int, true -> bool, tiled -> str), and any text Python's
+    float reads as a float (YAML 1.1 reads 1e1 and 1e-3, without a dot, as strings), as the config keys do."""
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError:
+        raise ValueError(f"{loss}: value of {key!r} is not a number, true/false or a word: {text!r}") from None
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    return value
+
+
 __all__ = ["ATLoss", "CMSSLoss", "CoCoLoss", "CPKDLoss", "DistillLoss", "EMKDLoss", "FEATURES", "FSPLoss",
-           "GraphFlowLoss", "IFVDLoss", "IGNORE_INDEX", "KDLoss", "LOSSES", "LossSpec", "Reads", "SKDPairwiseLoss",
-           "SKDPixelLoss", "get_loss", "list_losses", "loss_parameters", "parse_losses", "register_loss"]
+           "GraphFlowLoss", "IFVDLoss", "IGNORE_INDEX", "KDLoss", "LOSSES", "LossOutputError", "LossSpec", "Reads",
+           "SKDPairwiseLoss", "SKDPixelLoss", "get_loss", "list_losses", "loss_parameters", "parse_losses",
+           "register_loss"]

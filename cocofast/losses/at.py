@@ -4,6 +4,11 @@ A map's attention is mean_c |F|^p over channels, flattened and L2-normalised ove
 mean squared difference of the student's and teacher's attention, summed over the shallow and deep taps.
 Channel counts may differ; when the spatial sizes differ, the student's raw map is resized (bilinear) to the
 teacher's before normalising, so both are unit vectors on the same grid.
+
+The normalisation makes the loss independent of each image's feature scale, so every map is first divided
+by a power of two that brings its largest |value| into [0.5, 1) (exact in floating point): |F|^p and the
+squares of the norm cannot overflow, and finite features of any size (1e38 included) give the loss of the
+same features at unit scale instead of NaN, Inf or a silent 0.
 """
 from __future__ import annotations
 
@@ -18,8 +23,15 @@ def attention_map(feat: torch.Tensor, p: float) -> torch.Tensor:
     return feat.abs().pow(p).mean(dim=1, keepdim=True)
 
 
+def unit_peak(feat: torch.Tensor) -> torch.Tensor:
+    """(B, C, h, w) scaled per image by 2^-k, k the exponent of its largest |value| (a constant: no gradient)."""
+    peak = feat.detach().abs().amax(dim=(1, 2, 3), keepdim=True)
+    _, exponent = torch.frexp(peak)
+    return feat * torch.ldexp(torch.ones_like(peak), -exponent)  # (torch.ldexp passes no gradient to feat)
+
+
 def attention_distance(f_student: torch.Tensor, f_teacher: torch.Tensor, p: float) -> torch.Tensor:
-    a_s, a_t = attention_map(f_student, p), attention_map(f_teacher, p)
+    a_s, a_t = attention_map(unit_peak(f_student), p), attention_map(unit_peak(f_teacher), p)
     if a_s.shape[-2:] != a_t.shape[-2:]:
         a_s = F.interpolate(a_s, size=a_t.shape[-2:], mode="bilinear", align_corners=False)
     q_s = F.normalize(a_s.flatten(1), dim=1)

@@ -105,6 +105,10 @@ def widen(t: torch.Tensor) -> torch.Tensor:
     return t if t.dtype == torch.float64 else t.float()
 
 
+class LossOutputError(ValueError):
+    """A loss's `distill` returned something other than one scalar tensor (a per-image vector, a float)."""
+
+
 class Reads:
     """Which inputs a loss reads: feature names (in FEATURES order of the call), the teacher view, labels."""
 
@@ -195,7 +199,12 @@ class DistillLoss(nn.Module):
             s = [widen(t) for t in student]
             t = [widen(x.detach()) for x in teacher]
             lab = labels.to(device) if self.reads.labels else None
-            return self.weight * self.distill(s, t, lab)
+            value = self.distill(s, t, lab)
+        if not isinstance(value, torch.Tensor) or value.dim() != 0:
+            got = f"shape {shape_str(value)}" if isinstance(value, torch.Tensor) else type(value).__name__
+            raise LossOutputError(f"{type(self).__name__}.distill returned {got}; a loss returns one scalar "
+                                  f"(a 0-dim tensor, e.g. the .mean() of its per-image terms)")
+        return self.weight * value
 
     def extra_repr(self) -> str:
         return f"weight={self.weight:g}"

@@ -21,13 +21,13 @@ this loss is the distillation part only.
 """
 from __future__ import annotations
 
-import math
 from typing import Sequence
 
 import torch
 
 from cocofast.losses.at import attention_distance
-from cocofast.losses.base import DistillLoss, Reads, check_non_negative, check_same_shape, shape_str
+from cocofast.losses.base import (DistillLoss, Reads, check_non_negative, check_positive, check_same_shape,
+                                  shape_str)
 from cocofast.losses.labels import class_means, class_membership, downsample_labels
 from cocofast.losses.kd import pixel_kl
 
@@ -96,9 +96,7 @@ class EMKDLoss(DistillLoss):
         self.pmd_weight = check_non_negative(name, "pmd_weight", pmd_weight)
         self.imd_weight = check_non_negative(name, "imd_weight", imd_weight)
         self.rad_weight = check_non_negative(name, "rad_weight", rad_weight)
-        if not (math.isfinite(temperature) and temperature > 0):
-            raise ValueError(f"{name}: temperature must be a finite number > 0, got {temperature!r}")
-        self.temperature = float(temperature)
+        self.temperature = check_positive(name, "temperature", temperature)
 
     def distill(self, student, teacher, labels):
         name = type(self).__name__

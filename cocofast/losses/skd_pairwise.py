@@ -21,7 +21,8 @@ class SKDPairwiseLoss(DistillLoss):
 
     def __init__(self, weight: float | None = None, pool_kernel: int = 2, backend: str = "auto"):
         super().__init__(weight)
-        if int(pool_kernel) != pool_kernel or pool_kernel < 1:
+        if isinstance(pool_kernel, bool) or not isinstance(pool_kernel, (int, float)) or \
+                not float(pool_kernel).is_integer() or pool_kernel < 1:
             raise ValueError(f"{type(self).__name__}: pool_kernel must be an integer >= 1 (1 = no pooling), "
                              f"got {pool_kernel!r}")
         if backend not in BACKENDS:

@@ -61,12 +61,16 @@ def check_extrema(fn: str, name: str, t: torch.Tensor, lo: float, hi: float, has
     if math.isinf(lo) or math.isinf(hi):
         raise ValueError(f"{fn}: `{name}` (shape {shape_str(t)}) contains Inf")
     acc = accumulation_dtype(t)
-    limit = largest_safe_magnitude(t.shape[1], acc)
-    if max(-lo, hi) > limit:
-        raise ValueError(
-            f"{fn}: `{name}` (shape {shape_str(t)}) has values up to {max(-lo, hi):.3g} in magnitude, finite but "
-            f"too large: the {str(acc)[6:]} accumulation of squares in the row norms overflows above "
-            f"{limit:.3g} for C={t.shape[1]} channels; rescale the features")
+    check_magnitude(fn, name, t, max(-lo, hi), largest_safe_magnitude(t.shape[1], acc),
+                    f"the {str(acc)[6:]} accumulation of squares in the row norms overflows above {{limit}} for "
+                    f"C={t.shape[1]} channels")
+
+
+def check_magnitude(fn: str, name: str, t: torch.Tensor, largest: float, limit: float, overflow: str) -> None:
+    """Refuse finite values too large for the arithmetic: `overflow` says what overflows above {limit}."""
+    if largest > limit:
+        raise ValueError(f"{fn}: `{name}` (shape {shape_str(t)}) has values up to {largest:.3g} in magnitude, "
+                         f"finite but too large: {overflow.format(limit=f'{limit:.3g}')}; rescale the features")
 
 
 def extrema_check(fn: str, names: tuple[str, str], a: torch.Tensor, b: torch.Tensor):
@@ -124,5 +128,5 @@ def check_naive_fits(fn: str, *, batch: int, n_pix: int, matrices: int, element_
 
 
 __all__ = ["FLOAT_DTYPES", "NaiveTooLargeError", "accumulation_dtype", "available_host_memory",
-           "available_memory", "check_extrema", "check_map", "extrema_check", "check_naive_fits", "check_pair", "largest_safe_magnitude",
+           "available_memory", "check_extrema", "check_magnitude", "check_map", "extrema_check", "check_naive_fits", "check_pair", "largest_safe_magnitude",
            "shape_str"]
