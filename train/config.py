@@ -425,7 +425,11 @@ def load_yaml(path: str | os.PathLike) -> dict[str, Any]:
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
     try:
-        data = yaml.load(path.read_text(), Loader=UniqueKeyLoader)  # a key given twice is an error
+        # Bytes, not text: YAML reads UTF-8 and UTF-16 by their byte-order mark, and calls anything else
+        # (a binary file) an unacceptable character, a YAMLError like any other syntax error.
+        data = yaml.load(path.read_bytes(), Loader=UniqueKeyLoader)  # a key given twice is an error
+    except OSError as err:
+        raise ConfigError(f"config file {path}: cannot read it ({err.strerror})") from None
     except yaml.YAMLError as err:
         raise ConfigError(f"config file {path} is not valid YAML: {err}") from None
     if data is None:
@@ -461,6 +465,9 @@ def parse_args(argv: Sequence[str]) -> TrainConfig:
             config_file = value
         else:
             overrides.append((key, value))
+            if config_file is not None:  # one file: a second would silently replace the first's keys
+                raise ConfigError(f"--config given twice ({config_file}, then {value}); give one file, and "
+                                  f"other keys as --key=value")
         i += 1
     if config_file is not None:
         for key, value in load_yaml(config_file).items():

@@ -12,6 +12,9 @@ import math
 import yaml
 
 STAGE_FOLDERS = ("teacher", "paraphraser")  # run_dir sub-folders the other stages own
+MERGE_TAG = "tag:yaml.org,2002:merge"
+# Bytes in one file name on ext4, XFS, btrfs, APFS and NTFS: a longer folder name fails at mkdir mid-run.
+NAME_MAX = 255
 
 
 class UniqueKeyLoader(yaml.SafeLoader):
@@ -20,7 +23,12 @@ class UniqueKeyLoader(yaml.SafeLoader):
     def construct_mapping(self, node, deep=False):
         first_line: dict = {}
         for key_node, _ in node.value:
-            key = self.construct_object(key_node, deep=deep)
+            if key_node.tag == MERGE_TAG:
+                # `<<: *base` merges another mapping, whose keys the explicit ones here override (YAML's merge
+                # key, which SafeLoader applies below); only a second `<<` in one mapping is a duplicate.
+                key = "<<"
+            else:
+                key = self.construct_object(key_node, deep=deep)
             line = key_node.start_mark.line + 1
             try:
                 seen = key in first_line
@@ -37,6 +45,7 @@ class UniqueKeyLoader(yaml.SafeLoader):
 
 def check_values(cfg) -> None:
     """Raise ConfigError (from train/config.py) on the first value of `cfg` that cannot work."""
+    from cocofast.data.synthetic import MIN_SIZE as SYNTHETIC_MIN_SIZE
     from cocofast.models import SEGMENTATION_MODELS, NetworkError, is_import_path
     from cocofast.models.user import import_factory
 
@@ -79,8 +88,16 @@ def check_values(cfg) -> None:
         # The networks take any channel count, but the data sets and overlays know only grayscale and RGB.
         raise ConfigError(f"config key 'in_channels': must be 1 (grayscale) or 3 (RGB), got {cfg.in_channels}")
     check_folder_name("student_name", cfg.student_name)
-    for name in (s.strip() for s in cfg.eval_students.split(",") if s.strip()):
+    listed = [s.strip() for s in cfg.eval_students.split(",") if s.strip()]
+    for name in listed:
         check_folder_name("eval_students", name)
+    twice = sorted({name for name in listed if listed.count(name) > 1})
+    if twice:
+        raise ConfigError(f"config key 'eval_students': {', '.join(map(repr, twice))} listed twice in "
+                          f"{cfg.eval_students!r}; eval.csv would hold the same row twice")
+    if cfg.dataset == "synthetic" and cfg.image_size < SYNTHETIC_MIN_SIZE:
+        raise ConfigError(f"config key 'image_size': the synthetic data set draws patches of at least "
+                          f"{SYNTHETIC_MIN_SIZE} pixels, got {cfg.image_size}")
 
 
 def check_folder_name(key: str, name: str) -> None:
@@ -89,6 +106,25 @@ def check_folder_name(key: str, name: str) -> None:
 
     if not name or name in (".", "..") or "/" in name or "\\" in name or name.startswith("."):
         raise ConfigError(f"config key '{key}': {name!r} is not a plain folder name (no '/', no leading '.')")
+    if len(name.encode()) > NAME_MAX:
+        raise ConfigError(f"config key '{key}': a folder name of {len(name.encode())} bytes ({name[:24]}...) is "
+                          f"longer than the {NAME_MAX} a file system allows for one name")
     if name in STAGE_FOLDERS:
         raise ConfigError(f"config key '{key}': {name!r} is the {name} stage's folder in run_dir; a student "
                           f"there would replace its checkpoints. Choose another name")
+
+
+def check_eval_students(cfg) -> None:
+    """At the eval stage: every student named in `eval_students` has its best.pt (a typo would otherwise drop
+    its row from eval.csv under exit 0); the message names the student folders that do."""
+    from pathlib import Path
+
+    from .config import ConfigError
+
+    run_dir = Path(cfg.run_dir)
+    listed = [s.strip() for s in cfg.eval_students.split(",") if s.strip()]
+    missing = [name for name in listed if not (run_dir / name / "best.pt").is_file()]
+    if missing:
+        found = sorted(p.parent.name for p in run_dir.glob("*/best.pt") if p.parent.name not in STAGE_FOLDERS)
+        raise ConfigError(f"config key 'eval_students': no {', '.join(f'{n}/best.pt' for n in missing)} in "
+                          f"{run_dir}; students there: {', '.join(found) or 'none'}")

@@ -16,6 +16,7 @@ from . import report
 
 from .checkpoint import CheckpointError, load_checkpoint, load_weights, model_spec
 from .config import TrainConfig
+from .config_checks import check_eval_students
 from .data import build_dataset
 from .networks import load_teacher, teacher_path
 from .runtime import Runtime, eval_loader
@@ -91,6 +92,7 @@ def evaluate_all(cfg: TrainConfig, rt: Runtime) -> list[dict]:
         print(f"[eval] {cfg.data_root} has no test/ split: scoring on {split}/, the split that chose each "
               f"stage's best.pt, so these figures are optimistic", flush=True)
     loader = eval_loader(test_set, cfg, rt)
+    check_eval_students(cfg)  # a listed student without best.pt is an error, not a missing row
     entries = [("teacher", teacher_path(cfg), "teacher")]
     entries += [(name, Path(cfg.run_dir) / name / "best.pt", "student") for name in cfg.students_to_eval()]
     rows = []

@@ -33,6 +33,7 @@ from .transforms import Augmentation, augment_pair
 # Optical-density directions of hematoxylin and eosin (Macenko's reference H&E stain matrix).
 HEMATOXYLIN = np.array([0.5626, 0.7201, 0.4062], dtype=np.float32)
 EOSIN = np.array([0.2159, 0.8012, 0.5581], dtype=np.float32)
+MIN_SIZE = 32  # the smallest patch side drawn (training config checks refuse a smaller image_size)
 
 
 class SyntheticPathology(Dataset):
@@ -49,8 +50,8 @@ class SyntheticPathology(Dataset):
                  flips: bool = False, augment: Augmentation | None = None, augment_seed: int = 0):
         if length < 1:
             raise ValueError(f"length must be positive, got {length}")
-        if size < 32:
-            raise ValueError(f"size must be at least 32 pixels, got {size}")
+        if size < MIN_SIZE:
+            raise ValueError(f"size must be at least {MIN_SIZE} pixels, got {size}")
         if in_channels not in (1, 3):
             raise ValueError(f"in_channels must be 1 (grayscale) or 3 (RGB), got {in_channels}")
         self.length, self.size, self.seed = length, size, seed
