@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import math
 import os
 import sys
 import warnings
@@ -37,7 +38,7 @@ import numpy as np
 import torch
 
 import cocofast.checkpoint
-from cocofast.data.normalise import Normalisation, image_stats, network_input, values_outside
+from cocofast.data.normalise import Normalisation, image_stats, nan_pixels, network_input, values_outside
 from cocofast.data.slides import ArrayReader, DownscaledReader, level_for_mpp, open_reader
 from cocofast.data.tiling import axis_starts, stride_from_fraction
 from cocofast.data.writers import open_row_writer
@@ -80,7 +81,7 @@ def blended_bands(predict_fn: Callable[[torch.Tensor], torch.Tensor], reader, wi
     `cocofast.data.normalise.network_input` with `normalise` (and, for percentiles, the whole image's `stats`),
     to scores (B, K, wh, ww); activation "softmax" blends probabilities, None blends raw outputs (what MONAI
     does). Images smaller than the window are padded by repeating their edge pixels; padded pixels are never
-    output. Values outside the declared stored range are clipped, with one warning.
+    output. Values outside the declared stored range are clipped, with one warning; NaN pixels are a ValueError.
     """
     reader = _as_reader(reader)
     device = torch.device(device)
@@ -125,6 +126,11 @@ def blended_bands(predict_fn: Callable[[torch.Tensor], torch.Tensor], reader, wi
                 wsum[wh - shift:] = 0
                 base = y
             band = reader.read(y, 0, wh, width)  # stored dtype; converted window by window below
+            nans = nan_pixels(band)
+            if nans:  # not "out of range": clipping cannot give NaN a value, and it would blank whole windows
+                raise ValueError(f"the image holds {nans} NaN pixel(s) in rows {y}..{y + len(band) - 1}; NaN is "
+                                 f"no pixel value and every window it touched would come out class 0: replace "
+                                 f"NaN (e.g. by 0, numpy.nan_to_num) before segmenting")
             outside = None if warned else values_outside(band, norm, stored)
             if outside is not None:
                 warnings.warn(f"stored values {outside[0]:g}..{outside[1]:g} fall outside the declared range "
@@ -478,8 +484,8 @@ def _check_arguments(args) -> str | None:
         return f"--level {args.level}: must be >= 0"
     if args.outline_width < 1:
         return f"--outline-width {args.outline_width}: must be at least 1 pixel"
-    if args.mpp is not None and not args.mpp > 0:
-        return f"--mpp {args.mpp}: must be a positive number of µm per pixel"
+    if args.mpp is not None and not (args.mpp > 0 and math.isfinite(args.mpp)):
+        return f"--mpp {args.mpp}: must be a finite positive number of µm per pixel"
     if args.mpp is not None and (args.level is not None or args.downscale is not None):  # even --level 0
         return "--mpp picks the level and downscale itself; give either --mpp or --level/--downscale"
     source = Path(args.image)

@@ -12,6 +12,7 @@ checks the values against the declared range and, for per-image percentiles, rec
 """
 from __future__ import annotations
 
+import errno
 import os
 import warnings
 from concurrent.futures import ThreadPoolExecutor
@@ -24,7 +25,7 @@ import torch
 from torch.utils.data import Dataset
 
 from .imageio import IGNORE, IMAGE_SUFFIXES, is_tiff, load_mask, read_header
-from .normalise import Normalisation, image_stats, standardise, to_unit_range, values_outside
+from .normalise import Normalisation, image_stats, nan_pixels, standardise, to_unit_range, values_outside
 from .slides import MAX_PIXELS, ArrayReader, TiffReader, open_reader
 from .tiling import axis_starts, first_cover_offsets, patch_grid, resolve_stride
 from .transforms import Augmentation, augment_pair, resize_pair
@@ -197,7 +198,7 @@ class FolderDataset(Dataset):
         stats = None
         if not problems and (check_pixels or self.normalise.mode == "percentile"):
             try:
-                stats = self._scan_image(image)
+                stats = self._scan_image(image, check_pixels)
             except ValueError as err:
                 problems.append((str(image), str(err).removeprefix(f"{image}: ")))
         if not problems and check_pixels:
@@ -218,20 +219,31 @@ class FolderDataset(Dataset):
             return None, problems
         return Pair(image, mask, head.height, head.width, stats), []
 
-    def _scan_image(self, path: Path) -> np.ndarray | None:
-        """Decode every band of an image; raise on values outside the declared range; percentile bounds."""
+    def _scan_image(self, path: Path, every_pixel: bool = True) -> np.ndarray | None:
+        """Decode every band of an image; raise on NaN and on values outside the declared range; percentile
+        bounds (every_pixel=False: those alone, from their grid of pixels)."""
         reader = open_reader(path, max_pixels=self.max_pixels)
         try:
-            if self.normalise.mode == "percentile":
-                return image_stats(reader, self.normalise, self.in_channels)
+            if not every_pixel:
+                stats = image_stats(reader, self.normalise, self.in_channels)
+                if np.isnan(stats).any():
+                    raise ValueError("image holds NaN (its percentiles are NaN); NaN is no pixel value: replace "
+                                     "it (e.g. by 0) or leave the image out")
+                return stats
             rows = max(1, CHECK_BAND_PIXELS // reader.width)
-            low, high = np.inf, -np.inf
+            low, high, nans = np.inf, -np.inf, 0
             for top in range(0, reader.height, rows):
-                outside = values_outside(reader.read(top, 0, rows, reader.width), self.normalise)
+                band = reader.read(top, 0, rows, reader.width)
+                nans += nan_pixels(band)
+                outside = None if nans else values_outside(band, self.normalise)
                 if outside is not None:
                     low, high = min(low, outside[0]), max(high, outside[1])
-                    if np.isnan(outside[0]):
-                        raise ValueError("image holds NaN values")
+            if nans:  # every mode: percentiles of NaN are NaN, and a NaN input pixel is a NaN loss
+                raise ValueError(f"image holds NaN in {nans} of its {reader.height * reader.width} pixels; NaN is "
+                                 "no pixel value (not one outside the range): replace it (e.g. by 0) or leave the "
+                                 "image out")
+            if self.normalise.mode == "percentile":
+                return image_stats(reader, self.normalise, self.in_channels)
             if low <= high:
                 declared = self.normalise.stored_range(reader.dtype)
                 raise ValueError(f"{reader.dtype} values span {low:g}..{high:g}, outside the declared range "
@@ -392,9 +404,29 @@ def _value_lut(mapping: dict[int, int]) -> np.ndarray:
     return lut
 
 
-def _image_files(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.iterdir()
-                  if p.is_file() and not p.name.startswith(".") and p.suffix.lower() in IMAGE_SUFFIXES)
+def _image_files(folder: Path, problems: list) -> list[Path]:
+    """The image files of `folder`; an image name that is no readable file (a dangling symlink, a symlink
+    loop, a folder) goes to `problems`, naming the path: an image dropped without a word is a silent hole."""
+    files = []
+    for p in sorted(folder.iterdir()):
+        if p.name.startswith(".") or p.suffix.lower() not in IMAGE_SUFFIXES:
+            continue
+        if p.is_file():
+            files.append(p)
+        elif p.is_symlink():
+            try:
+                p.resolve(strict=True)
+            except RuntimeError:  # Python < 3.13 reports a loop so
+                problems.append((str(p), "symlink loop: it never reaches a file"))
+            except OSError as err:
+                reason = "symlink loop: it never reaches a file" if err.errno == errno.ELOOP else \
+                    f"dangling symlink to {os.readlink(p)} (no such file)"
+                problems.append((str(p), reason))
+            else:
+                problems.append((str(p), f"symlink to {os.readlink(p)}, which is not a file"))
+        else:
+            problems.append((str(p), "named like an image but is not a file"))
+    return files
 
 
 def _pairs_from_folders(root: Path, images_dir: str, masks_dir: str, mask_suffix: str):
@@ -405,7 +437,8 @@ def _pairs_from_folders(root: Path, images_dir: str, masks_dir: str, mask_suffix
             problems.append((str(folder), "folder does not exist"))
     if problems:
         return [], problems
-    images, masks = _by_stem(_image_files(image_dir), problems), _by_stem(_image_files(mask_dir), problems)
+    images = _by_stem(_image_files(image_dir, problems), problems)
+    masks = _by_stem(_image_files(mask_dir, problems), problems)
     pairs = []
     for stem, image in sorted(images.items()):
         mask = masks.get(stem + mask_suffix)

@@ -11,7 +11,9 @@
                             fluorescence); percentiles come from `image_stats`, a fixed pixel grid of the
                             whole stored image, so a patch and the slide it came from get the same mapping
          then clipped to [0, 1]. Values outside a declared range are an error in `FolderDataset` (the file
-         is named) and a warning in segment (clipped).
+         is named) and a warning in segment (clipped). NaN is no value at all, in or out of a range: both
+         refuse it (FolderDataset with the file's NaN count, segment with the band's), since a NaN pixel
+         turns every network output it reaches into NaN and every window it touches into class 0.
       -> (training only: crop, resize, augmentation - all in [0, 1])
       -> standardise, mode meanstd:M1,M2,..:S1,S2,..: the range result, then (x - M) / S per channel.
 
@@ -197,6 +199,14 @@ def image_stats(reader, norm: Normalisation, in_channels: int) -> np.ndarray | N
         samples.append(select_channels(band, in_channels).reshape(-1, in_channels))
     values = np.concatenate(samples)
     return np.percentile(values, norm.percentiles, axis=0).astype(np.float32)
+
+
+def nan_pixels(pixels: np.ndarray) -> int:
+    """Pixels of (H, W[, C]) float data with a NaN in any channel (0 for integer data)."""
+    if pixels.dtype.kind != "f" or pixels.size == 0:
+        return 0
+    nan = np.isnan(pixels)
+    return int((nan.any(axis=2) if nan.ndim == 3 else nan).sum())
 
 
 def values_outside(pixels: np.ndarray, norm: Normalisation, stored_dtype=None) -> tuple[float, float] | None:

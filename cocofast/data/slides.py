@@ -229,9 +229,10 @@ class OpenSlideReader:
             self.slide = openslide.OpenSlide(str(path))
         except Exception as err:  # OpenSlideError, OpenSlideUnsupportedFormatError
             raise ValueError(f"{path}: OpenSlide cannot open it ({type(err).__name__}: {err})") from None
-        if not 0 <= level < self.slide.level_count:
-            self.slide.close()
-            raise LevelError(f"{path}: level {level} requested, the slide has levels 0..{self.slide.level_count - 1}")
+        count = self.slide.level_count
+        if not 0 <= level < count:
+            self.slide.close()  # after reading the count: a closed slide answers nothing
+            raise LevelError(f"{path}: level {level} requested, the slide has levels 0..{count - 1}")
         self.path, self.level = Path(path), level
         self.downsample = self.slide.level_downsamples[level]
         self.width, self.height = self.slide.level_dimensions[level]
@@ -265,6 +266,7 @@ class DownscaledReader:
     def __init__(self, reader, factor: int):
         if factor < 1:
             raise ValueError(f"downscale factor must be a positive integer, got {factor}")
+        check_factor(factor, reader.height, reader.width)
         self.reader, self.factor = reader, factor
         self.height, self.width = math.ceil(reader.height / factor), math.ceil(reader.width / factor)
         self.channels, self.dtype = reader.channels, np.dtype(np.float32)
@@ -284,6 +286,15 @@ class DownscaledReader:
 
     def close(self) -> None:
         self.reader.close()
+
+
+def check_factor(factor: int, height: int, width: int, what: str = "downscale factor") -> None:
+    """A block-mean factor no larger than the image's shorter side: beyond it the image is less than one
+    block across, and the blocks' edge padding would be `factor` times the image in each direction."""
+    if factor > min(height, width):
+        raise ValueError(f"{what} {factor} on a {width}x{height} image would give {width / factor:.3g}x"
+                         f"{height / factor:.3g} pixels, less than one; the largest usable factor is "
+                         f"{min(height, width)}")
 
 
 def full_scale(dtype) -> float:
@@ -330,8 +341,8 @@ def level_for_mpp(path: str | os.PathLike, mpp: float, kind: str = "auto") -> tu
     The coarsest level no coarser than the request (within MPP_TOLERANCE), then the integer factor that
     comes closest; never upsampled.
     """
-    if not mpp > 0:
-        raise ValueError(f"µm per pixel must be positive, got {mpp}")
+    if not (mpp > 0 and math.isfinite(mpp)):
+        raise ValueError(f"µm per pixel must be a finite positive number, got {mpp}")
     base = open_reader(path, kind)
     try:
         if base.mpp is None:
@@ -353,5 +364,9 @@ def choose_level(level_mpps: list[float], shapes: list[tuple[int, int]], mpp: fl
         raise ValueError(f"{path}: {mpp} µm per pixel is finer than the full resolution "
                          f"({level_mpps[0]:.4g} µm per pixel); images are never upsampled")
     level = max(usable, key=lambda i: level_mpps[i])
-    factor = max(1, round(mpp / level_mpps[level]))
+    ratio = mpp / level_mpps[level]  # inf where the division overflows: refused below, not rounded
+    factor = max(1, round(ratio)) if math.isfinite(ratio) else ratio
+    height, width = shapes[level]
+    check_factor(factor, height, width, f"{path}: {mpp} µm per pixel needs level {level} ({level_mpps[level]:.4g} "
+                 f"µm per pixel) downscaled by")
     return level, factor, level_mpps[level] * factor
