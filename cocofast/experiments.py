@@ -802,6 +802,21 @@ def plot(name: str, records: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
+def parse_seeds(flag: str, text: str) -> list[int]:
+    """Comma-separated distinct integers: a seed listed twice would count one run twice in mean ± std."""
+    try:
+        seeds = [int(s) for s in text.split(",") if s.strip()]
+    except ValueError:
+        raise ValueError(f"{flag}: expected comma-separated integers, got {text!r}") from None
+    if not seeds:
+        raise ValueError(f"{flag}: expected at least one integer seed, got {text!r}")
+    twice = sorted({s for s in seeds if seeds.count(s) > 1})
+    if twice:
+        raise ValueError(f"{flag}: seed(s) {', '.join(map(str, twice))} listed twice in {text!r}; the same run "
+                         f"would count twice in the mean and standard deviation")
+    return seeds
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     parser = argparse.ArgumentParser(prog="python -m cocofast.experiments", description=__doc__.split("\n\n")[0],
@@ -833,15 +848,10 @@ def main(argv: list[str] | None = None) -> int:
     if bad:
         parser.error(f"unexpected argument(s) {' '.join(bad)}: config keys are passed as --key=value")
     try:
-        seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
-    except ValueError:
-        parser.error(f"--seeds: expected comma-separated integers, got {args.seeds!r}")
-    if not seeds:
-        parser.error(f"--seeds: expected at least one integer seed, got {args.seeds!r}")
-    try:
-        teacher_seeds = tuple(int(s) for s in args.teacher_seeds.split(",") if s.strip())
-    except ValueError:
-        parser.error(f"--teacher_seeds: expected comma-separated integers, got {args.teacher_seeds!r}")
+        seeds = parse_seeds("--seeds", args.seeds)
+        teacher_seeds = tuple(parse_seeds("--teacher_seeds", args.teacher_seeds))
+    except ValueError as err:
+        parser.error(str(err))
     if args.tune and args.tune_seed in seeds:
         parser.error(f"--tune_seed: {args.tune_seed} is one of --seeds; the search would pick a run whose own test "
                      f"score then enters the table")
