@@ -462,12 +462,12 @@ def parse_args(argv: Sequence[str]) -> TrainConfig:
             else:
                 raise ConfigError(f"argument --{key} needs a value (--{key}=VALUE)")
         if key == "config":
-            config_file = value
-        else:
-            overrides.append((key, value))
             if config_file is not None:  # one file: a second would silently replace the first's keys
                 raise ConfigError(f"--config given twice ({config_file}, then {value}); give one file, and "
                                   f"other keys as --key=value")
+            config_file = value
+        else:
+            overrides.append((key, value))
         i += 1
     if config_file is not None:
         for key, value in load_yaml(config_file).items():
