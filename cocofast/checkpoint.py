@@ -11,6 +11,10 @@ Training also stores "checksum": a SHA-256 over every tensor's bytes and every p
 zip reader does not check the archive's CRCs, so without it a flipped bit inside a tensor loads silently;
 `read_checkpoint` recomputes the digest and refuses a mismatch. Dicts without a checksum (written by hand or by
 older versions) still load; a version-1 training checkpoint says once that it cannot be verified.
+
+A checkpoint is data, never code: `model_spec` refuses an entry whose `model_name` is an import path
+("package.module:factory") unless the caller says the user named that very path (`trusted`), so reading a file
+never imports or calls anything on the file's say-so. Registered names build only cocofast's own networks.
 """
 from __future__ import annotations
 
@@ -18,9 +22,11 @@ import hashlib
 import os
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, Collection
 
 import torch
+
+from cocofast.models import is_import_path
 
 FORMAT = "cocofast-checkpoint"
 VERSION = 2  # 2: adds "checksum"
@@ -29,6 +35,13 @@ MODEL_FIELDS = ("model_name", "model_kwargs", "state_dict")
 
 class CheckpointError(ValueError):
     """A checkpoint that is missing, unreadable, corrupt, or made for a different network or configuration."""
+
+
+class UntrustedCodeError(CheckpointError):
+    """A file that names code (an import path) the user has not named: building it would import and run it."""
+
+
+TRUST_FLAG = "--trust-model-code={}"  # how a command-line user opts in; {} is the import path
 
 
 # --- content digest --------------------------------------------------------------------------------------
@@ -103,16 +116,52 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     return ckpt
 
 
-def model_spec(ckpt: dict, role: str, path: str | os.PathLike) -> dict:
-    """The {"model_name", "model_kwargs", "state_dict"} entry of network `role`, checked for its three fields."""
+def check_model_code(model_name: str, trusted: Collection[str], source: str, opt_in: str = TRUST_FLAG) -> None:
+    """The one gate between a file and an import: an import path named by `source` (a checkpoint, a weights
+    file) is refused unless it is in `trusted`, the import paths the user named themselves; `opt_in` says how
+    to name one ({} is the path).
+
+    Called before anything is imported; registered names pass (they build cocofast's own networks only).
+    """
+    if not is_import_path(model_name) or model_name in set(trusted):
+        return
+    raise UntrustedCodeError(
+        f"{source} names the network {model_name!r}, an import path: building it would import and call that "
+        f"code, and a file never runs code on its own. If you wrote or trust this factory, name it yourself: "
+        f"{opt_in.format(model_name)}")
+
+
+def trusted_paths(values) -> tuple[str, ...]:
+    """The import paths a repeatable, comma-separated --trust-model-code flag names (None: none)."""
+    return tuple(p.strip() for value in values or () for p in str(value).split(",") if p.strip())
+
+
+TRUST_HELP = ("an import path 'package.module:factory' you trust: a checkpoint whose network is built by it may "
+              "import and call it (repeatable or comma-separated; without it such a checkpoint is refused, because "
+              "a file never runs code on its own)")
+
+
+def model_spec(ckpt: dict, role: str, path: str | os.PathLike, trusted: Collection[str] = (),
+               opt_in: str = TRUST_FLAG) -> dict:
+    """The {"model_name", "model_kwargs", "state_dict"} entry of network `role`, checked for its three fields
+    and passed through `check_model_code`: an import path must be one of `trusted` (see the module doc)."""
     models = ckpt["models"]
     if role not in models:
         raise CheckpointError(f"checkpoint {path} holds no network for role {role!r}; roles in it: "
-                              f"{', '.join(sorted(models)) or 'none'}")
+                              f"{', '.join(sorted(map(str, models))) or 'none'}")
     spec = models[role]
     missing = [k for k in MODEL_FIELDS if not isinstance(spec, dict) or k not in spec]
     if missing:
         raise CheckpointError(f"checkpoint {path}: the {role!r} entry lacks {', '.join(missing)}")
+    name, kwargs = spec["model_name"], spec["model_kwargs"]
+    if not isinstance(name, str) or not isinstance(kwargs, dict) or not all(isinstance(k, str) for k in kwargs):
+        raise CheckpointError(f"checkpoint {path}: the {role!r} entry's model_name must be a string and its "
+                              f"model_kwargs a mapping of names, got {type(name).__name__} and "
+                              f"{type(kwargs).__name__}")
+    if not isinstance(spec["state_dict"], dict):
+        raise CheckpointError(f"checkpoint {path}: the {role!r} entry's state_dict is a "
+                              f"{type(spec['state_dict']).__name__}, not a mapping of tensors")
+    check_model_code(name, trusted, f"checkpoint {path} (role {role!r})", opt_in)
     return spec
 
 

@@ -33,7 +33,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from cocofast.checkpoint import CheckpointError, model_spec, read_checkpoint
+from cocofast.checkpoint import (TRUST_HELP, CheckpointError, check_model_code, model_spec, read_checkpoint,
+                                 trusted_paths)
 from cocofast.io import atomic_path, atomic_write_text
 from cocofast.models import TappedModel, create_model, logits_of
 from cocofast.segment import checkpoint_normalisation
@@ -150,8 +151,9 @@ def save_weights_file(model: nn.Module, path: str | Path) -> None:
         tmp.write_bytes(save(tensors, metadata=metadata))
 
 
-def load_weights_file(path: str | Path, device="cpu") -> nn.Module:
-    """The network saved by `save_weights_file`, rebuilt with create_model, in eval mode."""
+def load_weights_file(path: str | Path, device="cpu", trusted=()) -> nn.Module:
+    """The network saved by `save_weights_file`, rebuilt with create_model, in eval mode (an import path not
+    in `trusted` is refused before anything is imported)."""
     from safetensors import safe_open
     from safetensors.torch import load_file
 
@@ -167,6 +169,8 @@ def load_weights_file(path: str | Path, device="cpu") -> nn.Module:
     if metadata.get("format") != WEIGHTS_FORMAT:
         raise ValueError(f"{path}: not a cocofast weights file (metadata format {metadata.get('format')!r}, "
                          f"expected {WEIGHTS_FORMAT!r})")
+    check_model_code(str(metadata.get("model_name")), trusted, f"weights file {path}",
+                     "load_weights_file(..., trusted=[{!r}])")
     model = create_model(metadata["model_name"], **json.loads(metadata["model_kwargs"]))
     model.load_state_dict(state)
     return model.to(device).eval()
@@ -208,10 +212,11 @@ def sha256_of(path: Path) -> str:
 
 
 # --- from a checkpoint -----------------------------------------------------------------------------------
-def network_from_checkpoint(checkpoint: str | Path, role: str = "student") -> tuple[nn.Module, dict]:
-    """(network in eval mode, the checkpoint dict) for `role`; CheckpointError names what is wrong."""
+def network_from_checkpoint(checkpoint: str | Path, role: str = "student", trusted=()) -> tuple[nn.Module, dict]:
+    """(network in eval mode, the checkpoint dict) for `role`; CheckpointError names what is wrong (an import
+    path not in `trusted` is refused before anything is imported)."""
     ckpt = read_checkpoint(checkpoint)
-    spec = model_spec(ckpt, role, checkpoint)
+    spec = model_spec(ckpt, role, checkpoint, trusted)
     try:
         model = create_model(spec["model_name"], **spec["model_kwargs"])
         model.load_state_dict(spec["state_dict"])
@@ -225,13 +230,13 @@ def network_from_checkpoint(checkpoint: str | Path, role: str = "student") -> tu
 
 
 def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, *, role: str = "student",
-                      opset: int = DEFAULT_OPSET) -> dict:
+                      opset: int = DEFAULT_OPSET, trusted=()) -> dict:
     """Write the three files and export.json for `role` of `checkpoint` into `out_dir`; returns the manifest.
 
     Raises CheckpointError for an unusable checkpoint and ValueError when an exported file disagrees with
     PyTorch by more than PARITY_ATOL (the file is left in place for inspection; export.json is not written).
     """
-    model, ckpt = network_from_checkpoint(checkpoint, role)
+    model, ckpt = network_from_checkpoint(checkpoint, role, trusted)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     files = {"onnx": out_dir / f"{role}.onnx", "torchscript": out_dir / f"{role}.torchscript.pt",
@@ -269,6 +274,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("checkpoint", help="a checkpoint written by cocofast training, e.g. RUN/student/best.pt")
     parser.add_argument("--out", required=True, help="folder for ROLE.onnx, ROLE.torchscript.pt, ROLE.safetensors")
     parser.add_argument("--role", default="student", help="which network of the checkpoint (default: student)")
+    parser.add_argument("--trust-model-code", "--trust_model_code", action="append", metavar="FACTORY",
+                        help=TRUST_HELP)
     parser.add_argument("--opset", type=int, default=DEFAULT_OPSET, help=f"ONNX opset, >= 17 (default {DEFAULT_OPSET})")
     args = parser.parse_args(argv)
     if args.opset < 17:
@@ -276,7 +283,8 @@ def main(argv: list[str] | None = None) -> int:
     if Path(args.out).exists() and not Path(args.out).is_dir():
         parser.error(f"--out {args.out}: exists and is not a folder")
     try:
-        manifest = export_checkpoint(args.checkpoint, args.out, role=args.role, opset=args.opset)
+        manifest = export_checkpoint(args.checkpoint, args.out, role=args.role, opset=args.opset,
+                                     trusted=trusted_paths(args.trust_model_code))
     except (CheckpointError, OSError) as err:  # an unusable checkpoint, or --out cannot be written
         print(f"cocofast export: error: {err}", file=sys.stderr)
         return 2

@@ -7,9 +7,16 @@ INPUT is a folder (every image directly inside it: PNG, JPEG, TIFF, SVS, NDPI, .
 path per line; relative paths are relative to the list file; blank lines and lines starting with # are
 skipped). For each image NAME.ext it writes OUT/masks/NAME.png and OUT/overlays/NAME.png (class outlines, see
 cocofast.overlay; --format tif for slides too large for PNG viewers), each atomically, so an output that exists
-is complete: a rerun skips images whose outputs exist (--overwrite redoes them). A file that fails (corrupt,
+is complete. OUT/manifest.jsonl records what made each output: the network's content digest (name, arguments,
+weights), the role, window, overlap, downscale, level, mpp, reader, normalisation, classes, mask values, amp,
+outline width, and the input's size and modification time. A rerun skips an output made by the same network
+and settings from the same input, redoes one whose input changed, and refuses (exit 2, naming what differs)
+to mix in outputs made by another network or settings, or outputs it has no record of: choose another --out,
+or pass --overwrite to redo them. One run at a time holds OUT (a lock, OUT/.predict.lock; a second run exits
+2 naming the holder), and it clears the hidden temporaries a killed run left. A file that fails (corrupt,
 unreadable, out of memory) is reported and the batch goes on; failures are listed at the end and in
-OUT/failures.txt. Exit status: 0 all done, 1 some images failed, 2 bad arguments (nothing is written).
+OUT/failures.txt. Exit status: 0 all done, 1 some images failed, 2 bad arguments (nothing is written), 130
+interrupted (Ctrl-C; the finished outputs are kept and the same command continues).
 
 Each image goes through `cocofast.segment.segment_image`, the function behind `cocofast segment` (Gaussian-
 blended windows, one band of the image in memory at a time), with the same defaults: window, downscale,
@@ -18,6 +25,9 @@ channels, classes and input normalisation as the checkpoint's training config re
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import hashlib
+import json
 import os
 import sys
 from dataclasses import dataclass, field
@@ -25,13 +35,17 @@ from pathlib import Path
 
 import torch
 
+from cocofast.checkpoint import TRUST_HELP, network_digest
 from cocofast.data.imageio import IMAGE_SUFFIXES, OPENSLIDE_SUFFIXES, TIFF_SUFFIXES
-from cocofast.io import atomic_write_text
+from cocofast.io import FolderInUse, atomic_write_text, lock_folder, remove_stale_temporaries
 from cocofast.overlay import DEFAULT_THICKNESS
 from cocofast.segment import SegmentSettings, Segmented, device_of, network_and_settings, segment_image
 
 SUFFIXES = tuple(dict.fromkeys(IMAGE_SUFFIXES + TIFF_SUFFIXES + OPENSLIDE_SUFFIXES))
 FAILURES_FILE = "failures.txt"
+MANIFEST_FILE = "manifest.jsonl"
+MANIFEST_FORMAT = {"format": "cocofast-predict-manifest", "version": 1}
+LOCK_NAME = ".predict.lock"
 
 
 @dataclass(frozen=True)
@@ -67,8 +81,16 @@ def list_images(source: Path) -> list[Path]:
         return sorted(p for p in source.iterdir() if p.is_file() and p.suffix.lower() in SUFFIXES)
     if source.suffix.lower() in SUFFIXES:
         return [source]
+    try:
+        text = source.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{source}: not a list file (byte {err.start} is not UTF-8 text); INPUT is a folder, an "
+                         f"image ({', '.join(SUFFIXES)}) or a UTF-8 text file with one path per line") from None
+    if "\x00" in text:
+        raise ValueError(f"{source}: not a list file (it holds NUL bytes, so it is binary); INPUT is a folder, an "
+                         f"image ({', '.join(SUFFIXES)}) or a UTF-8 text file with one path per line")
     images = []
-    for line in source.read_text().splitlines():
+    for line in text.splitlines():
         line = line.strip()
         if line and not line.startswith("#"):
             path = Path(line).expanduser()
@@ -104,6 +126,8 @@ def _parse(argv):
     ap.add_argument("--checkpoint", required=True, help="checkpoint written by cocofast training")
     ap.add_argument("--out", required=True, help="folder for masks/ and overlays/")
     ap.add_argument("--role", default="student", help="which network of the checkpoint (default: student)")
+    ap.add_argument("--trust-model-code", "--trust_model_code", action="append", metavar="FACTORY",
+                    help=TRUST_HELP)
     ap.add_argument("--window", type=int, help="window side in pixels (default: the checkpoint config's "
                                                "image_size, else 512)")
     ap.add_argument("--overlap", type=float, default=0.25, help="window overlap fraction in [0, 1)")
@@ -145,12 +169,21 @@ def _check_arguments(args) -> str | None:
 
 
 def main(argv=None) -> int:
+    try:
+        return run_command(argv)
+    except KeyboardInterrupt:  # before any image: nothing to keep
+        print("cocofast predict: interrupted", file=sys.stderr)
+        return 130
+
+
+def run_command(argv) -> int:
     args = _parse(argv)
     problem = _check_arguments(args)
     if problem:
         print(f"cocofast predict: error: {problem}", file=sys.stderr)
         return 2
     device = device_of(args.device)
+    out = Path(args.out)
     try:
         model, segment = network_and_settings(args, device)
         settings = Settings(segment, suffix=f".{args.format}", overlays=not args.no_overlays,
@@ -159,36 +192,183 @@ def main(argv=None) -> int:
         images = list_images(source)
         if not images:
             raise ValueError(f"{source}: holds no images (looked for {', '.join(SUFFIXES)})")
-        jobs = plan_jobs(images, Path(args.out), settings)
-    except (ValueError, OSError, UnicodeDecodeError) as err:
+        jobs = plan_jobs(images, out, settings)
+        lock = lock_folder(out, LOCK_NAME)
+    except FolderInUse as err:
+        print(f"cocofast predict: error: --out {out} is in use by another predict run ({err.holder}); wait for "
+              f"it to finish, stop it, or choose another --out", file=sys.stderr)
+        return 2
+    except (ValueError, OSError) as err:
         print(f"cocofast predict: error: {err}", file=sys.stderr)
         return 2
-    return run_jobs(jobs, model, settings, device, Path(args.out), overwrite=args.overwrite)
+    with lock:
+        for folder in (out, out / "masks", out / "overlays"):
+            remove_stale_temporaries(folder)  # a killed run's; nobody else writes here while we hold the lock
+        manifest = Manifest(out, made_by(model, settings, args.role, device))
+        try:
+            manifest.load()
+            todo, changed = manifest.plan(jobs, overwrite=args.overwrite)
+        except ValueError as err:
+            print(f"cocofast predict: error: {err}", file=sys.stderr)
+            return 2
+        return run_jobs(jobs, todo, changed, model, settings, device, out, manifest)
 
 
-def run_jobs(jobs: list[Job], model, settings: Settings, device, out: Path, *, overwrite: bool = False) -> int:
+# --- what made each output ---------------------------------------------------------------------------------
+def made_by(model: torch.nn.Module, settings: Settings, role: str, device: torch.device) -> dict:
+    """Everything that changes a mask or overlay: the network's content and how it is run over an image."""
+    seg = settings.segment
+    made = {"network": network_digest(model.model_name, model.model_kwargs, model.state_dict()),
+            "model_name": model.model_name, "role": role, "window": seg.window, "overlap": seg.overlap,
+            "downscale": seg.downscale, "level": seg.level, "mpp": seg.mpp, "reader": seg.reader,
+            "normalise": dataclasses.asdict(seg.normalise), "in_channels": seg.in_channels,
+            "num_classes": seg.num_classes, "mask_values": seg.mask_values,
+            "amp": bool(seg.amp and device.type == "cuda"), "outline_width": seg.thickness}
+    return json.loads(json.dumps(made))  # as it reads back from the manifest (tuples become lists)
+
+
+def input_stamp(image: Path) -> dict:
+    try:
+        st = image.stat()
+    except OSError:
+        return {"input": str(image.absolute()), "size": None, "mtime_ns": None}
+    return {"input": str(image.absolute()), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+
+
+class Manifest:
+    """OUT/manifest.jsonl: one line per settings (`made_by`, under a digest) and one per output (its settings'
+    digest and its input's stamp), the last line for an output winning.
+
+    An output's line is appended (and synced) before the output is written, so after a kill every complete
+    output has its line; a torn last line is ignored (its output was never started). Each run rewrites the
+    file compactly, atomically, before its first image.
+    """
+
+    def __init__(self, out: Path, made: dict):
+        self.out, self.path, self.made = out, out / MANIFEST_FILE, made
+        self.key = hashlib.sha256(json.dumps(made, sort_keys=True).encode()).hexdigest()[:16]
+        self.settings: dict[str, dict] = {}
+        self.outputs: dict[str, dict] = {}
+
+    def name(self, path: Path) -> str:
+        return path.relative_to(self.out).as_posix()
+
+    def load(self) -> None:
+        if not self.path.is_file():
+            return
+        try:
+            lines = self.path.read_text(encoding="utf-8").splitlines()
+            header = json.loads(lines[0]) if lines else None
+        except (UnicodeDecodeError, ValueError, OSError) as err:
+            header = err
+        if header != MANIFEST_FORMAT:
+            raise ValueError(f"{self.path} is not a cocofast predict manifest (first line {str(header)[:60]!r}), "
+                             f"so what made the outputs in {self.out} is unknown; choose another --out, or pass "
+                             f"--overwrite to redo them")
+        for line in lines[1:]:
+            try:
+                entry = json.loads(line)
+            except ValueError:
+                continue  # a line torn by a kill: the output it announced was never written
+            if isinstance(entry, dict) and isinstance(entry.get("made_by"), dict):
+                self.settings[str(entry.get("settings"))] = entry["made_by"]
+            elif isinstance(entry, dict) and isinstance(entry.get("mask"), str):
+                self.outputs[entry["mask"]] = entry
+
+    def plan(self, jobs: list[Job], overwrite: bool) -> tuple[list[Job], int]:
+        """(the jobs to run, how many of them redo an output whose input changed); ValueError when outputs of
+        other settings, or outputs nobody recorded, are in the way and --overwrite was not given."""
+        todo, changed, foreign, unknown = [], 0, [], []
+        for job in jobs:
+            present = [p for p in (job.mask, job.overlay) if p is not None and p.exists()]
+            record = self.outputs.get(self.name(job.mask))
+            if overwrite or not present:
+                todo.append(job)
+            elif record is None or record.get("settings") not in self.settings:
+                unknown.append(present[0])
+            elif record["settings"] != self.key:
+                foreign.append((present[0], self.settings[record["settings"]]))
+            elif {k: record.get(k) for k in ("input", "size", "mtime_ns")} != input_stamp(job.image):
+                todo.append(job)
+                changed += 1
+            elif not job.finished() or (job.overlay is not None and record.get("overlay") is None):
+                todo.append(job)
+            # else: made by these very settings from this very input: kept
+        if foreign:
+            then = foreign[0][1]
+            diffs = [f"{k}: {short(then.get(k))} then, {short(v)} now" for k, v in self.made.items()
+                     if then.get(k) != v]
+            raise ValueError(f"{self.out} holds {len(foreign)} output(s) made by another network or settings "
+                             f"({'; '.join(diffs)}), e.g. {foreign[0][0]}; choose another --out, or pass "
+                             f"--overwrite to redo them with this one")
+        if unknown:
+            raise ValueError(f"{self.out} holds {len(unknown)} output(s) with no record in {self.path.name} of "
+                             f"what made them (an older cocofast, another tool, or by hand), e.g. {unknown[0]}; "
+                             f"choose another --out, or pass --overwrite to redo them")
+        redo = {j.mask for j in todo}
+        self.compact(keep={self.name(j.mask) for j in jobs if j.mask not in redo})
+        return todo, changed
+
+    def compact(self, keep: set[str]) -> None:
+        """Rewrite the file with this run's settings and the records of outputs that still exist."""
+        outputs = {name: r for name, r in self.outputs.items() if name in keep or (self.out / name).exists()}
+        used = {r["settings"] for r in outputs.values() if r.get("settings") in self.settings}
+        self.settings = {k: v for k, v in self.settings.items() if k in used}
+        self.settings[self.key] = self.made
+        lines = [MANIFEST_FORMAT, *({"settings": k, "made_by": v} for k, v in self.settings.items()),
+                 *(r for r in outputs.values() if r.get("settings") in self.settings)]
+        atomic_write_text("".join(json.dumps(line, sort_keys=True) + "\n" for line in lines), self.path)
+        self.outputs = outputs
+
+    def announce(self, job: Job) -> None:
+        """Before `job` writes: drop its old outputs (another network's, or a changed input's) and append its
+        record, synced, so a complete output is never left without one."""
+        for path in (job.mask, job.overlay):
+            if path is not None:
+                path.unlink(missing_ok=True)
+        record = {"mask": self.name(job.mask), "overlay": None if job.overlay is None else self.name(job.overlay),
+                  "settings": self.key, **input_stamp(job.image)}
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(record, sort_keys=True) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        self.outputs[record["mask"]] = record
+
+
+def short(value) -> str:
+    text = json.dumps(value, sort_keys=True)
+    return text[:13] + "…" if len(text) > 14 else text
+
+
+def run_jobs(jobs: list[Job], todo: list[Job], changed: int, model, settings: Settings, device, out: Path,
+             manifest: Manifest) -> int:
     from tqdm import tqdm
 
-    done = skipped = 0
+    done = 0
+    skipped = len(jobs) - len(todo)
     failures: list[tuple[Path, str]] = []
-    with tqdm(jobs, desc="predict", unit="image", disable=not settings.progress) as bar:
-        for job in bar:
-            bar.set_postfix_str(job.image.name)
-            if job.finished() and not overwrite:
-                skipped += 1
-                continue
-            try:
-                predict_image(job, model, settings, device)
-                done += 1
-            except Exception as err:  # one bad file must not stop the batch; the message names it
-                failures.append((job.image, f"{type(err).__name__}: {err}"))
-                tqdm.write(f"cocofast predict: {job.image}: failed: {failures[-1][1]}", file=sys.stderr)
+    try:
+        with tqdm(todo, desc="predict", unit="image", disable=not settings.progress) as bar:
+            for job in bar:
+                bar.set_postfix_str(job.image.name)
+                manifest.announce(job)
+                try:
+                    predict_image(job, model, settings, device)
+                    done += 1
+                except Exception as err:  # one bad file must not stop the batch; the message names it
+                    failures.append((job.image, f"{type(err).__name__}: {err}"))
+                    tqdm.write(f"cocofast predict: {job.image}: failed: {failures[-1][1]}", file=sys.stderr)
+    except KeyboardInterrupt:
+        print(f"cocofast predict: interrupted after {done} of {len(todo)} image(s); the finished outputs are "
+              f"kept: run the same command again to continue", file=sys.stderr)
+        return 130
     report = out / FAILURES_FILE
     if failures:
         atomic_write_text("".join(f"{path}\t{why}\n" for path, why in failures), report)
     elif report.exists():
         report.unlink()  # a rerun that redid the failed images leaves no stale list behind
-    print(f"cocofast predict: {done} segmented, {skipped} already done, {len(failures)} failed -> {out}")
+    redone = f" ({changed} redone because their input changed)" if changed else ""
+    print(f"cocofast predict: {done} segmented{redone}, {skipped} already done, {len(failures)} failed -> {out}")
     for path, why in failures:
         print(f"  failed: {path}: {why}", file=sys.stderr)
     return 1 if failures else 0

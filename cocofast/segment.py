@@ -358,13 +358,15 @@ def read_checkpoint(checkpoint: str | Path) -> dict:
     return cocofast.checkpoint.read_checkpoint(path)  # weights_only, checksum verified; CheckpointError is a ValueError
 
 
-def model_from_checkpoint(ckpt: dict, role: str = "student", device="cpu", path: str | Path = "checkpoint"):
+def model_from_checkpoint(ckpt: dict, role: str = "student", device="cpu", path: str | Path = "checkpoint",
+                          trusted=()):
     """(model in eval mode, its entry) for `role` of a checkpoint read by `read_checkpoint`.
 
     A network that cannot be rebuilt from its entry (arguments its factory does not take, weights of another
-    shape) is a ValueError naming the checkpoint and the role.
+    shape) is a ValueError naming the checkpoint and the role; an import path not in `trusted` is refused
+    before anything is imported (cocofast.checkpoint.check_model_code).
     """
-    entry = cocofast.checkpoint.model_spec(ckpt, role, path)
+    entry = cocofast.checkpoint.model_spec(ckpt, role, path, trusted)
     try:
         model = create_model(entry["model_name"], **entry["model_kwargs"])
         model.load_state_dict(entry["state_dict"])
@@ -474,6 +476,8 @@ def _parse(argv):
     ap.add_argument("--outline-width", type=int, default=DEFAULT_THICKNESS,
                     help=f"overlay outline width in pixels (default {DEFAULT_THICKNESS})")
     ap.add_argument("--role", default="student", help="which network of the checkpoint (default: student)")
+    ap.add_argument("--trust-model-code", "--trust_model_code", action="append", metavar="FACTORY",
+                    help=cocofast.checkpoint.TRUST_HELP)
     ap.add_argument("--window", type=int, help="window side in pixels (default: the training image_size of the "
                                                f"checkpoint's config, else {DEFAULT_WINDOW})")
     ap.add_argument("--overlap", type=float, default=0.25, help="window overlap fraction in [0, 1)")
@@ -568,7 +572,8 @@ def network_and_settings(args, device) -> tuple[torch.nn.Module, SegmentSettings
     """The checkpoint's network and the settings a CLI's arguments ask for, the unset ones taken from what the
     network was trained on (`trained_input`); shared by `segment` and `predict`."""
     ckpt = read_checkpoint(args.checkpoint)
-    model, entry = model_from_checkpoint(ckpt, args.role, device, args.checkpoint)
+    trusted = cocofast.checkpoint.trusted_paths(getattr(args, "trust_model_code", None))
+    model, entry = model_from_checkpoint(ckpt, args.role, device, args.checkpoint, trusted)
     trained = trained_input(ckpt, entry, model, args.checkpoint)
     settings = SegmentSettings(
         window=args.window or trained.window, overlap=args.overlap, batch_size=args.batch_size,

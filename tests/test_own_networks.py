@@ -85,18 +85,19 @@ def test_a_users_unet_from_yaml_through_every_command(user):
     Image.fromarray((np.random.default_rng(0).random((72, 80, 3)) * 255).astype(np.uint8)).save(tmp_path / "s.png")
     best = str(tmp_path / "run" / "student" / "best.pt")
     rc, out = cli(env, "-m", "cocofast", "segment", str(tmp_path / "s.png"), "--checkpoint", best,
-                  "--out", str(tmp_path / "mask.png"), "--quiet")
+                  "--out", str(tmp_path / "mask.png"), "--quiet", "--trust-model-code=user_unet:UNet")
     assert rc == 0, out[-3000:]
     assert Image.open(tmp_path / "mask.png").size == (80, 72)
 
-    rc, out = cli(env, "-m", "cocofast", "export", best, "--out", str(tmp_path / "exp"))
+    rc, out = cli(env, "-m", "cocofast", "export", best, "--out", str(tmp_path / "exp"),
+                  "--trust-model-code=user_unet:UNet")
     assert rc == 0, out[-3000:]
     import onnxruntime
 
     from cocofast.models import create_model
     from cocofast.checkpoint import model_spec, read_checkpoint
 
-    spec = model_spec(read_checkpoint(best), "student", best)
+    spec = model_spec(read_checkpoint(best), "student", best, trusted=["user_unet:UNet"])
     net = create_model(spec["model_name"], **spec["model_kwargs"])
     net.load_state_dict(spec["state_dict"])
     x = torch.rand(2, 3, 64, 96)

@@ -76,8 +76,12 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
 
 
 def check_model(ckpt: dict, role: str, path, model_name: str, model_kwargs: dict) -> dict:
-    """Refuse a checkpoint whose `role` network differs from the one the configuration asks for."""
-    spec = model_spec(ckpt, role, path)
+    """Refuse a checkpoint whose `role` network differs from the one the configuration asks for.
+
+    Only the configured network may be built from it, so the configured import path is the one trusted.
+    """
+    opt_in = f"--{role}_model={{}}" if role in ("teacher", "student") else "--trust_model_code={}"
+    spec = model_spec(ckpt, role, path, trusted=(model_name,), opt_in=opt_in)
     found = (spec["model_name"], dict(spec["model_kwargs"]))
     wanted = (model_name, dict(model_kwargs))
     if found != wanted:

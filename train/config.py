@@ -57,6 +57,9 @@ class TrainConfig:
                                        "(empty: student_name)")
     teacher_checkpoint: str = _f("", "run", "teacher weights for later stages (empty: run_dir/teacher/best.pt)")
     paraphraser_checkpoint: str = _f("", "run", "paraphraser weights (empty: run_dir/paraphraser/best.pt)")
+    trust_model_code: list = _f([], "run", "import paths 'package.module:factory' a checkpoint may name (and so "
+                                           "import and call) besides teacher_model and student_model; a "
+                                           "checkpoint never runs code on its own")
     device: str = _f("auto", "run", "'auto' (cuda:LOCAL_RANK when available, else cpu), 'cpu' or 'cuda'")
     progress: bool = _f(True, "run", "tqdm bar per epoch on rank 0")
     curves_every_s: float = _f(30.0, "run", "redraw curves.png at most every this many seconds (0: every "

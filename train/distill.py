@@ -18,12 +18,15 @@ every unfinished stage exactly where its last.pt left it and skips finished ones
 Only one run at a time may use a RUN_DIR (a lock, RUN_DIR/.distill.lock, released when the process ends).
 
 Exit status: 0 done, 2 configuration, checkpoint or file-writing error (including a RUN_DIR in use by
-another run), 3 stopped by --stop_after_iters, 4 a loss became NaN or infinite.
+another run), 3 stopped by --stop_after_iters, 4 a loss became NaN or infinite, 130 interrupted (Ctrl-C; the
+message gives the command that resumes from the last saved last.pt).
 
 Configuration keys (defaults are the paper's; YAML < --key=value):
 """
 from __future__ import annotations
 
+import os
+import shlex
 import sys
 from pathlib import Path
 
@@ -45,6 +48,28 @@ from cocofast.train.stages import evaluate_all, train_paraphrasers, train_studen
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
+    try:
+        return run(argv)
+    except KeyboardInterrupt:  # the lock is released and the checkpoints are atomic: say how to go on
+        if os.environ.get("RANK", "0") == "0":
+            print(f"distill.py: interrupted; resume with: {resume_command(argv)}", file=sys.stderr)
+        return 130
+
+
+def resume_command(argv: list[str]) -> str:
+    """The command line that continues this run: the same arguments, --resume instead of --overwrite."""
+    kept, skip_value = [], False
+    for arg in argv:
+        if skip_value and arg.lower() in ("true", "false", "yes", "no", "on", "off", "1", "0"):
+            skip_value = False
+            continue  # the value of a '--overwrite true' just dropped
+        skip_value = arg in ("--resume", "--overwrite")
+        if arg.split("=")[0] not in ("--resume", "--overwrite"):
+            kept.append(arg)
+    return shlex.join(["python", "-m", "cocofast.train.distill", *kept, "--resume"])
+
+
+def run(argv: list[str]) -> int:
     if "-h" in argv or "--help" in argv:
         print(__doc__ + describe())
         return 0

@@ -18,7 +18,7 @@ from .checkpoint import CheckpointError, load_checkpoint, load_weights, model_sp
 from .config import TrainConfig
 from .config_checks import check_eval_students
 from .data import build_dataset
-from .networks import load_teacher, teacher_path
+from .networks import TRUST_OPT_IN, load_teacher, rebuilt, teacher_path, trusted_code
 from .runtime import Runtime, eval_loader
 
 
@@ -104,8 +104,8 @@ def evaluate_all(cfg: TrainConfig, rt: Runtime) -> list[dict]:
         if role == "teacher":  # a cocofast checkpoint, a TorchScript file or a plain state-dict
             net = load_teacher(cfg, rt)
         else:
-            spec = model_spec(load_checkpoint(path), role, path)
-            net = create_model(spec["model_name"], **spec["model_kwargs"])
+            spec = model_spec(load_checkpoint(path), role, path, trusted_code(cfg), TRUST_OPT_IN)
+            net = rebuilt(spec, role, path)
             load_weights(net, spec, role, path)
         net = net.to(rt.device)
         matrix = confusion(net, loader, cfg, rt)

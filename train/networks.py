@@ -16,6 +16,16 @@ from .config import ConfigError, TrainConfig
 from .runtime import Runtime
 
 
+TRUST_OPT_IN = "--trust_model_code={0} (or trust_model_code: [{0}] in the config)"
+
+
+def trusted_code(cfg: TrainConfig) -> tuple[str, ...]:
+    """The import paths the user named, which a checkpoint of this run may build: the configured teacher and
+    student factories and whatever `trust_model_code` lists (cocofast.checkpoint.check_model_code)."""
+    named = [cfg.teacher_model, cfg.student_model, *cfg.trust_model_code]
+    return tuple(dict.fromkeys(n for n in named if is_import_path(n)))
+
+
 def model_name(cfg: TrainConfig, role: str) -> str:
     return cfg.teacher_model if role == "teacher" else cfg.student_model
 
@@ -66,13 +76,14 @@ def tap_channels(cfg: TrainConfig, model: nn.Module, role: str) -> tuple[int, in
 def check_networks(cfg: TrainConfig) -> None:
     """Before any stage: both networks build, take the configured input, give K-class logits at the input's
     size, and (where taps are named or built in) two taps of equal H·W; names, paths and shapes in errors."""
-    stages = set(cfg.stages())
-    losses_read_taps = any(LOSSES[spec.name].reads.taps for spec in cfg.loss_specs())
-    needs_taps = "paraphraser" in stages or ("student" in stages and losses_read_taps)
+    taps_needed = needs_taps(cfg)
     for role in ("teacher", "student"):
         if role == "teacher" and cfg.teacher_checkpoint and is_torchscript(cfg.teacher_checkpoint):
             continue  # checked when loaded: a TorchScript teacher is whatever its file holds
-        with torch.device("meta"):  # shapes only: no weights are allocated, no arithmetic is done
+        try:
+            with torch.device("meta"):  # shapes only: no weights are allocated, no arithmetic is done
+                net = build_network(cfg, role)
+        except ConfigError:  # a factory that needs real tensors (reads weights, calls .item()): build it for real
             net = build_network(cfg, role)
         check_image_size(cfg, unwrap_model(net), role)
         try:
@@ -82,18 +93,36 @@ def check_networks(cfg: TrainConfig) -> None:
                 shapes = probe(build_network(cfg, role), cfg.in_channels, cfg.image_size)
             except NetworkError as err:
                 raise ConfigError(f"config key '{role}_model': {err}") from None
-        check_shapes(cfg, role, shapes, net, needs_taps)
+        check_shapes(cfg, role, shapes, net, taps_needed)
 
 
-def check_shapes(cfg: TrainConfig, role: str, shapes, net: nn.Module, needs_taps: bool) -> None:
+def needs_taps(cfg: TrainConfig) -> bool:
+    """Whether this invocation reads the teacher's and student's taps (the paraphraser stage, tap losses)."""
+    stages = set(cfg.stages())
+    losses_read_taps = any(LOSSES[spec.name].reads.taps for spec in cfg.loss_specs())
+    return "paraphraser" in stages or ("student" in stages and losses_read_taps)
+
+
+def check_shapes(cfg: TrainConfig, role: str, shapes, net: nn.Module, taps_needed: bool) -> None:
     name, size = model_name(cfg, role), cfg.image_size
+    if isinstance(net, ScriptedNetwork):
+        name = f"TorchScript {net.path}"
     wanted = (1, cfg.num_classes, size, size)
     if shapes.logits != wanted:
         raise ConfigError(f"the {role} ({name}) returns logits of shape {shapes.logits} for a "
                           f"(1, {cfg.in_channels}, {size}, {size}) input; expected {wanted} (num_classes="
                           f"{cfg.num_classes}, logits at the input's size)")
+    if shapes.logits_dtype is not None and not shapes.logits_dtype.is_floating_point:
+        raise ConfigError(f"the {role} ({name}) returns {shapes.logits_dtype} logits; expected floating-point "
+                          f"scores (integers carry no gradient, so nothing would train): return the raw "
+                          f"scores, not class indices or rounded values")
     if shapes.shallow is None:
-        if needs_taps:
+        if taps_needed and isinstance(net, ScriptedNetwork):
+            raise ConfigError(f"the {role} ({name}) returns logits only, but the paraphraser stage and the "
+                              f"losses {cfg.losses!r} need its taps; a TorchScript network runs in C++ where "
+                              f"no module path can be tapped (--{role}_taps does not apply), so it must return "
+                              f"(logits, shallow, deep) itself; logit losses alone (e.g. --losses=kd) need none")
+        if taps_needed:
             raise ConfigError(f"config key '{role}_taps': the {role} ({name}) has no taps, which the "
                               f"paraphraser stage and the losses {cfg.losses!r} need; name two module paths "
                               f"(shallow, deep), e.g. --{role}_taps=down2,up1 (logit losses alone, e.g. "
@@ -137,12 +166,7 @@ def load_teacher(cfg: TrainConfig, rt: Runtime) -> nn.Module:
         raise CheckpointError(f"teacher checkpoint not found: {path}; run --stage teacher first "
                               f"or set --teacher_checkpoint")
     if is_torchscript(path):
-        try:
-            teacher = ScriptedNetwork(str(path))
-        except NetworkError as err:
-            raise CheckpointError(str(err)) from None
-        check_shapes(cfg, "teacher", probe(teacher, cfg.in_channels, cfg.image_size), teacher, False)
-        return frozen(teacher.to(rt.device))
+        return checked_teacher(cfg, rt, scripted_teacher(cfg, path), path)
     state = plain_state_dict(path)
     if state is not None:  # the user's own training: weights of the configured teacher network
         teacher = build_network(cfg, "teacher")
@@ -152,12 +176,80 @@ def load_teacher(cfg: TrainConfig, rt: Runtime) -> nn.Module:
         except RuntimeError as err:
             raise CheckpointError(f"{path}: a plain state-dict that does not fit the configured teacher "
                                   f"{cfg.teacher_model}: {err}") from None
-        return frozen(teacher.to(rt.device))
+        return checked_teacher(cfg, rt, teacher, path)
     ckpt = load_checkpoint(path)
     spec = check_model(ckpt, "teacher", path, cfg.teacher_model, seg_kwargs(cfg, "teacher"))
-    teacher = create_model(spec["model_name"], **spec["model_kwargs"])
+    teacher = rebuilt(spec, "teacher", path)
     load_weights(teacher, spec, "teacher", path)
-    return frozen(teacher.to(rt.device))
+    return checked_teacher(cfg, rt, teacher, path)
+
+
+def rebuilt(spec: dict, role: str, path) -> nn.Module:
+    """The network of a checkpoint entry that passed model_spec's trust gate; failures name the file."""
+    try:
+        return create_model(spec["model_name"], **spec["model_kwargs"])
+    except (NetworkError, TypeError, ValueError) as err:
+        raise CheckpointError(f"checkpoint {path}: its {role!r} network ({spec['model_name']}) cannot be "
+                              f"rebuilt: {err}") from None
+
+
+def scripted_teacher(cfg: TrainConfig, path: Path) -> ScriptedNetwork:
+    """A TorchScript teacher, which is a program (TorchScript runs its own code): loaded only from a path the
+    user named with teacher_checkpoint, and checked to take the configured input and give what training reads."""
+    if not cfg.teacher_checkpoint:
+        raise CheckpointError(f"{path} is a TorchScript file: a program, which cocofast runs only when you name "
+                              f"it yourself (training writes checkpoints there, never TorchScript); if you trust "
+                              f"it, pass --teacher_checkpoint={path}")
+    try:
+        teacher = ScriptedNetwork(str(path))
+    except NetworkError as err:
+        raise CheckpointError(str(err)) from None
+    try:
+        shapes = probe(teacher, cfg.in_channels, cfg.image_size)
+    except NetworkError as err:
+        takes = [c for c in (1, 3, 4) if c != cfg.in_channels and takes_channels(teacher, c, cfg.image_size)]
+        hint = (f"; it takes {' or '.join(map(str, takes))}-channel input, so set in_channels to match or give "
+                f"a teacher made for {cfg.in_channels} channel(s)" if takes else "")
+        raise CheckpointError(f"the TorchScript teacher {path} cannot take the configured input "
+                              f"(in_channels={cfg.in_channels}, image_size={cfg.image_size}){hint}: {err}") from None
+    check_shapes(cfg, "teacher", shapes, teacher, needs_taps(cfg))
+    return teacher
+
+
+def takes_channels(net: nn.Module, channels: int, size: int) -> bool:
+    try:
+        probe(net, channels, size)
+        return True
+    except NetworkError:
+        return False
+
+
+def checked_teacher(cfg: TrainConfig, rt: Runtime, teacher: nn.Module, path: Path) -> nn.Module:
+    """The teacher frozen on the device, refused when its outputs are NaN or infinite: every distillation loss
+    would refuse them at its first step, long after start-up, and nothing can be learnt from them.
+
+    One forward of a (1, C, S, S) image drawn from its own generator (the training's random streams are left
+    as they were), under the training's autocast: the cost of one teacher step on one image.
+    """
+    teacher = frozen(teacher.to(rt.device))
+    image = torch.rand(1, cfg.in_channels, cfg.image_size, cfg.image_size,
+                       generator=torch.Generator().manual_seed(0)).to(rt.device)
+    try:
+        with torch.no_grad(), rt.autocast():
+            out = teacher(image)
+    except Exception as err:  # the user's network (or weights) fail on a real input: name the file
+        raise CheckpointError(f"teacher {path}: a forward of a (1, {cfg.in_channels}, {cfg.image_size}, "
+                              f"{cfg.image_size}) image failed: {type(err).__name__}: {err}") from None
+    named = [("logits", out.logits), ("shallow tap", out.shallow), ("deep tap", out.deep)]
+    bad = [name for name, t in named if t is not None and t.is_floating_point() and not bool(t.isfinite().all())]
+    if bad:
+        weights = [n for n, t in teacher.state_dict().items() if t.is_floating_point() and not bool(t.isfinite().all())]
+        where = (f"; its weights hold NaN or Inf in {', '.join(weights[:4])}" + (" ..." if len(weights) > 4 else "")
+                 if weights else "")
+        raise CheckpointError(f"teacher {path}: its {' and '.join(bad)} are NaN or infinite for a (1, "
+                              f"{cfg.in_channels}, {cfg.image_size}, {cfg.image_size}) image{where}; it cannot "
+                              f"teach anything (retrain it, or point --teacher_checkpoint at a sound one)")
+    return teacher
 
 
 def plain_state_dict(path: Path) -> dict | None:

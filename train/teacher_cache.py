@@ -25,6 +25,12 @@ train/checkpoint.py source_digests), the data settings, image size, batch size, 
 and which features are stored: a cache of other networks or data is never opened, and every row and seed of an
 experiment table with the same ones can share one folder (`teacher_cache_dir`). A cache is written into a
 temporary folder and renamed into place when complete, so a killed build leaves nothing that is read.
+
+Trust. Nothing in the folder is taken on faith: identity.json must equal the identity this run computes (a
+cache copied under another teacher's key is caught), and it records the SHA-256 of every .npy file, which
+rank 0 recomputes when it opens the cache (about 1 s per GB read on one core; shapes are checked too). A cache
+that is missing a file, truncated, altered or foreign is set aside and rebuilt, with a line saying why: it is
+derived data, so rebuilding is always safe, and nobody has to delete a folder by hand.
 """
 from __future__ import annotations
 
@@ -41,16 +47,18 @@ from torch.utils.data import Dataset
 
 from cocofast.data import joint_flip
 
-from .checkpoint import source_digests
+from .checkpoint import CheckpointError, source_digests
 from .config import ConfigError, TrainConfig
 from .features import Features
 from .semi import DatasetView
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: identity.json records each array's SHA-256
+IDENTITY = "identity.json"
+RECORDED = ("features", "checksums")  # what identity.json adds to the identity the folder is named after
 
 
-class TeacherCacheError(RuntimeError):
-    """A batch whose images are not what the cache was built from."""
+class TeacherCacheError(CheckpointError):
+    """A cache folder that is incomplete, corrupt or another run's, or a batch whose images it does not hold."""
 
 
 def image_digest(image: torch.Tensor) -> int:
@@ -85,16 +93,58 @@ def feature_arrays(feats: Features) -> dict[str, torch.Tensor]:
     return named
 
 
-class TeacherCache:
-    """A built cache folder, memory-mapped; `features(keys, device)` is one batch's teacher Features."""
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
-    def __init__(self, folder: str | Path):
+
+def as_json(value):
+    """`value` as it reads back from JSON (tuples become lists), for comparing with a stored identity."""
+    return json.loads(json.dumps(value, sort_keys=True))
+
+
+class TeacherCache:
+    """A built cache folder, memory-mapped; `features(keys, device)` is one batch's teacher Features.
+
+    `identity`, when given, must be the one identity.json holds (minus what the build adds); `verify`
+    recomputes every array's SHA-256. Any problem is a TeacherCacheError that says what is wrong.
+    """
+
+    def __init__(self, folder: str | Path, identity: dict | None = None, verify: bool = True):
         self.folder = Path(folder)
-        self.identity = json.loads((self.folder / "identity.json").read_text())
-        self.variants = int(self.identity["variants"])
-        self.digests = np.load(self.folder / "digests.npy")
-        self.arrays = {name: np.load(self.folder / f"{name}.npy", mmap_mode="r")
-                       for name in self.identity["features"]}
+        self.identity = read_identity(self.folder)
+        if identity is not None:
+            stored = {k: v for k, v in self.identity.items() if k not in RECORDED}
+            wanted = as_json(identity)
+            if stored != wanted:
+                differ = sorted(k for k in set(stored) | set(wanted) if stored.get(k) != wanted.get(k))
+                raise TeacherCacheError(f"teacher cache {self.folder}: {IDENTITY} describes another teacher, "
+                                        f"paraphrasers or data (it differs in {', '.join(differ)})")
+        checksums = self.identity["checksums"]
+        names = ["digests", *self.identity["features"]]
+        for name in names:
+            path = self.folder / f"{name}.npy"
+            if not path.is_file():
+                raise TeacherCacheError(f"teacher cache {self.folder}: {path.name} is missing")
+            if verify and file_sha256(path) != checksums.get(name):
+                raise TeacherCacheError(f"teacher cache {self.folder}: {path.name} is not the file the cache was "
+                                        f"built with (its SHA-256 differs: altered or truncated)")
+        try:
+            self.variants = int(self.identity["variants"])
+            self.digests = np.load(self.folder / "digests.npy")
+            self.arrays = {name: np.load(self.folder / f"{name}.npy", mmap_mode="r")
+                           for name in self.identity["features"]}
+        except (OSError, ValueError, TypeError, KeyError) as err:  # truncated or not an .npy file at all
+            raise TeacherCacheError(f"teacher cache {self.folder}: cannot read its arrays: "
+                                    f"{type(err).__name__}: {err}") from None
+        slots = self.digests.shape[0] if self.digests.ndim == 1 else -1
+        bad = [f"{n} {a.shape}" for n, a in self.arrays.items() if a.ndim == 0 or a.shape[0] != slots]
+        if slots < 0 or bad or self.digests.dtype != np.int64:
+            raise TeacherCacheError(f"teacher cache {self.folder}: arrays of inconsistent shapes (digests "
+                                    f"{self.digests.shape} {self.digests.dtype}; {', '.join(bad) or 'features fine'})")
 
     @classmethod
     def build(cls, folder: str | Path, identity: dict, base_set: Dataset, batch: int, teacher_features,
@@ -134,17 +184,31 @@ class TeacherCache:
             del arrays
             np.save(tmp / "digests.npy", digests)
             names = sorted(p.stem for p in tmp.glob("*.npy") if p.stem != "digests")
-            (tmp / "identity.json").write_text(json.dumps({**identity, "features": names}, indent=1, sort_keys=True))
+            checksums = {p.stem: file_sha256(p) for p in tmp.glob("*.npy")}
+            (tmp / IDENTITY).write_text(json.dumps({**identity, "features": names, "checksums": checksums},
+                                                   indent=1, sort_keys=True))
             try:
                 tmp.rename(folder)
             except OSError:
-                if not (folder / "identity.json").is_file():
+                if not (folder / IDENTITY).is_file():
                     raise
                 shutil.rmtree(tmp, ignore_errors=True)  # someone else finished the same cache first
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
-        return cls(folder)
+        return cls(folder, identity, verify=False)  # just written and hashed: no second read
+
+    @classmethod
+    def open_or_build(cls, folder: Path, identity: dict, build, log) -> "TeacherCache":
+        """The verified cache at `folder`; built by `build()` when absent, set aside and rebuilt (saying why via
+        `log`) when it fails verification."""
+        if folder.exists():
+            try:
+                return cls(folder, identity)
+            except TeacherCacheError as err:
+                log(f"{err}; rebuilding it")
+                discard(folder)
+        return build()
 
     def slots(self, keys: torch.Tensor) -> np.ndarray:
         keys = keys.cpu().numpy()
@@ -155,9 +219,11 @@ class TeacherCache:
         match = candidates == digest[:, None]
         if not match.any(axis=1).all():
             bad = index[~match.any(axis=1)].tolist()
+            discard(self.folder)  # its images are not the data's any more: the next run rebuilds it
             raise TeacherCacheError(f"teacher cache {self.folder}: training patches {bad[:8]} are none of the "
                                     f"cached flip variants (the data changed, or augmentation other than flips is "
-                                    f"on); delete the folder or turn --teacher_cache off")
+                                    f"on); the cache is set aside, so rerunning (--resume continues this run) "
+                                    f"rebuilds it from the data as it is now")
         return index * self.variants + match.argmax(axis=1)
 
     def features(self, keys: torch.Tensor, device: torch.device) -> Features:
@@ -169,6 +235,36 @@ class TeacherCache:
         paraphrased = listed("paraphrased")
         return Features(take["logits"], take["shallow"], take["deep"],
                         tuple(paraphrased) if paraphrased else None, listed("chain"))
+
+
+def read_identity(folder: Path) -> dict:
+    path = folder / IDENTITY
+    try:
+        identity = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise TeacherCacheError(f"teacher cache {folder}: {IDENTITY} is missing (an incomplete folder)") from None
+    except (OSError, UnicodeDecodeError, ValueError) as err:
+        raise TeacherCacheError(f"teacher cache {folder}: {IDENTITY} is unreadable ({type(err).__name__})") from None
+    fields_ok = (isinstance(identity, dict) and isinstance(identity.get("features"), list)
+                 and all(isinstance(n, str) and n.isidentifier() for n in identity["features"])
+                 and isinstance(identity.get("checksums"), dict) and "variants" in identity)
+    if not fields_ok:
+        raise TeacherCacheError(f"teacher cache {folder}: {IDENTITY} lacks the features, checksums or variants a "
+                                f"built cache records (another format or version)")
+    return identity
+
+
+def discard(folder: Path) -> None:
+    """Move a bad cache folder aside in one rename (a reader that has it open keeps its files), then delete it."""
+    aside = folder.parent / f".{folder.name}.discarded-{uuid.uuid4().hex[:8]}"
+    try:
+        folder.rename(aside)
+    except FileNotFoundError:
+        return  # another process set it aside first
+    except OSError as err:
+        raise TeacherCacheError(f"teacher cache {folder} is unusable and cannot be moved aside to rebuild it: "
+                                f"{err.strerror or err}") from None
+    shutil.rmtree(aside, ignore_errors=True)
 
 
 def check_cacheable(cfg: TrainConfig) -> None:
@@ -205,13 +301,26 @@ def open_teacher_cache(cfg: TrainConfig, rt, step, teacher, paraphrasers) -> Tea
     key = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
     root = Path(cfg.teacher_cache_dir or Path(cfg.run_dir) / "teacher_cache")
     folder = root / key
-    if rt.is_main and not (folder / "identity.json").is_file():
+
+    def build() -> TeacherCache:
         base_set = build_dataset(dataclasses.replace(cfg, flips=False), "train")  # variants are made here
         print(f"[student] teacher cache: computing {len(base_set) * identity['variants']} patch variants "
               f"into {folder}", flush=True)
-        TeacherCache.build(folder, identity, base_set, identity["batch"], step.teacher_features, rt.device)
+        return TeacherCache.build(folder, identity, base_set, identity["batch"], step.teacher_features, rt.device)
+
+    cache, problem = None, None
+    if rt.is_main:  # rank 0 alone verifies (reads every byte) and builds; the others open what it left
+        try:
+            cache = TeacherCache.open_or_build(folder, identity, build,
+                                               lambda message: print(f"[student] {message}", flush=True))
+        except TeacherCacheError as err:
+            problem = str(err)
+    problem = rt.gather_objects(problem)[0]
+    if problem:
+        raise TeacherCacheError(problem)
     rt.barrier()
-    cache = TeacherCache(folder)
+    if cache is None:
+        cache = TeacherCache(folder, identity, verify=False)
     if rt.is_main:
         print(f"[student] teacher cache: replaying {folder}", flush=True)
     return cache

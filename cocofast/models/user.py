@@ -89,6 +89,9 @@ def build_user_network(factory_path: str, kwargs: dict, taps=None, chain=None, i
         model = factory(**kwargs)
     except TypeError as err:
         raise NetworkError(f"network {factory_path!r}: calling it with {kwargs} failed: {err}") from None
+    except Exception as err:  # the user's code raised: name it, the arguments and the real reason
+        raise NetworkError(f"network {factory_path!r}: calling it with {kwargs} raised "
+                           f"{type(err).__name__}: {err}") from None
     if not isinstance(model, nn.Module):
         raise NetworkError(f"network {factory_path!r}: returned a {type(model).__name__}, not an nn.Module")
     for attr in ("in_channels", "num_classes"):  # what cocofast's tools read, when the factory was told it
@@ -137,6 +140,7 @@ class TapShapes(NamedTuple):
     logits: tuple[int, ...]
     shallow: tuple[int, ...] | None
     deep: tuple[int, ...] | None
+    logits_dtype: torch.dtype | None = None  # integer logits have no gradient: nothing would train
 
 
 @torch.no_grad()
@@ -158,4 +162,4 @@ def probe(model: nn.Module, in_channels: int, size: int) -> TapShapes:
     finally:
         model.train(was_training)
     shape = lambda t: None if t is None else tuple(t.shape)  # noqa: E731
-    return TapShapes(shape(out.logits), shape(out.shallow), shape(out.deep))
+    return TapShapes(shape(out.logits), shape(out.shallow), shape(out.deep), out.logits.dtype)
