@@ -12,6 +12,8 @@ Backends (every one differentiable, every one agreeing with the others):
     tiled  flash-style Triton kernels that walk M in tiles and never store it (cocofast.kernels.tiled).
     auto   gram off CUDA; on CUDA triton where its modelled time is lower than gram's, else gram
            (cocofast.ops.roofline.similarity_auto_backend).
+On CUDA, the first triton launch of each kernel class is checked against the float64 gram path on its
+batch (cocofast.ops.selfcheck): auto falls back to gram with a warning, triton raises.
 
 The backend table is cocofast.ops.backends.SIMILARITY_BACKENDS; the input checks are cocofast.ops.checks.
 """
@@ -23,6 +25,7 @@ from typing import Sequence
 import torch
 
 from cocofast.gram_torch import TorchGramStats
+from cocofast.ops import selfcheck
 from cocofast.ops.backends import SIMILARITY_BACKENDS, check_backend
 from cocofast.ops.checks import (NaiveTooLargeError, check_map, check_naive_fits, check_pair, extrema_check,
                                  shape_str)
@@ -54,7 +57,9 @@ def cmss(feat: torch.Tensor, *, channel_mix: bool = True, eps: float = 1e-6) -> 
 def _stats(fn: str, names: tuple[str, str], f1, f2, channel_mix: bool, backend: str, eps: float = 1e-6):
     """(k, p, q, d) per image in float64: ⟨M₁,M₂⟩, ‖M₁‖², ‖M₂‖², ‖M₁−M₂‖², after the input checks."""
     check_pair(fn, names, f1, f2, values=False)
-    backend = _resolve(backend, f1, f2)
+    requested, backend = backend, _resolve(backend, f1, f2)
+    if backend == "triton" and selfcheck.active(f1.device):
+        backend = _self_checked(fn, names, f1, f2, channel_mix, eps, explicit=requested == "triton")
     if backend != "triton":  # the triton kernels check the values in the pass that finds the channel max
         check_map(fn, names[0], f1)
         check_map(fn, names[1], f2)
@@ -76,6 +81,17 @@ def _stats(fn: str, names: tuple[str, str], f1, f2, channel_mix: bool, backend: 
     else:
         k, p, q = TorchGramStats.apply(f1, f2, channel_mix, eps)
     return k, p, q, p + q - 2 * k
+
+
+def _self_checked(fn: str, names, f1, f2, channel_mix: bool, eps: float, explicit: bool) -> str:
+    """'triton', or 'gram' where the kernels failed their self-check for this class (cocofast.ops.selfcheck)."""
+    from cocofast.kernels import gram_stats
+    from cocofast.kernels.gram import launch_class
+
+    check = extrema_check(fn, names, f1, f2)  # bad input is a ValueError, not a failed self-check
+    return selfcheck.checked_backend(
+        fn, f1, f2, channel_mix, eps, explicit=explicit, key=launch_class(f1, f2),
+        kernel_stats=lambda a, b: gram_stats(a, b, channel_mix, eps, check=check))
 
 
 def _out_dtype(*ts: torch.Tensor) -> torch.dtype:

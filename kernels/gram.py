@@ -357,18 +357,44 @@ class MapStats:
         return stats
 
 
+def forward_plan(f1: torch.Tensor, f2: torch.Tensor):
+    """(tile config, channel-tile pairs, row splits) of the forward launch for these maps."""
+    B, C1, H, W = f1.shape
+    C2, n_pix = f2.shape[1], H * W
+    cfg = gram_forward_config(n_pix, max(C1, C2))
+    t = triton.cdiv(C1, cfg.block_out) + triton.cdiv(C2, cfg.block_out)
+    pairs = [(i, j) for i in range(t) for j in range(i, t)]
+    ct = C1 + C2
+    return cfg, pairs, gram_splits(B, n_pix, cfg.block_rows, len(pairs), n_pix * ct * f1.element_size(), ct)
+
+
+def backward_plan(f1: torch.Tensor, f2: torch.Tensor):
+    """(tile config, output tile width per map) of the backward launch; a map wider than its tile runs the
+    two sweeps over half-width output tiles (gram_backward_config)."""
+    C1, C2, n_pix = f1.shape[1], f2.shape[1], f1.shape[2] * f1.shape[3]
+    cfg = gram_backward_config(n_pix, max(C1, C2))
+    return cfg, [max(16, next_pow2(C)) if C <= cfg.block_out else cfg.block_out // 2 for C in (C1, C2)]
+
+
+def launch_class(f1: torch.Tensor, f2: torch.Tensor) -> tuple:
+    """What selects a different compiled kernel for these maps (besides dtypes and channel mixing): the
+    forward's and the backward's tiles and launch options, the row splits, and which maps run two sweeps."""
+    fwd, _, splits = forward_plan(f1, f2)
+    bwd, cp = backward_plan(f1, f2)
+    two_pass = tuple(C > c for C, c in zip((f1.shape[1], f2.shape[1]), cp))
+    return ("forward", fwd, "splits", splits, "backward", bwd, "tiles", tuple(cp), "two_pass", two_pass)
+
+
 def gram_forward(f1, f2, channel_mix: bool, eps: float, check: Callable | None = None):
     """(G, r1, r2): the concatenated Gram (B, C₁+C₂, C₁+C₂) in the accumulation dtype and each map's stats."""
     acc = acc_dtype(f1, f2)
     r1, r2 = MapStats(f1, channel_mix, acc, check), MapStats(f2, channel_mix, acc, check)
     B, C1, H, W = f1.shape
     C2, n_pix = f2.shape[1], H * W
-    cfg = gram_forward_config(n_pix, max(C1, C2))
+    cfg, pairs, splits = forward_plan(f1, f2)
     bc = cfg.block_out
-    t1, t2 = triton.cdiv(C1, bc), triton.cdiv(C2, bc)
-    pairs = [(i, j) for i in range(t1 + t2) for j in range(i, t1 + t2)]
+    t1 = triton.cdiv(C1, bc)
     ct = C1 + C2
-    splits = gram_splits(B, n_pix, cfg.block_rows, len(pairs), n_pix * ct * f1.element_size(), ct)
     part = torch.empty(B, splits, ct, ct, device=f1.device, dtype=acc)
     stat1 = torch.empty(B, splits, 3, C1, device=f1.device, dtype=torch.int32 if channel_mix else acc)
     stat2 = torch.empty(B, splits, 3, C2, device=f1.device, dtype=torch.int32 if channel_mix else acc)
@@ -402,11 +428,9 @@ def gram_backward(f1, f2, gram, r1: MapStats, r2: MapStats, coef: torch.Tensor, 
     B, C1, H, W = f1.shape
     C2, n_pix = f2.shape[1], H * W
     acc = r1.norm.dtype
-    cfg = gram_backward_config(n_pix, max(C1, C2))
+    cfg, cp = backward_plan(f1, f2)
     span = cfg.span
     n_spans = triton.cdiv(n_pix, span)
-    # A map wider than the config's tile runs two sweeps over half-width output tiles (gram_backward_config).
-    cp = [max(16, next_pow2(C)) if C <= cfg.block_out else cfg.block_out // 2 for C in (C1, C2)]
     # A map without a gradient gets no program; its pointer is a stand-in of the same dtype.
     grads = [torch.empty_like(f) if i in maps else f.new_empty(1, 1, 1, 1) for i, f in enumerate((f1, f2))]
     # A two-pass map adds each row block's dw into its partial row, which starts at zero.
@@ -469,4 +493,5 @@ def gram_stats(f1: torch.Tensor, f2: torch.Tensor, channel_mix: bool = True, eps
     return GramStats.apply(f1, f2, channel_mix, eps, check)
 
 
-__all__ = ["GramStats", "MapStats", "gram_backward", "gram_forward", "gram_splits", "gram_stats", "reduce_splits"]
+__all__ = ["GramStats", "MapStats", "backward_plan", "forward_plan", "gram_backward", "gram_forward", "gram_splits",
+           "gram_stats", "launch_class", "reduce_splits"]

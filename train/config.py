@@ -204,6 +204,8 @@ class TrainConfig:
                                                     "(coco, skd_pairwise, cmss, graph_flow)")
     pixel_relation_backend: str = _f("auto", "student", "backend of the losses built on the pixel-relation op "
                                                         "(cpkd)")
+    kernel_self_check: bool = _f(True, "run", "on CUDA, check each fused-kernel class against the float64 gram "
+                                              "path on its first batch (cocofast.ops.selfcheck)")
 
     # ---------------------------------------------------------------------------------------------------
     def stages(self) -> list[str]:

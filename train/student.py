@@ -21,6 +21,7 @@ from cocofast.losses import LOSSES, DistillLoss, LossOutputError
 from cocofast.losses.adversarial import AdversarialLoss
 from cocofast.losses.base import IGNORE_INDEX
 from cocofast.losses.supervised import focal_dice_loss
+from cocofast.ops import selfcheck
 
 from .config import ConfigError, TrainConfig
 from .features import FeatureAdapter, Features, check_reads
@@ -31,6 +32,7 @@ from .semi import labelled_rows
 def build_losses(cfg: TrainConfig) -> list[tuple[str, DistillLoss]]:
     """The configured losses, each given its op family's configured backend unless `--losses` sets one."""
     backends = {"similarity": cfg.similarity_backend, "pixel_relation": cfg.pixel_relation_backend}
+    selfcheck.configure(None if cfg.kernel_self_check else False)  # None: on CUDA devices
     built = []
     for spec in cfg.loss_specs():
         family = LOSSES[spec.name].op_family
