@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 import shutil
+import sys
 import textwrap
 import warnings
 from pathlib import Path
@@ -19,7 +20,7 @@ from PIL import Image
 
 from cocofast.data.folder import DatasetError, FolderDataset
 from cocofast.experiments import main as experiments_main
-from cocofast.losses import DistillLoss, Reads, get_loss, parse_losses
+from cocofast.losses import LOSSES, DistillLoss, Reads, get_loss, parse_losses
 from cocofast.segment import main as segment_main
 from cocofast.train import distill
 from cocofast.train.config import ConfigError, load_yaml, parse_args
@@ -212,8 +213,12 @@ def test_training_with_a_vector_loss_exits_2_naming_it(teacher_run, tmp_path, mo
     monkeypatch.syspath_prepend(str(Path(__file__).parent))
     run_dir = tmp_path / "run"
     shutil.copytree(teacher_run, run_dir)
-    code = train(run_dir, "--stage=student", "--student_epochs=1", "--loss_modules=vector_loss",
-                 "--losses=per_image", "--adversarial=false")
+    try:
+        code = train(run_dir, "--stage=student", "--student_epochs=1", "--loss_modules=vector_loss",
+                     "--losses=per_image", "--adversarial=false")
+    finally:  # the registry is global: other tests list every loss
+        LOSSES.pop("per_image", None)
+        sys.modules.pop("vector_loss", None)
     assert code == 2
     assert "config key 'losses': 'per_image': PerImageLoss.distill returned shape" in capsys.readouterr().err
 
