@@ -297,3 +297,13 @@ def test_yaml_merge_keys_are_accepted_and_real_duplicates_still_refused(tmp_path
     two_merges.write_text("a: &a {x: 1}\nb: &b {y: 1}\nc:\n  <<: *a\n  <<: *b\n")
     with pytest.raises(ConfigError, match="found key '<<' twice"):
         load_yaml(two_merges)
+
+
+def test_an_image_size_below_the_networks_divisor_says_the_smallest():
+    from cocofast.train.networks import check_networks
+
+    data = ["--dataset=folder", "--data_root=unused"]  # no synthetic minimum: the networks' own
+    with pytest.raises(ConfigError, match="needs sides divisible by 32, got 8; the smallest is 32"):
+        check_networks(parse_args([*data, "--image_size=8"]))
+    with pytest.raises(ConfigError, match="divisible by 32, got 40$"):  # above the smallest: no such note
+        check_networks(parse_args([*data, "--image_size=40"]))

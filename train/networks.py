@@ -140,9 +140,11 @@ def check_image_size(cfg: TrainConfig, model: nn.Module, role: str) -> None:
     divisor = getattr(model, "input_divisor", 1)
     minimum = getattr(model, "min_size", 1)
     if cfg.image_size % divisor or cfg.image_size < minimum:
+        smallest = -(-max(minimum, divisor) // divisor) * divisor
         raise ConfigError(f"config key 'image_size': the {role} ({type(model).__name__}) needs sides divisible by "
                           f"{divisor}" + (f" and at least {minimum}" if minimum > 1 else "")
-                          + f", got {cfg.image_size}")
+                          + f", got {cfg.image_size}" + (f"; the smallest is {smallest}" if cfg.image_size < smallest
+                                                         else ""))
 
 
 def frozen(module: nn.Module) -> nn.Module:
@@ -228,18 +230,24 @@ def checked_teacher(cfg: TrainConfig, rt: Runtime, teacher: nn.Module, path: Pat
     """The teacher frozen on the device, refused when its outputs are NaN or infinite: every distillation loss
     would refuse them at its first step, long after start-up, and nothing can be learnt from them.
 
-    One forward of a (1, C, S, S) image drawn from its own generator (the training's random streams are left
-    as they were), under the training's autocast: the cost of one teacher step on one image.
+    One forward under the training's autocast of an image drawn from its own generator (the training's random
+    streams are left as they were), at the smallest side from 64 up that the network takes (a full-size
+    teacher at 512 costs seconds on a CPU, at 64 a sixty-fourth of that), or at image_size if that fails.
     """
     teacher = frozen(teacher.to(rt.device))
-    image = torch.rand(1, cfg.in_channels, cfg.image_size, cfg.image_size,
-                       generator=torch.Generator().manual_seed(0)).to(rt.device)
-    try:
-        with torch.no_grad(), rt.autocast():
-            out = teacher(image)
-    except Exception as err:  # the user's network (or weights) fail on a real input: name the file
-        raise CheckpointError(f"teacher {path}: a forward of a (1, {cfg.in_channels}, {cfg.image_size}, "
-                              f"{cfg.image_size}) image failed: {type(err).__name__}: {err}") from None
+    inner = unwrap_model(teacher)
+    divisor, minimum = int(getattr(inner, "input_divisor", 1)), int(getattr(inner, "min_size", 1))
+    side = min(cfg.image_size, -(-max(64, minimum) // divisor) * divisor)
+    for size in dict.fromkeys((side, cfg.image_size)):
+        image = torch.rand(1, cfg.in_channels, size, size, generator=torch.Generator().manual_seed(0))
+        try:
+            with torch.no_grad(), rt.autocast():
+                out = teacher(image.to(rt.device))
+            break
+        except Exception as err:  # the user's network (or weights) fail on a real input: name the file
+            if size == cfg.image_size:
+                raise CheckpointError(f"teacher {path}: a forward of a (1, {cfg.in_channels}, {size}, {size}) "
+                                      f"image failed: {type(err).__name__}: {err}") from None
     named = [("logits", out.logits), ("shallow tap", out.shallow), ("deep tap", out.deep)]
     bad = [name for name, t in named if t is not None and t.is_floating_point() and not bool(t.isfinite().all())]
     if bad:
@@ -247,8 +255,8 @@ def checked_teacher(cfg: TrainConfig, rt: Runtime, teacher: nn.Module, path: Pat
         where = (f"; its weights hold NaN or Inf in {', '.join(weights[:4])}" + (" ..." if len(weights) > 4 else "")
                  if weights else "")
         raise CheckpointError(f"teacher {path}: its {' and '.join(bad)} are NaN or infinite for a (1, "
-                              f"{cfg.in_channels}, {cfg.image_size}, {cfg.image_size}) image{where}; it cannot "
-                              f"teach anything (retrain it, or point --teacher_checkpoint at a sound one)")
+                              f"{cfg.in_channels}, {size}, {size}) image{where}; it cannot teach anything "
+                              f"(retrain it, or point --teacher_checkpoint at a sound one)")
     return teacher
 
 
