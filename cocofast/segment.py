@@ -45,6 +45,7 @@ from cocofast.data.slide_outputs import BandOutputs, SlideOutputs, glass_windows
 from cocofast.data.writers import open_row_writer
 from cocofast.io import atomic_path
 from cocofast.models import create_model, logits_of
+from cocofast.ops.checks import available_memory
 from cocofast.overlay import DEFAULT_THICKNESS, OutlineStream, display_rgb, paint_outlines
 
 OVERLAY_ROWS = 64  # overlay rows converted at a time: bounds the float temporaries of wide slides
@@ -101,8 +102,13 @@ def blended_bands(predict_fn: Callable[[torch.Tensor], torch.Tensor], reader, wi
     warned = False
     ys = axis_starts(height, wh, stride_from_fraction(wh, overlap))
     xs = axis_starts(width, ww, stride_from_fraction(ww, overlap))
-    weight = gaussian_importance((wh, ww), sigma_scale, device)
     padded_w = max(width, ww)
+    band_bytes = 4 * wh * (padded_w * (num_classes + 1) + ww)  # float32 accumulator, weight sums, window weights
+    if band_bytes > available_memory(device):
+        raise ValueError(f"a {wh}x{ww} window over a {width}-pixel-wide image needs {band_bytes / 2**30:.3g} GiB "
+                         f"for one band of blended scores, more than the {available_memory(device) / 2**30:.3g} "
+                         f"GiB free on {device}; choose a smaller --window")
+    weight = gaussian_importance((wh, ww), sigma_scale, device)
     acc = torch.zeros(num_classes, wh, padded_w, dtype=torch.float32, device=device)
     wsum = torch.zeros(wh, padded_w, dtype=torch.float32, device=device)
     use_amp = amp and device.type == "cuda"

@@ -233,7 +233,9 @@ def test_segment_sizes_that_cannot_fit_are_refused_naming_them(tmp_path, checkpo
                                 "a 48x40 image"),
              (["--mpp", "1e300"], "1e+300 µm per pixel"),
              (["--downscale", "1000000"], "downscale factor 1000000 on a 48x40 image would give 4.8e-05x4e-05 "
-                                          "pixels, less than one; the largest usable factor is 40")]
+                                          "pixels, less than one; the largest usable factor is 40"),
+             (["--window", "400000"], "a 400000x400000 window over a 48-pixel-wide image needs 2.38e+03 GiB for one "
+                                      "band of blended scores")]
     for extra, message in cases:
         assert segment(tmp_path / "s.tif", checkpoint, out, *extra) == 2, extra
         assert message in capsys.readouterr().err, extra
