@@ -223,24 +223,27 @@ def test_training_with_a_vector_loss_exits_2_naming_it(teacher_run, tmp_path, mo
     assert "config key 'losses': 'per_image': PerImageLoss.distill returned shape" in capsys.readouterr().err
 
 
-def test_segment_sizes_that_cannot_fit_are_refused_naming_them(tmp_path, checkpoint, capsys):
+@pytest.mark.parametrize("extra, message", [
+    (["--mpp", "inf"], "--mpp inf: must be a finite positive number"),
+    (["--mpp", "1e6"], "1000000.0 µm per pixel needs level 0 (0.25 µm per pixel) downscaled by 4000000 on a 48x40 "
+                       "image"),
+    (["--mpp", "1e300"], "1e+300 µm per pixel"),
+    (["--downscale", "1000000"], "downscale factor 1000000 on a 48x40 image would give 4.8e-05x4e-05 pixels, less "
+                                 "than one; the largest usable factor is 40"),
+    (["--window", "400000"], "a 400000x400000 window over a 48-pixel-wide image needs 2.38e+03 GiB for one band of "
+                             "blended scores")])
+def test_segment_sizes_that_cannot_fit_are_refused_naming_them(tmp_path, checkpoint, capsys, extra, message):
     image = np.random.default_rng(1).integers(0, 256, (40, 48, 3), dtype=np.uint8)
-    tifffile.imwrite(tmp_path / "s.tif", image, photometric="rgb", description="Aperio |MPP = 0.25",
-                     metadata=None)
-    out = tmp_path / "m.png"
-    cases = [(["--mpp", "inf"], "--mpp inf: must be a finite positive number"),
-             (["--mpp", "1e6"], "1000000.0 µm per pixel needs level 0 (0.25 µm per pixel) downscaled by 4000000 on "
-                                "a 48x40 image"),
-             (["--mpp", "1e300"], "1e+300 µm per pixel"),
-             (["--downscale", "1000000"], "downscale factor 1000000 on a 48x40 image would give 4.8e-05x4e-05 "
-                                          "pixels, less than one; the largest usable factor is 40"),
-             (["--window", "400000"], "a 400000x400000 window over a 48-pixel-wide image needs 2.38e+03 GiB for one "
-                                      "band of blended scores")]
-    for extra, message in cases:
-        assert segment(tmp_path / "s.tif", checkpoint, out, *extra) == 2, extra
-        assert message in capsys.readouterr().err, extra
-    assert not out.exists()
-    assert segment(tmp_path / "s.tif", checkpoint, out, "--downscale", "40") == 0  # the largest still works
+    tifffile.imwrite(tmp_path / "s.tif", image, photometric="rgb", description="Aperio |MPP = 0.25", metadata=None)
+    assert segment(tmp_path / "s.tif", checkpoint, tmp_path / "m.png", *extra) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "m.png").exists()
+
+
+def test_the_largest_usable_downscale_still_segments(tmp_path, checkpoint):
+    tifffile.imwrite(tmp_path / "s.tif", np.zeros((40, 48, 3), np.uint8), photometric="rgb")
+    assert segment(tmp_path / "s.tif", checkpoint, tmp_path / "m.png", "--downscale", "40") == 0
+    assert np.asarray(Image.open(tmp_path / "m.png")).shape == (40, 48)
 
 
 def test_a_level_openslide_lacks_is_named_not_a_closed_slide_traceback(tmp_path, checkpoint, capsys):
