@@ -131,8 +131,10 @@ class LossSpec:
 def parse_losses(text: str) -> list[LossSpec]:
     """'name[:weight][:key=value]...' items, comma-separated, e.g. 'kd:1:T=2,coco'; '' or 'none' is no loss.
 
-    Values are read as YAML scalars (2 -> int, 0.5 -> float, true -> bool, tiled -> str). Every name and key
-    is checked against the registry here, so a typo fails before any training.
+    Values are read as YAML scalars (2 -> int, 0.5 -> float, true -> bool, tiled -> str), and any word Python's
+    float reads (1e1, 5e-1) as a float. Every name and key is checked against the registry here, and every value
+    by the loss's constructor, so a typo, a key given twice or a value of the wrong type fails before any
+    training, naming the loss.
     """
     text = text.strip()
     if text.lower() in ("", "none"):
