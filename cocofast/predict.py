@@ -217,14 +217,12 @@ def run_command(argv) -> int:
 # --- what made each output ---------------------------------------------------------------------------------
 def made_by(model: torch.nn.Module, settings: Settings, role: str, device: torch.device) -> dict:
     """Everything that changes a mask or overlay: the network's content and how it is run over an image."""
-    seg = settings.segment
+    seg = dataclasses.asdict(settings.segment)  # every setting, so one added later is recorded too
+    seg.pop("progress"), seg.pop("batch_size")  # how it is shown and batched changes no output
+    seg["amp"] = bool(seg["amp"] and device.type == "cuda")  # autocast runs on CUDA only
     made = {"network": network_digest(model.model_name, model.model_kwargs, model.state_dict()),
-            "model_name": model.model_name, "role": role, "window": seg.window, "overlap": seg.overlap,
-            "downscale": seg.downscale, "level": seg.level, "mpp": seg.mpp, "reader": seg.reader,
-            "normalise": dataclasses.asdict(seg.normalise), "in_channels": seg.in_channels,
-            "num_classes": seg.num_classes, "mask_values": seg.mask_values,
-            "amp": bool(seg.amp and device.type == "cuda"), "outline_width": seg.thickness}
-    return json.loads(json.dumps(made))  # as it reads back from the manifest (tuples become lists)
+            "model_name": model.model_name, "role": role, **seg}
+    return json.loads(json.dumps(made, default=str))  # as it reads back from the manifest (tuples: lists)
 
 
 def input_stamp(image: Path) -> dict:
