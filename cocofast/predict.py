@@ -208,7 +208,7 @@ def run_command(argv) -> int:
         try:
             manifest.load()
             todo, changed = manifest.plan(jobs, overwrite=args.overwrite)
-        except ValueError as err:
+        except (ValueError, OSError) as err:  # outputs of other settings, or OUT cannot be written
             print(f"cocofast predict: error: {err}", file=sys.stderr)
             return 2
         return run_jobs(jobs, todo, changed, model, settings, device, out, manifest)
@@ -349,8 +349,8 @@ def run_jobs(jobs: list[Job], todo: list[Job], changed: int, model, settings: Se
         with tqdm(todo, desc="predict", unit="image", disable=not settings.progress) as bar:
             for job in bar:
                 bar.set_postfix_str(job.image.name)
-                manifest.announce(job)
                 try:
+                    manifest.announce(job)
                     predict_image(job, model, settings, device)
                     done += 1
                 except Exception as err:  # one bad file must not stop the batch; the message names it

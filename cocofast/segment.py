@@ -382,9 +382,10 @@ def model_from_checkpoint(ckpt: dict, role: str = "student", device="cpu", path:
     return model.to(device).eval(), entry
 
 
-def load_model(checkpoint: str | Path, role: str = "student", device="cpu"):
-    """(model in eval mode, its checkpoint entry) from a cocofast checkpoint file."""
-    return model_from_checkpoint(read_checkpoint(checkpoint), role, device, checkpoint)
+def load_model(checkpoint: str | Path, role: str = "student", device="cpu", trusted=()):
+    """(model in eval mode, its checkpoint entry) from a cocofast checkpoint file; `trusted`: the import paths
+    its network may be built from (cocofast.checkpoint.check_model_code)."""
+    return model_from_checkpoint(read_checkpoint(checkpoint), role, device, checkpoint, trusted)
 
 
 def checkpoint_normalisation(ckpt: dict) -> str:

@@ -160,9 +160,16 @@ def trusted_checkpoint(tmp_path: Path, user_module, roles=("student",)) -> tuple
     return tmp_path / "mine.pt", path, marker
 
 
-@pytest.mark.parametrize("tool", ["segment", "predict", "export"])
+@pytest.mark.parametrize("tool", ["segment", "predict", "export", "segment.load_model"])
 def test_naming_the_factory_yourself_opts_in(tmp_path, capsys, user_module, tool):
     ckpt, path, marker = trusted_checkpoint(tmp_path, user_module)
+    if tool == "segment.load_model":  # the Python API
+        with pytest.raises(UntrustedCodeError, match=path):
+            segment.load_model(ckpt)
+        assert not marker.exists()
+        model, _ = segment.load_model(ckpt, trusted=[path])
+        assert marker.exists() and model.model_name == path
+        return
     image = image_file(tmp_path / "s.png")
     args = {"segment": [str(image), "--checkpoint", str(ckpt), "--out", str(tmp_path / "m.png"), "--quiet"],
             "predict": [str(image), "--checkpoint", str(ckpt), "--out", str(tmp_path / "out"), "--quiet"],

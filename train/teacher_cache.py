@@ -306,7 +306,12 @@ def open_teacher_cache(cfg: TrainConfig, rt, step, teacher, paraphrasers) -> Tea
         base_set = build_dataset(dataclasses.replace(cfg, flips=False), "train")  # variants are made here
         print(f"[student] teacher cache: computing {len(base_set) * identity['variants']} patch variants "
               f"into {folder}", flush=True)
-        return TeacherCache.build(folder, identity, base_set, identity["batch"], step.teacher_features, rt.device)
+        try:
+            return TeacherCache.build(folder, identity, base_set, identity["batch"], step.teacher_features,
+                                      rt.device)
+        except OSError as err:  # a full disk, a folder that cannot be written: name it (the build left nothing)
+            raise TeacherCacheError(f"cannot write the teacher cache {folder}: {err.strerror or err} (free space "
+                                    f"there, set teacher_cache_dir, or turn teacher_cache off)") from None
 
     cache, problem = None, None
     if rt.is_main:  # rank 0 alone verifies (reads every byte) and builds; the others open what it left
