@@ -11,6 +11,7 @@ autocast; the losses between them (distillation, critic) are computed in fp32.
 """
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import torch
@@ -237,7 +238,8 @@ def train_student(cfg: TrainConfig, rt: Runtime, budget: IterationBudget) -> Non
     step, models, optimizers, schedulers = build_student_step(cfg, rt, iters_per_epoch(sampler, cfg, rt), losses,
                                                               teacher, paraphrasers)
     if cached:  # before seed_per_rank, so building it leaves the training's random streams as they were
-        step.cache = open_teacher_cache(cfg, rt, step, teacher, paraphrasers)
+        step.cache = open_teacher_cache(cfg, rt, step, teacher, paraphrasers,
+                                        lambda: build_dataset(dataclasses.replace(cfg, flips=False), "train"))
     student = models["student"][2]
     val_loader = eval_loader(val_set, cfg, rt)
     seed_per_rank(cfg, rt)

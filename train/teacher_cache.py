@@ -34,7 +34,6 @@ derived data, so rebuilding is always safe, and nobody has to delete a folder by
 """
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import shutil
@@ -292,10 +291,9 @@ def cache_identity(cfg: TrainConfig, step, teacher, paraphrasers, device: torch.
             "chain": chain, "torch": torch.__version__}
 
 
-def open_teacher_cache(cfg: TrainConfig, rt, step, teacher, paraphrasers) -> TeacherCache:
-    """The cache for this run's teacher, paraphrasers and data: opened if built, else built (by rank 0)."""
-    from .data import build_dataset
-
+def open_teacher_cache(cfg: TrainConfig, rt, step, teacher, paraphrasers, unaugmented_train_set) -> TeacherCache:
+    """The cache for this run's teacher, paraphrasers and data: opened if built, else built (by rank 0) from
+    `unaugmented_train_set()` (the training set without flips: the variants are made here)."""
     check_cacheable(cfg)
     identity = cache_identity(cfg, step, teacher, paraphrasers, rt.device)
     key = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
@@ -303,7 +301,7 @@ def open_teacher_cache(cfg: TrainConfig, rt, step, teacher, paraphrasers) -> Tea
     folder = root / key
 
     def build() -> TeacherCache:
-        base_set = build_dataset(dataclasses.replace(cfg, flips=False), "train")  # variants are made here
+        base_set = unaugmented_train_set()
         print(f"[student] teacher cache: computing {len(base_set) * identity['variants']} patch variants "
               f"into {folder}", flush=True)
         try:
