@@ -152,6 +152,8 @@ def split_dataset(config: dict, split: str):
     from cocofast.data import FolderDataset, SyntheticPathology
 
     try:
+        if config.get("dataset", "synthetic") not in ("synthetic", "folder"):
+            return None  # slides: their patches depend on annotations and tissue masks train/data.py reads
         if config.get("dataset", "synthetic") == "synthetic":
             length = config["train_samples"] if split == "train" else config["val_samples"]
             return SyntheticPathology(int(length), size=int(config["image_size"]),
@@ -160,10 +162,13 @@ def split_dataset(config: dict, split: str):
         folder = Path(config["data_root"]) / split
         mapping = {int(v): int(c) for v, c in (item.split(":") for item in
                                                  str(config.get("mask_values") or "").split(",") if item.strip())}
+        # As training: patch_stride tiles the training split only; scored patches hold each pixel once.
         return FolderDataset(folder, mask_values=mapping or None, num_classes=int(config["num_classes"]),
                              in_channels=int(config.get("in_channels", 3)),
-                             patch_size=config.get("patch_size") or None, stride=config.get("patch_stride") or None,
-                             resize=config.get("image_size"), normalise=config.get("normalise") or "range")
+                             patch_size=config.get("patch_size") or None,
+                             stride=(config.get("patch_stride") or None) if split == "train" else None,
+                             score_once=split != "train", resize=config.get("image_size"),
+                             normalise=config.get("normalise") or "range")
     except (KeyError, TypeError, ValueError, OSError):
         return None
 

@@ -90,6 +90,31 @@ def test_calibration_and_validation_patches_are_the_ones_training_used():
     assert split_dataset({"dataset": "folder", "data_root": "/nonexistent", "num_classes": 2}, "train") is None
 
 
+def test_folder_splits_are_the_ones_training_reads(tmp_path):
+    from PIL import Image
+
+    from cocofast.train.config import TrainConfig
+    from cocofast.train.data import build_dataset
+
+    rng = np.random.default_rng(0)
+    for split in ("train", "val"):
+        for sub in ("images", "masks"):
+            (tmp_path / split / sub).mkdir(parents=True)
+        for i in range(2):
+            image = rng.integers(0, 256, (96, 96, 3), dtype=np.uint8)
+            mask = (rng.random((96, 96)) > 0.5).astype(np.uint8) * 255
+            Image.fromarray(image).save(tmp_path / split / "images" / f"{i}.png")
+            Image.fromarray(mask).save(tmp_path / split / "masks" / f"{i}.png")
+    cfg = TrainConfig(dataset="folder", data_root=str(tmp_path), image_size=32, patch_size=48, patch_stride=24,
+                      mask_values="0:0,255:1")
+    for split in ("train", "val"):
+        ours, theirs = split_dataset(cfg.to_dict(), split), build_dataset(cfg, split)
+        assert ours is not None and len(ours) == len(theirs) and len(ours) > 2
+        theirs.augment = ours.augment  # training's flips and jitter are its own; the patches must match
+        for i in (0, len(ours) - 1):
+            assert torch.equal(ours[i][0], theirs[i][0]) and torch.equal(ours[i][1], theirs[i][1])
+
+
 def test_export_int8_states_calibration_and_the_accuracy_it_costs(tmp_path, tiny_student, capsys):
     from cocofast.train.config import TrainConfig
 
