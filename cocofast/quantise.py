@@ -187,8 +187,9 @@ def int8_exporter(calibration: int = DEFAULT_CALIBRATION, log: Callable[[str], N
                       "calibration_patches": len(patches), "calibration_split": "train"}
         else:
             quantise_dynamic(fp32, int8)
-            method = {"method": "dynamic (the checkpoint's training data could not be read to calibrate on)",
-                      "calibration_patches": 0}
+            why = ("slide patches are not re-read for calibration" if config.get("dataset") == "slides" else
+                   "the checkpoint's training data could not be read to calibrate on")
+            method = {"method": f"dynamic ({why})", "calibration_patches": 0}
         record = {**method, "bytes": {"fp32": fp32.stat().st_size, "int8": int8.stat().st_size}}
         val = split_dataset(config, "val")
         if val is not None and len(val):

@@ -140,3 +140,24 @@ def test_export_int8_states_calibration_and_the_accuracy_it_costs(tmp_path, tiny
     record = json.loads((tmp_path / "d2" / "export.json").read_text())["int8"]
     assert record["method"].startswith("dynamic") and record["validation"] is None
     assert "accuracy not measured" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_the_deployment_bench_runs_and_says_why_the_teacher_has_no_onnx_rows(tmp_path):
+    import csv
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "bench" / "bench_deploy.py"
+    spec = importlib.util.spec_from_file_location("bench_deploy", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    bench.main(["--quick", "--out", str(tmp_path / "deploy.csv")])
+    rows = list(csv.DictReader(open(tmp_path / "deploy.csv")))
+    patch = [r for r in rows if r["kind"] == "patch"]
+    assert {r["runtime"] for r in patch} == set(bench.RUNTIMES) and all(r["commit"] for r in rows)
+    student = [r for r in patch if r["role"] == "student"]
+    assert student and all(r["status"] == "ok" and float(r["patches_per_s"]) > 0 for r in student)
+    teacher_onnx = [r for r in patch if r["role"] == "teacher" and r["runtime"].startswith("onnx")]
+    assert teacher_onnx and all(r["status"].startswith("no ONNX form") for r in teacher_onnx)
+    assert {r["runtime"] for r in rows if r["kind"] == "accuracy" and r["width"]} == {"onnx_fp32", "onnx_int8"}
