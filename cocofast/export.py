@@ -18,7 +18,8 @@ to H x W. `--pad reflect` and `--pad zero` choose the other two; `--pad none` ex
 H and W must then be multiples of `input.network_multiple_of`.
 
 The networks return SegOutput(logits, shallow, deep); the exported graph is `LogitsOnly`, which drops the taps.
-Both files are checked against PyTorch (on the same padded input) at three sizes before anything is kept.
+Both files are checked against PyTorch (on the same padded input) before anything is kept: at two sizes that
+are multiples of the network's divisor and, when the graph pads, one that is not.
 
 Exporter choice: torch.onnx.export(dynamo=False), the TorchScript-based exporter, which exists in torch 2.4 to
 2.13 and handles all three students with dynamic H/W. The dynamo exporter (torch.export + onnxscript) cannot
