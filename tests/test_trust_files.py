@@ -6,6 +6,7 @@ docs/reliability.md lists each case with the test here that shows it; every one 
 from __future__ import annotations
 
 import json
+import sys
 import textwrap
 import uuid
 from pathlib import Path
@@ -48,7 +49,7 @@ def user_module(tmp_path, monkeypatch):
     def write(source: str) -> str:
         name = f"user_net_{uuid.uuid4().hex[:8]}"
         (folder / f"{name}.py").write_text(textwrap.dedent(source))
-        monkeypatch.delitem(__import__("sys").modules, name, raising=False)
+        monkeypatch.delitem(sys.modules, name, raising=False)
         return name
 
     return write
@@ -156,7 +157,7 @@ def trusted_checkpoint(tmp_path: Path, user_module, roles=("student",)) -> tuple
     entry = {"model_name": path, "model_kwargs": net.model_kwargs, "state_dict": net.state_dict()}
     atomic_save({"models": {role: entry for role in roles}}, tmp_path / "mine.pt")
     marker.unlink()
-    __import__("sys").modules.pop(module)
+    sys.modules.pop(module)
     return tmp_path / "mine.pt", path, marker
 
 
