@@ -312,3 +312,11 @@ def test_an_image_size_below_the_networks_divisor_says_the_smallest():
         check_networks(parse_args([*data, "--image_size=8"]))
     with pytest.raises(ConfigError, match="divisible by 32, got 40$"):  # above the smallest: no such note
         check_networks(parse_args([*data, "--image_size=40"]))
+
+
+def test_a_binary_list_file_is_a_dataset_problem_naming_it(tmp_path):
+    (tmp_path / "pairs.txt").write_bytes(bytes(range(256)))
+    with pytest.raises(DatasetError) as caught:
+        FolderDataset(list_file=tmp_path / "pairs.txt")
+    (path, reason), = caught.value.problems
+    assert path == str(tmp_path / "pairs.txt") and "not a text list file" in reason

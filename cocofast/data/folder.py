@@ -475,6 +475,9 @@ def _pairs_from_list(list_file: Path):
         lines = list_file.read_text().splitlines()
     except OSError as err:
         return [], [(str(list_file), f"cannot read list file: {err.strerror}")]
+    except UnicodeDecodeError as err:
+        return [], [(str(list_file), f"not a text list file of 'IMAGE MASK' lines (byte {err.start} is not "
+                                     f"{err.encoding}); a binary file?")]
     pairs, problems = [], []
     for number, line in enumerate(lines, 1):
         line = line.split("#", 1)[0].strip()
