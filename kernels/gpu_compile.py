@@ -81,9 +81,22 @@ PROBE_SPECS = [
 ]
 
 
-def record_launches(pairs=PRODUCTION_PAIRS, dtypes=DTYPES, side: int = 8) -> list:
-    """Run every kernel path forward and backward on (1, C, side, side) maps for each channel pair and dtype;
-    return the recorded launch specs. side = 8 gives N = 64, the first size at which the GPU tiles are full."""
+# What the guard records: every pair and dtype at the networks' production launch (B = 8 images of 256²
+# maps, the H/4 stage of a 1024² patch: SPLITS = 11 at C = 24) and at a small one (B = 1, 8²: SPLITS = 1,
+# where integers equal to 1 such as the batch stride of a single image are specialised differently).
+PRODUCTION_SHAPES = ((8, 256), (1, 8))
+
+
+# The kernel paths record_launches can run: the fused Gram path with and without channel mixing (what
+# backend='triton' and 'auto' launch), the tiled N×N walk, and the CPKD pixel relation.
+PATHS = ("gram", "gram_plain", "tiled", "pixel_relation")
+
+
+def record_launches(pairs=PRODUCTION_PAIRS, dtypes=DTYPES, shapes=PRODUCTION_SHAPES, paths=PATHS) -> list:
+    """Every kernel path of `paths` forward and backward on (B, C, side, side) maps for each channel pair,
+    dtype and (B, side) of `shapes`, recorded without running (launcher.record_only): the specs carry each
+    launch's constexprs (tiles, SPLITS, TWO_PASS), options and Triton's argument specialisation. Needs the
+    GPU tile configuration (COCOFAST_GPU_CONFIG=1, as check_all sets)."""
     import torch
 
     from . import launcher
@@ -91,16 +104,20 @@ def record_launches(pairs=PRODUCTION_PAIRS, dtypes=DTYPES, side: int = 8) -> lis
     from .pixel_relation import pixel_relation_rows
     from .tiled import tiled_stats
 
-    torch.manual_seed(0)
-    for c1, c2 in pairs:
-        for dtype in (getattr(torch, d) for d in dtypes):
-            a = torch.randn(1, c1, side, side, dtype=dtype, requires_grad=True)
-            b = torch.randn(1, c2, side, side, dtype=dtype, requires_grad=True)
-            # Channel mixing changes only the row-norm and max-pool launches, which every path shares.
-            for stats, mixes in ((gram_stats, (True, False)), (tiled_stats, (True,))):
-                for mix in mixes:
-                    sum(s.sum() for s in stats(a, b, mix)).backward()
-            pixel_relation_rows(a.detach(), b, 0.5, True).sum().backward()
+    if not launcher.gpu_config():
+        raise RuntimeError("record_launches needs the GPU tile configuration: set COCOFAST_GPU_CONFIG=1")
+    with launcher.record_only():
+        for batch, side in shapes:
+            for c1, c2 in pairs:
+                for dtype in (getattr(torch, d) for d in dtypes):
+                    # No kernel runs, so the maps' values never matter: empty ones cost no memory untouched.
+                    a = torch.empty(batch, c1, side, side, dtype=dtype, requires_grad=True)
+                    b = torch.empty(batch, c2, side, side, dtype=dtype, requires_grad=True)
+                    runs = {"gram": lambda: gram_stats(a, b, True), "gram_plain": lambda: gram_stats(a, b, False),
+                            "tiled": lambda: tiled_stats(a, b, True),
+                            "pixel_relation": lambda: (pixel_relation_rows(a.detach(), b, 0.5, True),)}
+                    for path in paths:
+                        sum(s.sum() for s in runs[path]()).backward()
     return list(launcher.LAUNCHED.values())
 
 
@@ -139,15 +156,27 @@ def ptxas_report(ptx: str, arch: int) -> dict:
     return report
 
 
+PTXAS_FIELDS = {
+    "registers": r"Used (\d+) registers",
+    "stack": r"(\d+) bytes stack frame",
+    "spill_stores": r"(\d+) bytes spill stores",
+    "spill_loads": r"(\d+) bytes spill loads",
+}
+
+
+class UnreadableReport(ValueError):
+    """A compile report lacked a field the guard reads: a missing figure is an error, never a 0."""
+
+
 def parse_ptxas_log(log: str) -> dict:
-    """The numbers of one kernel's `ptxas -v` report; missing fields read as 0."""
-    grab = lambda pattern: int(m.group(1)) if (m := re.search(pattern, log)) else 0  # noqa: E731
-    return {
-        "registers": grab(r"Used (\d+) registers"),
-        "stack": grab(r"(\d+) bytes stack frame"),
-        "spill_stores": grab(r"(\d+) bytes spill stores"),
-        "spill_loads": grab(r"(\d+) bytes spill loads"),
-    }
+    """The numbers of one kernel's `ptxas -v` report; a field it does not show raises UnreadableReport."""
+    out = {}
+    for name, pattern in PTXAS_FIELDS.items():
+        m = re.search(pattern, log)
+        if m is None:
+            raise UnreadableReport(f"ptxas -v report has no {name!r} field (pattern {pattern!r}); log:\n{log[-2000:]}")
+        out[name] = int(m.group(1))
+    return out
 
 
 def dot_layouts(ttgir: str) -> dict:
@@ -180,20 +209,34 @@ def compile_specs(specs: list, archs=ARCHS) -> list[dict]:
 
     bin_dir = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
     rows = []
-    for module, name, signature, constexprs, options in specs:
+    for spec in specs:
+        module, name, signature, constexprs, options = spec[:5]
+        special = spec[5] if len(spec) > 5 else {}  # launcher.jit_specialisation; none: the generic signature
         fn = getattr(importlib.import_module(module), name)
         consts = {k: _resolve_constexpr(v) for k, v in constexprs.items()}
+        consts.update({k: 1 for k, v in special.items() if v == "1"})  # what the JIT makes of an int equal to 1
         sig = dict(signature)
         sig.update({k: "constexpr" for k in consts})
+        attrs = {(fn.arg_names.index(k),): [["tt.divisibility", 16]] for k, v in special.items() if v == "D"}
         for arch in archs:
-            src = ASTSource(fn=fn, signature=sig, constexprs=consts)
-            compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=dict(options))
+            src = ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs)
             row = {"kernel": name, "arch": f"sm_{arch}", "dtype": next(iter(signature.values())),
-                   "constexprs": constexprs, "options": dict(options), "signature": ",".join(signature.values())}
-            row.update(ptxas_report(compiled.asm["ptx"], arch))
-            row.update(dot_layouts(compiled.asm["ttgir"]))
-            row["mma"] = sorted(set(MMA.findall(_sass(compiled.asm["cubin"], bin_dir))))
-            row["shared_bytes"] = compiled.metadata.shared
+                   "constexprs": constexprs, "options": dict(options), "signature": ",".join(signature.values()),
+                   "specialisation": dict(special)}
+            # The source hash covers the kernel's code and everything it calls, the signature, constants and
+            # alignment hints: a cached reading is of exactly this compile.
+            cached = _cache_dir() / (hashlib.sha256(f"{triton.__version__}|{src.hash()}|{arch}|"
+                                                    f"{sorted(options.items())}".encode()).hexdigest() + ".row.json")
+            if cached.exists():
+                row.update(json.loads(cached.read_text()))
+            else:
+                compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=dict(options))
+                reading = ptxas_report(compiled.asm["ptx"], arch)
+                reading.update(dot_layouts(compiled.asm["ttgir"]))
+                reading["mma"] = sorted(set(MMA.findall(_sass(compiled.asm["cubin"], bin_dir))))
+                reading["shared_bytes"] = compiled.metadata.shared
+                cached.write_text(json.dumps(reading))
+                row.update(reading)
             row["ctas_per_sm"], row["limited_by"] = ctas_per_sm(arch, row["registers"], options["num_warps"],
                                                                 row["shared_bytes"])
             rows.append(row)
@@ -236,11 +279,13 @@ def compile_in_subprocess(specs: list, archs=ARCHS) -> list[dict]:
     return json.loads(run_python(code, base, stdin=json.dumps(specs)).strip().splitlines()[-1])
 
 
-def check_all(archs=ARCHS, pairs=PRODUCTION_PAIRS, dtypes=DTYPES) -> list[dict]:
+def check_all(archs=ARCHS, pairs=PRODUCTION_PAIRS, dtypes=DTYPES, shapes=PRODUCTION_SHAPES,
+              paths=PATHS) -> list[dict]:
     """Record (interpreter, GPU tiles) then compile (no interpreter), each in a fresh process."""
     base = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "COCOFAST_GPU_CONFIG")}
     specs = run_python("import json; from cocofast.kernels.gpu_compile import record_launches as r; "
-                       f"print(json.dumps(r({tuple(pairs)!r}, {tuple(dtypes)!r})))",
+                       f"print(json.dumps(r({tuple(pairs)!r}, {tuple(dtypes)!r}, {tuple(shapes)!r}, "
+                       f"{tuple(paths)!r})))",
                        {**base, "TRITON_INTERPRET": "1", "COCOFAST_GPU_CONFIG": "1"})
     return compile_in_subprocess(json.loads(specs.strip().splitlines()[-1]), archs)
 
@@ -260,10 +305,30 @@ def format_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-if __name__ == "__main__":
-    table = check_all()
+def main(argv=None) -> int:
+    import argparse
+
+    ap = argparse.ArgumentParser(prog="python -m cocofast.kernels.gpu_compile",
+                                 description="Record every production launch of cocofast's kernels, compile it for "
+                                             "sm_80 / sm_90 and print registers, spills and MMA use.")
+    ap.add_argument("--pairs", default=",".join(f"{a}/{b}" for a, b in PRODUCTION_PAIRS),
+                    help="channel pairs C1/C2, comma-separated (default: every production pair)")
+    ap.add_argument("--dtypes", default=",".join(DTYPES), help="map dtypes, comma-separated")
+    ap.add_argument("--archs", default=",".join(map(str, ARCHS)), help="compute capabilities, comma-separated")
+    args = ap.parse_args(argv)
+    try:
+        pairs = tuple(tuple(int(c) for c in p.split("/")) for p in args.pairs.split(","))
+        archs = tuple(int(a) for a in args.archs.split(","))
+    except ValueError:
+        ap.error(f"--pairs must look like 24/24,256/24 and --archs like 80,90; got {args.pairs!r}, {args.archs!r}")
+    table = check_all(archs, pairs, tuple(args.dtypes.split(",")))
     print(format_table(table))
     bad = [(r["kernel"], r["arch"], r["dtype"], p) for r in table for p in problems(r)]
     print(f"\n{len(table)} compiles, {len(bad)} problems")
     for b in bad:
         print(" ", *b)
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -13,6 +13,8 @@ from typing import NamedTuple
 import torch
 import triton
 import triton.language as tl
+from triton.backends.compiler import BaseBackend
+from triton.runtime.jit import native_specialize_impl
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
 # Tile sizes and dot precision as a GPU would use them. Off in the interpreter (big tiles run faster
@@ -20,9 +22,14 @@ INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
 # `gpu_tiles()` switches them for one block of code (a test of the shipped configuration).
 GPU_CONFIG = not INTERPRETED or os.environ.get("COCOFAST_GPU_CONFIG", "0") == "1"
 
-# (module, kernel name, signature, constexprs, options) of every distinct launch since import; options are
-# the launch's num_warps / num_stages, which the compile check must reproduce.
-LAUNCHED: dict[tuple, tuple[str, str, dict, dict, dict]] = {}
+# (module, kernel name, signature, constexprs, options, specialisation) of every distinct launch since
+# import; options are the launch's num_warps / num_stages and specialisation what Triton's JIT makes of the
+# runtime arguments ({name: "1"} for an integer equal to 1, which becomes a constant; {name: "D"} for an
+# integer divisible by 16 or a 16-byte aligned pointer, which gets an alignment hint): the compile check
+# must reproduce all of them, since each changes the code ptxas sees.
+LAUNCHED: dict[tuple, tuple[str, str, dict, dict, dict, dict]] = {}
+# While set, `launch` records and returns without running the kernel (record_only()).
+RECORD_ONLY = False
 
 _TRITON_TYPES = {
     torch.float16: "*fp16",
@@ -93,16 +100,47 @@ def _signature_of(value) -> str:
     raise TypeError(f"cannot describe kernel argument of type {type(value).__name__}")
 
 
+def jit_specialisation(args: dict) -> dict:
+    """What Triton's JIT specialises on among `args`, by its own rule (runtime.jit.native_specialize_impl):
+    "1" for an integer equal to 1 (compiled as a constant), "D" for a 16-divisible integer or a 16-byte
+    aligned pointer (tt.divisibility = 16)."""
+    out = {}
+    for name, value in args.items():
+        if isinstance(value, bool) or isinstance(value, float):
+            continue  # never specialised
+        kind, attr = native_specialize_impl(BaseBackend, value, False, True, True)[:2]
+        if kind == "constexpr":
+            out[name] = "1"
+        elif attr == "D":
+            out[name] = "D"
+    return out
+
+
+@contextlib.contextmanager
+def record_only():
+    """Inside the block, launches are recorded and not run: the compile guard records production shapes
+    (B = 8, 256² maps) this way, which the interpreter would take hours to run. Outputs are left unwritten."""
+    global RECORD_ONLY
+    before, RECORD_ONLY = RECORD_ONLY, True
+    try:
+        yield
+    finally:
+        RECORD_ONLY = before
+
+
 def launch(kernel, grid, args: dict, constexprs: dict, num_warps: int = 4, num_stages: int = 3) -> None:
     """Launch `kernel` with keyword `args` (runtime values), `constexprs` and launch options, recording the spec."""
     fn = getattr(kernel, "fn", kernel)
     signature = {name: _signature_of(value) for name, value in args.items()}
+    special = jit_specialisation(args)
     options = {"num_warps": num_warps, "num_stages": num_stages}
     key = (fn.__module__, fn.__name__, tuple(signature.items()), tuple(sorted(constexprs.items(), key=str)),
-           num_warps, num_stages)
+           num_warps, num_stages, tuple(sorted(special.items())))
     if key not in LAUNCHED:
         LAUNCHED[key] = (fn.__module__, fn.__name__, signature, {k: _plain(v) for k, v in constexprs.items()},
-                         options)
+                         options, special)
+    if RECORD_ONLY:
+        return
     kernel[grid](**args, **constexprs, num_warps=num_warps, num_stages=num_stages)
 
 
@@ -151,15 +189,17 @@ def gram_forward_config(pixels: int, channels: int) -> TileConfig:
     row-norm loop take 208-255 registers a thread, so one 8-warp CTA runs per SM (16 of 64 warps): the
     wgmma/HMMA pipeline, not latency hiding across CTAs, bounds the loop. 64 pixels a step spilled 3.3 KB on
     sm_80 once the norms and tie counts joined the loop. C ≤ 32 (Mobile U-Net's 24): 32-wide tiles, so no
-    dot is mostly padding, and 4 warps (128-166 registers, 3-4 CTAs per SM); with 8 warps ptxas held them
-    to 128 registers and spilled 28-64 B on sm_90. The row norms are summed over 32-channel tiles (a
-    (32,) accumulator). In the interpreter: big tiles (fewer Python-level loop trips).
+    dot is mostly padding, and 4 warps (126-168 registers, 3-4 CTAs per SM); with 8 warps ptxas held them
+    to 128 registers and spilled 28-64 B on sm_90. The row norms are summed over 16-channel tiles there:
+    compiled as a B = 8, 256² launch is specialised (unit pixel stride a constant, aligned pointers), 32-
+    channel tiles spilled 16 B (fp32, sm_90) and 8 B (bf16, sm_80); 16-row blocks spilled 4 B on sm_90.
+    Above 32 channels the norms use 32-channel tiles. In the interpreter: big tiles (fewer loop trips).
     """
     if not GPU_CONFIG:
         c = max(16, min(256, next_pow2(channels)))
         return TileConfig(row_block(pixels), c, c, 4, 1)
     if channels <= 32:
-        return TileConfig(32, 32, 32, 4, 1)
+        return TileConfig(32, 16, 32, 4, 1)
     return TileConfig(32, 32, 64, 8, 1)
 
 
