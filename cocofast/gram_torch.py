@@ -38,11 +38,12 @@ def _scaled_rows(x: torch.Tensor, w2: torch.Tensor, eps: float, out: torch.Tenso
     """ρ = max(‖diag(w) x[:, n]‖, eps) per pixel into `rho`, with w2 = w²; writes Y = x / ρ into `out`.
 
     The norm as a GEMV of x² with w² (`out` holds x² meanwhile): measured 2-3× faster on CPU than
-    torch.linalg.vector_norm over dim 0 of a channel-major map.
+    torch.linalg.vector_norm over dim 0 of a channel-major map. Y as x times the n reciprocals: on a
+    cache-resident (24, 5,376) block a multiply pass took 16 µs, a divide 24 µs (1 thread).
     """
     torch.mul(x, x, out=out)
     torch.mv(out.t(), w2, out=rho).sqrt_().clamp_min_(eps)
-    torch.div(x, rho, out=out)
+    torch.mul(x, rho.reciprocal(), out=out)
 
 
 def _image(f: torch.Tensor, b: int, acc: torch.dtype) -> torch.Tensor:
@@ -152,19 +153,20 @@ class TorchGramStats(torch.autograd.Function):
                      torch.cat([(2 * gk[b]) * wk.t(), (4 * gq[b]) * (w2[b, :, None] * s2[b] * w2[b, None, :])], 1))
             # Per image, hoisted out of the block loop: each torch call costs microseconds of dispatch.
             consts = [dict(w2=(w * w)[:, None], alive=rho > eps, ones_c=w.new_ones(w.shape[0]),
-                           ones_n=w.new_ones(blk), ua=torch.zeros_like(w), ub=torch.zeros_like(w))
+                           ones_n=w.new_ones(blk), ua=torch.zeros_like(w), ub=torch.zeros_like(w),
+                           inv_rho=rho.reciprocal())
                       for w, rho in zip(ws, rhos)]
             for n0 in range(0, n_pix, blk):
                 n1 = min(n0 + blk, n_pix)
                 yb = ycat[:, : n1 - n0]
                 for i in range(2):
-                    torch.div(xs[i][:, n0:n1], rhos[i][n0:n1], out=yb[rows[i]])
+                    torch.mul(xs[i][:, n0:n1], consts[i]["inv_rho"][n0:n1], out=yb[rows[i]])
                 for i in range(2):
                     if grads[i] is None:
                         continue
                     c = xs[i].shape[0]
                     eb = torch.mm(coefs[i], yb, out=e[:c, : n1 - n0])
-                    _chain_block(eb, yb[rows[i]], rhos[i][n0:n1], scratch[:c, : n1 - n0], grads[i][b, :, n0:n1],
+                    _chain_block(eb, yb[rows[i]], scratch[:c, : n1 - n0], grads[i][b, :, n0:n1],
                                  consts[i], n0, n1, channel_mix)
             for i in range(2):
                 if grads[i] is not None and channel_mix:
@@ -173,7 +175,7 @@ class TorchGramStats(torch.autograd.Function):
         return (*(gr.view(f.shape) if gr is not None else None for gr, f in zip(grads, (f1, f2))), None, None)
 
 
-def _chain_block(e, y, rho, scratch, out, k: dict, n0: int, n1: int, channel_mix: bool) -> None:
+def _chain_block(e, y, scratch, out, k: dict, n0: int, n1: int, channel_mix: bool) -> None:
     """One pixel block of E = W dÂᵀ (C, n) -> dF written into `out`: removes the radial part that the row
     normalisation cancels, then ÷ ρ. With channel mixing, accumulates k["ua"] − w² k["ub"] = w ∘ ∂L/∂w.
 
@@ -188,7 +190,7 @@ def _chain_block(e, y, rho, scratch, out, k: dict, n0: int, n1: int, channel_mix
     e.addcmul_(z, k["w2"], value=-1)
     if channel_mix:
         k["ub"].addmv_(z.mul_(y), k["ones_n"][:n])  # Σ_n Y²t, the radial part's share
-    torch.div(e, rho, out=out)
+    torch.mul(e, k["inv_rho"][n0:n1], out=out)
 
 
 def max_positions(x: torch.Tensor, amax: torch.Tensor, span: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
