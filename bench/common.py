@@ -14,14 +14,22 @@ def environment() -> dict:
     import torch
     import triton
 
+    here = Path(__file__).parent
     try:
         commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                                cwd=Path(__file__).parent).stdout.strip() or "unknown"
+                                cwd=here).stdout.strip() or "unknown"
+        # Tracked files changed since that commit: the figures are of code no commit holds.
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", "cocofast", "kernels",
+                                "train", "bench"], capture_output=True, text=True, cwd=here.parent).stdout.strip()
+        if dirty and commit != "unknown":
+            commit += "+uncommitted"
     except OSError:
         commit = "unknown"
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"cpu ({os.cpu_count()} cores)"
+    # The 1-minute load average when the figures were written: on a shared machine, how busy it was.
+    load = f"{os.getloadavg()[0]:.1f}" if hasattr(os, "getloadavg") else ""
     return {"machine": f"{platform.node()} {platform.machine()}", "device": device, "torch": torch.__version__,
-            "triton": triton.__version__, "commit": commit}
+            "triton": triton.__version__, "commit": commit, "load_1min": load}
 
 
 def write_csv(path: Path, rows: list[dict], env: dict) -> None:
