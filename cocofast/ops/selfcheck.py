@@ -72,7 +72,8 @@ def compare(kernel_stats: Callable, f1: torch.Tensor, f2: torch.Tensor, channel_
     gram path on the same maps; errors relative (φ per image, floored at 1e-2; gradients norm-wise)."""
     from cocofast.gram_torch import TorchGramStats
 
-    with torch.enable_grad():
+    # Grad on even under no_grad (the teacher's φ); autocast off, so the reference stays float64 throughout.
+    with torch.enable_grad(), torch.autocast(f1.device.type, enabled=False):
         xs = [f.detach().clone().requires_grad_(True) for f in (f1, f2)]
         refs = [f.detach().double().requires_grad_(True) for f in (f1, f2)]
         phi = phi_of(*kernel_stats(*xs))
