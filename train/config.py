@@ -22,13 +22,9 @@ from typing import Any, Sequence
 
 import yaml
 
-from .config_checks import UniqueKeyLoader, check_values
+from .config_checks import ConfigError, UniqueKeyLoader, check_cacheable, check_values  # noqa: F401 (ConfigError: re-exported)
 
 STAGES = ("teacher", "paraphraser", "student", "eval")  # in the order 'all' runs them
-
-
-class ConfigError(ValueError):
-    """A configuration problem; the message names the key or file and what was expected."""
 
 
 def _f(default, group: str, help: str, choices: Sequence[str] | None = None):
@@ -248,8 +244,6 @@ class TrainConfig:
         if not 0 < self.labelled_fraction <= 1:
             raise ConfigError(f"config key 'labelled_fraction': must be in (0, 1], got {self.labelled_fraction}")
         if self.teacher_cache:
-            from .teacher_cache import check_cacheable
-
             check_cacheable(self)
         if self.resume and self.overwrite:
             raise ConfigError("config keys 'resume' and 'overwrite' exclude each other")

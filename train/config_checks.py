@@ -3,6 +3,7 @@
 Each failure is a ConfigError naming the key, the value and what is expected, raised before any stage runs:
 a NaN learning rate, an unknown network or a student folder named like another stage's must not get as far as
 torch's optimiser, the model registry or the teacher's checkpoints.
+It also holds ConfigError itself, so nothing here imports train/config.py (which imports these checks).
 """
 from __future__ import annotations
 
@@ -10,6 +11,10 @@ import dataclasses
 import math
 
 import yaml
+
+class ConfigError(ValueError):
+    """A configuration problem; the message names the key or file and what was expected."""
+
 
 STAGE_FOLDERS = ("teacher", "paraphraser")  # run_dir sub-folders the other stages own
 MERGE_TAG = "tag:yaml.org,2002:merge"
@@ -44,12 +49,10 @@ class UniqueKeyLoader(yaml.SafeLoader):
 
 
 def check_values(cfg) -> None:
-    """Raise ConfigError (from train/config.py) on the first value of `cfg` that cannot work."""
+    """Raise ConfigError on the first value of `cfg` that cannot work."""
     from cocofast.data.synthetic import MIN_SIZE as SYNTHETIC_MIN_SIZE
     from cocofast.models import SEGMENTATION_MODELS, NetworkError, is_import_path
     from cocofast.models.user import import_factory
-
-    from .config import ConfigError
 
     for f in dataclasses.fields(cfg):
         value = getattr(cfg, f.name)
@@ -102,8 +105,6 @@ def check_values(cfg) -> None:
 
 def check_folder_name(key: str, name: str) -> None:
     """A student's folder is one plain name inside run_dir, and not the folder of another stage."""
-    from .config import ConfigError
-
     if not name or name in (".", "..") or "/" in name or "\\" in name or name.startswith("."):
         raise ConfigError(f"config key '{key}': {name!r} is not a plain folder name (no '/', no leading '.')")
     if len(name.encode()) > NAME_MAX:
@@ -119,8 +120,6 @@ def check_eval_students(cfg) -> None:
     its row from eval.csv under exit 0); the message names the student folders that do."""
     from pathlib import Path
 
-    from .config import ConfigError
-
     run_dir = Path(cfg.run_dir)
     listed = [s.strip() for s in cfg.eval_students.split(",") if s.strip()]
     missing = [name for name in listed if not (run_dir / name / "best.pt").is_file()]
@@ -128,3 +127,14 @@ def check_eval_students(cfg) -> None:
         found = sorted(p.parent.name for p in run_dir.glob("*/best.pt") if p.parent.name not in STAGE_FOLDERS)
         raise ConfigError(f"config key 'eval_students': no {', '.join(f'{n}/best.pt' for n in missing)} in "
                           f"{run_dir}; students there: {', '.join(found) or 'none'}")
+
+
+def check_cacheable(cfg) -> None:
+    """Flips give four variants of a patch; any colour jitter gives infinitely many, so nothing to cache."""
+    if not cfg.teacher_cache:
+        return
+    jitter = [name for name in ("hed_jitter", "brightness", "contrast") if getattr(cfg, name) > 0]
+    if jitter:
+        raise ConfigError(f"config key 'teacher_cache': the teacher's features can be cached only for a finite "
+                          f"set of inputs (flips), but {', '.join(jitter)} > 0 draws a new image every epoch; "
+                          f"turn those off or teacher_cache off")

@@ -48,6 +48,7 @@ from cocofast.data import joint_flip
 
 from .checkpoint import CheckpointError, source_digests
 from .config import ConfigError, TrainConfig
+from .config_checks import check_cacheable
 from .features import Features
 from .semi import DatasetView
 
@@ -264,17 +265,6 @@ def discard(folder: Path) -> None:
         raise TeacherCacheError(f"teacher cache {folder} is unusable and cannot be moved aside to rebuild it: "
                                 f"{err.strerror or err}") from None
     shutil.rmtree(aside, ignore_errors=True)
-
-
-def check_cacheable(cfg: TrainConfig) -> None:
-    """Flips give four variants of a patch; any colour jitter gives infinitely many, so nothing to cache."""
-    if not cfg.teacher_cache:
-        return
-    jitter = [name for name in ("hed_jitter", "brightness", "contrast") if getattr(cfg, name) > 0]
-    if jitter:
-        raise ConfigError(f"config key 'teacher_cache': the teacher's features can be cached only for a finite "
-                          f"set of inputs (flips), but {', '.join(jitter)} > 0 draws a new image every epoch; "
-                          f"turn those off or teacher_cache off")
 
 
 def cache_identity(cfg: TrainConfig, step, teacher, paraphrasers, device: torch.device) -> dict:
