@@ -67,3 +67,132 @@ def test_an_rgb_image_for_a_gray_network_is_said_aloud(tmp_path):
     with pytest.warns(UserWarning, match=r"rgb.png: an RGB image turned to gray .* takes 1 channel"):
         assert segment.main([str(image), "--checkpoint", str(ckpt), "--out", str(tmp_path / "m.png"),
                              "--quiet"]) == 0
+
+
+# --- the issue's end-to-end check: slides + annotations -> teacher -> student -> a held-out slide back -------
+def polygons_of(collection, names):
+    for feature in collection["features"]:
+        geometry = feature["geometry"]
+        cls = names[feature["properties"]["classification"]["name"]]
+        for rings in [geometry["coordinates"]] if geometry["type"] == "Polygon" else geometry["coordinates"]:
+            yield cls, [np.asarray(r, float) for r in rings]
+
+
+def rasterise_axis_aligned(collection, height, width, scale, names):
+    """Labels of a GeoJSON of axis-aligned polygons (pixel boundaries) on a grid of `scale` level-0 pixels,
+    by the even-odd rule with rays from each pixel centre to the left: a pixel is inside where an odd number
+    of vertical edges lie left of its centre. Numpy only, independent of shapely."""
+    out = np.zeros((height, width), np.int64)
+    for k in set(names.values()):
+        spans = np.zeros((height + 1, width + 1), np.int64)
+        for cls, rings in polygons_of(collection, names):
+            if cls != k:
+                continue
+            for ring in rings:
+                ring = ring / scale
+                assert np.array_equal(ring, np.round(ring))  # vertices on pixel corners
+                a, b = ring[:-1], ring[1:]
+                vertical = a[:, 0] == b[:, 0]
+                assert (vertical | (a[:, 1] == b[:, 1])).all()
+                x = a[vertical, 0].astype(int)
+                y0 = np.minimum(a[vertical, 1], b[vertical, 1]).astype(int)
+                y1 = np.maximum(a[vertical, 1], b[vertical, 1]).astype(int)
+                np.add.at(spans, (y0, x), 1)  # the edge crosses rows y0 .. y1 - 1 at column boundary x
+                np.add.at(spans, (y1, x), -1)
+        crossing = np.cumsum(spans, axis=0)[:height]  # edges at each column boundary, per row
+        inside = np.cumsum(crossing, axis=1)[:, :width] % 2 == 1  # edges at boundaries 0..c, left of c + 0.5
+        out[inside] = k
+    return out
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """The sample SVS (GeoJSON) to train on, a TIFF with XML to validate on, a held-out TIFF with GeoJSON;
+    teacher, paraphraser and student trained for an epoch each at 1 µm per pixel, then scored."""
+    from cocofast.train import distill
+    from test_slide_dataset import SVS_STROMA, SVS_TUMOUR, TIFF_STROMA, TIFF_TUMOUR, asap_xml, geojson, \
+        pyramid_tiff, svs_crop
+
+    root = tmp_path_factory.mktemp("slides")
+    geojson(root / "train.geojson", SVS_TUMOUR, SVS_STROMA)
+    pyramid_tiff(root / "val.tif", svs_crop(1500, 600))
+    asap_xml(root / "val.xml", TIFF_TUMOUR, TIFF_STROMA)
+    pyramid_tiff(root / "test.tif", svs_crop(1900, 700, size=1024))
+    geojson(root / "test.geojson", TIFF_TUMOUR, TIFF_STROMA)
+    (root / "slides.csv").write_text(f"slide,annotation\n{sample_svs()},train.geojson\nval.tif,val.xml\n"
+                                     "test.tif,test.geojson\n")
+    (root / "split.csv").write_text("slide,split\ncmu_small_region,train\nval,val\ntest,test\n")
+    tiny = str(Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml")
+    args = ["--config", tiny, f"--run_dir={root / 'run'}", "--dataset=slides", f"--data_root={root / 'slides.csv'}",
+            f"--slide_split={root / 'split.csv'}", "--slide_mpp=1", "--slide_classes=Tumor:1,Stroma:2,Hole:0",
+            "--num_classes=3", "--teacher_epochs=1", "--student_epochs=1", "--train_samples=16"]
+    assert distill.main(args) == 0
+    return root, args
+
+
+def test_slides_train_a_student_whose_regions_come_back_as_geojson_and_a_probability_pyramid(trained, capsys):
+    import csv
+    import json
+
+    import tifffile
+
+    from cocofast.checkpoint import read_checkpoint
+    from cocofast.data.imageio import IGNORE
+    from cocofast.train.config import parse_args
+    from cocofast.train.data import build_dataset
+
+    root, args = trained
+    student = root / "run" / "student" / "best.pt"
+    assert read_checkpoint(student)["config"]["slide_mpp"] == 1.0  # the resolution travels with the model
+    with open(root / "run" / "eval.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert {"dice0", "dice1", "dice2"} <= set(rows[0]) and rows[0]["split"] == "test"
+    # (b) no pixel of a held-out slide reaches training: the training set holds the SVS alone, and every patch
+    # it draws, in any epoch, lies inside it
+    cfg = parse_args(args)
+    train = build_dataset(cfg, "train")
+    assert [s.entry.image for s in train.slides] == [sample_svs()]
+    for epoch in (0, 5):
+        train.set_epoch(epoch)
+        assert all(train.window(i)[0] == 0 for i in range(len(train)))
+    assert {s.entry.image.name for s in build_dataset(cfg, "test").slides} == {"test.tif"}
+
+    # segment the held-out slide at the checkpoint's resolution (no --mpp): mask, probabilities, GeoJSON
+    out = root / "out"
+    out.mkdir()
+    assert segment.main([str(root / "test.tif"), "--checkpoint", str(student), "--out", str(out / "mask.png"),
+                         "--mask-values", "index", "--probabilities", str(out / "p.tif"),
+                         "--geojson", str(out / "exact.geojson"), "--geojson-tolerance", "0", "--quiet"]) == 0
+    assert "downscale 1" in capsys.readouterr().out  # level 1 (0.998 µm per pixel) is the 1 µm per pixel level
+    mask = np.asarray(Image.open(out / "mask.png")).astype(np.int64)
+    assert mask.shape == (512, 512) and not (mask == IGNORE).any()
+    # (c) the GeoJSON written back, rasterised (level-0 coordinates, 2 level-0 pixels per mask pixel), is the mask
+    names = {"Tumor": 1, "Stroma": 2}
+    exact = json.loads((out / "exact.geojson").read_text())
+    assert exact["type"] == "FeatureCollection" and exact["features"]
+    assert {f["properties"]["classification"]["name"] for f in exact["features"]} <= set(names)
+    assert np.array_equal(rasterise_axis_aligned(exact, 512, 512, 2.0, names), mask)
+    # (d) the probability map is a pyramid tifffile opens: per-class probabilities that sum to 1, argmax = mask
+    with tifffile.TiffFile(out / "p.tif") as tif:
+        levels = tif.series[0].levels
+        assert [lv.shape for lv in levels] == [(512, 512, 3), (256, 256, 3)]
+        assert tif.pages[0].is_tiled and tif.pages[0].tags["XResolution"].value[0] > 0
+        probs = levels[0].asarray()
+    assert probs.dtype == np.uint8 and np.abs(probs.astype(int).sum(-1) - 255).max() <= 2
+    chosen = np.take_along_axis(probs, mask[..., None], axis=-1)[..., 0].astype(int)
+    assert (chosen >= probs.max(-1).astype(int) - 1).all()  # the mask's class is the most likely, to 1/255
+
+    # simplified to one network pixel (Douglas-Peucker): fewer vertices, each one a vertex of the exact regions
+    assert segment.main([str(root / "test.tif"), "--checkpoint", str(student), "--out", str(out / "m2.png"),
+                         "--geojson", str(out / "simple.geojson"), "--quiet"]) == 0
+    simple = json.loads((out / "simple.geojson").read_text())
+
+    def vertices(collection):
+        return {tuple(p) for _, rings in polygons_of(collection, names) for ring in rings for p in ring.tolist()}
+
+    def count(collection):
+        return sum(len(ring) for _, rings in polygons_of(collection, names) for ring in rings)
+
+    kept, exact_vertices = vertices(simple), vertices(exact)
+    assert simple["features"] and count(simple) < 0.8 * count(exact)
+    assert len(kept & exact_vertices) >= 0.99 * len(kept)  # make_valid may add a crossing point or two
