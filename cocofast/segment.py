@@ -41,6 +41,7 @@ import cocofast.checkpoint
 from cocofast.data.normalise import Normalisation, image_stats, nan_pixels, network_input, values_outside
 from cocofast.data.slides import ArrayReader, DownscaledReader, level_for_mpp, open_reader
 from cocofast.data.tiling import axis_starts, stride_from_fraction
+from cocofast.data.slide_outputs import BandOutputs, SlideOutputs, glass_windows
 from cocofast.data.writers import open_row_writer
 from cocofast.io import atomic_path
 from cocofast.models import create_model, logits_of
@@ -74,7 +75,8 @@ def blended_bands(predict_fn: Callable[[torch.Tensor], torch.Tensor], reader, wi
                   device: str | torch.device = "cpu", in_channels: int | None = None,
                   activation: str | None = "softmax", sigma_scale: float = 0.125, amp: bool = True,
                   progress: bool = False, normalise: Normalisation | str = "range",
-                  stats: np.ndarray | None = None) -> Iterator[tuple[int, torch.Tensor]]:
+                  stats: np.ndarray | None = None,
+                  skip: Callable[[int, int], bool] | None = None) -> Iterator[tuple[int, torch.Tensor]]:
     """Yield (top, scores): blended class scores (num_classes, n, W) on `device` for rows top..top+n-1,
     band after band, top to bottom; together they cover the image exactly once.
 
@@ -146,8 +148,16 @@ def blended_bands(predict_fn: Callable[[torch.Tensor], torch.Tensor], reader, wi
             if band.shape[0] < wh or band.shape[1] < ww:  # image smaller than the window
                 band = np.pad(band, ((0, max(wh - band.shape[0], 0)), (0, max(ww - band.shape[1], 0)), (0, 0)),
                               mode="edge")
-            for start in range(0, len(xs), batch_size):
-                chunk = xs[start:start + batch_size]
+            run = xs if skip is None else [x for x in xs if not skip(y, x)]
+            if len(run) < len(xs):  # skip(y, x): a window of glass, not run but given class 0 outright
+                if activation != "softmax":
+                    raise ValueError("skipping windows needs softmax blending (a probability of 1 for class 0)")
+                for x in sorted(set(xs) - set(run)):
+                    acc[0, :, x:x + ww] += weight
+                    wsum[:, x:x + ww] += weight
+                bar.update(len(xs) - len(run))
+            for start in range(0, len(run), batch_size):
+                chunk = run[start:start + batch_size]
                 batch = torch.stack([torch.from_numpy(network_input(band[:, x:x + ww], in_channels, norm, stored,
                                                                     stats)) for x in chunk])
                 batch = batch.to(device, non_blocking=True)
@@ -228,6 +238,7 @@ class SegmentSettings:
     amp: bool = True
     progress: bool = False
     thickness: int = DEFAULT_THICKNESS  # outline width of the overlay, in pixels
+    outputs: SlideOutputs | None = None  # a probability pyramid, GeoJSON regions, glass left out
 
 
 @dataclass(frozen=True)
@@ -290,12 +301,17 @@ def segment_image(image: str | os.PathLike, model: torch.nn.Module, settings: Se
                           f"channel; its colour is not used", stacklevel=2)
         stats = image_stats(reader, norm, settings.in_channels)  # of the stored image, as training computes them
         source = DownscaledReader(reader, factor) if factor > 1 else reader
+        scale = reader.level_shapes[0][1] / reader.width * factor  # level-0 pixels per network pixel
+        outputs = settings.outputs
+        skip = None
+        if outputs is not None and outputs.skip_glass:
+            skip = glass_windows(image, outputs, scale, (settings.window, settings.window), settings.reader)
         height, width = reader.height, reader.width
         levels = mask_levels(num_classes, settings.mask_values)
         counts = np.zeros(num_classes, np.int64)
         bands = blended_bands(lambda x: logits_of(model(x)), source, settings.window, settings.overlap,
                               settings.batch_size, num_classes, device=device, in_channels=settings.in_channels,
-                              amp=settings.amp, normalise=norm, stats=stats,
+                              amp=settings.amp, normalise=norm, stats=stats, skip=skip,
                               # a window bar only where it helps (slides), not a flicker per small image
                               progress=settings.progress and source.height * source.width > 16 * settings.window**2)
         outlines = OutlineStream(height, settings.thickness)
@@ -306,8 +322,12 @@ def segment_image(image: str | os.PathLike, model: torch.nn.Module, settings: Se
             if overlay_path is not None:
                 overlay_writer = open_row_writer(stack.enter_context(atomic_path(overlay_path)), height, width, 3,
                                                  suffix=Path(overlay_path).suffix)
+            extras = None if outputs is None else BandOutputs(stack, outputs, source.height, source.width,
+                                                              num_classes, scale, source.mpp)
             for top, scores in bands:
                 labels = argmax_rows(scores)
+                if extras is not None:  # at the network's resolution
+                    extras.add(top, scores, labels)
                 if factor > 1:  # back to full resolution: each low-resolution label covers factor^2 pixels
                     labels = labels.repeat(factor, 0).repeat(factor, 1)[:, :width]
                     top *= factor
@@ -323,6 +343,8 @@ def segment_image(image: str | os.PathLike, model: torch.nn.Module, settings: Se
                     pixels = reader.read(first + start, 0, len(rows), width)
                     overlay_writer.write(paint_outlines(display_rgb(pixels, norm, stats), rows))
             mask_writer.close()
+            if extras is not None:
+                extras.close()
             if overlay_writer is not None:
                 overlay_writer.close()
         return Segmented(width, height, level, factor, counts)
@@ -382,6 +404,7 @@ class TrainedInput:
     num_classes: int
     normalise: str
     mpp: float | None = None  # config slide_mpp: the µm per pixel of a network trained on slides
+    class_names: dict = field(default_factory=dict)  # class -> name, from config slide_classes
 
 
 def trained_input(ckpt: dict, entry: dict, model: torch.nn.Module | None = None,
@@ -422,8 +445,13 @@ def trained_input(ckpt: dict, entry: dict, model: torch.nn.Module | None = None,
                       stacklevel=2)
     mpp = config.get("slide_mpp")
     mpp = float(mpp) if isinstance(mpp, (int, float)) and not isinstance(mpp, bool) and mpp > 0 else None
+    names = {}
+    for item in str(config.get("slide_classes") or "").split(","):  # 'Tumor:1,Stroma:2'
+        name, _, value = item.strip().rpartition(":")
+        if name and value.strip().isdigit():
+            names.setdefault(int(value), name.strip())
     return TrainedInput(window, downscale, from_network("in_channels", 3), from_network("num_classes", 2),
-                        checkpoint_normalisation(ckpt), mpp)
+                        checkpoint_normalisation(ckpt), mpp, names)
 
 
 def check_window(window: int, model: torch.nn.Module, name: str = "the network") -> None:
@@ -477,6 +505,18 @@ def _parse(argv):
     ap.add_argument("--level", type=int, help="pyramid level of a slide (default 0 = full resolution)")
     ap.add_argument("--mask-values", default="spread", choices=["spread", "index"],
                     help="spread: class k is written as k*255/(K-1) (0/255 for two classes); index: k")
+    ap.add_argument("--probabilities", help="also write per-class probabilities as a pyramidal tiled TIFF (.tif) "
+                                            "at the resolution the network ran at")
+    ap.add_argument("--probability-dtype", default="uint8", choices=["uint8", "float16"],
+                    help="uint8: round(255 p); float16: p")
+    ap.add_argument("--geojson", help="also write the predicted regions as QuPath GeoJSON (.geojson), level-0 "
+                                      "coordinates, classes named as in training (config slide_classes)")
+    ap.add_argument("--geojson-tolerance", type=float,
+                    help="simplify the GeoJSON polygons to this many level-0 pixels (default: one network pixel; "
+                         "0: the mask's staircase exactly)")
+    ap.add_argument("--skip-glass", action="store_true",
+                    help="do not run the network on windows without tissue (an Otsu saturation mask of the "
+                         "thumbnail); they get class 0")
     ap.add_argument("--quiet", action="store_true", help="no progress bar")
     return ap.parse_args(argv)
 
@@ -511,6 +551,13 @@ def _check_arguments(args) -> str | None:
         parent = next((p for p in [path.absolute().parent, *path.absolute().parents] if p.exists()), None)
         if parent is None or not os.access(parent, os.W_OK | os.X_OK) or not parent.is_dir():
             return f"--{name} {path}: cannot write there ({parent} is not a writable folder)"
+    for name, suffixes in (("probabilities", (".tif", ".tiff")), ("geojson", (".geojson", ".json"))):
+        path = getattr(args, name) and Path(getattr(args, name))
+        if path and (path.suffix.lower() not in suffixes or _same_file(path, source) or path.is_dir()
+                     or any(_same_file(path, p) for _, p in named)):
+            return f"--{name} {path}: expected a new {' or '.join(suffixes)} file name, not the input or another output"
+    if getattr(args, "geojson_tolerance", None) is not None and not args.geojson_tolerance >= 0:
+        return f"--geojson-tolerance {args.geojson_tolerance}: must be >= 0 level-0 pixels"
     if args.overlay and _same_file(Path(args.overlay), Path(args.out)):
         return f"--overlay {args.overlay} and --out name the same file"
     if args.normalise:
@@ -541,7 +588,10 @@ def network_and_settings(args, device) -> tuple[torch.nn.Module, SegmentSettings
         reader=args.reader,
         normalise=Normalisation.parse(args.normalise or trained.normalise), in_channels=trained.in_channels,
         num_classes=trained.num_classes, mask_values=args.mask_values, amp=not args.no_amp,
-        progress=not args.quiet, thickness=args.outline_width)
+        progress=not args.quiet, thickness=args.outline_width, outputs=SlideOutputs(
+            class_names=trained.class_names, skip_glass=getattr(args, "skip_glass", False),
+            probability_dtype=getattr(args, "probability_dtype", "uint8"),
+            tolerance=getattr(args, "geojson_tolerance", None)))
     check_window(settings.window, model, entry["model_name"])
     return model, settings
 
@@ -570,6 +620,9 @@ def main(argv=None) -> int:
                       f"(level {level}, downscale {factor})", file=sys.stderr)
             settings = replace(settings, level=level, downscale=factor)
         # decode errors mid-slide, a full disk: no output is left behind
+        settings = replace(settings, outputs=replace(
+            settings.outputs, probabilities=args.probabilities and Path(args.probabilities),
+            geojson=args.geojson and Path(args.geojson)))
         done = segment_image(args.image, model, settings, mask_path=args.out, overlay_path=args.overlay,
                              device=device)
     except (ValueError, OSError) as err:
