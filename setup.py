@@ -6,7 +6,10 @@ from pathlib import Path
 from setuptools import find_packages, setup
 
 HERE = Path(__file__).resolve().parent
-LAYOUT = {"cocofast": "cocofast", "cocofast.kernels": "kernels", "cocofast.train": "train"}
+# configs/ installs as cocofast.configs: the experiment runner's packaged set-up and tables
+# (cocofast.train.experiments.tables finds them there, or in configs/ of a checkout).
+LAYOUT = {"cocofast": "cocofast", "cocofast.kernels": "kernels", "cocofast.train": "train",
+          "cocofast.configs": "configs"}
 
 
 def packages_of(layout: dict[str, str]) -> list[str]:
@@ -17,4 +20,5 @@ def packages_of(layout: dict[str, str]) -> list[str]:
     return names
 
 
-setup(packages=packages_of(LAYOUT), package_dir=LAYOUT)
+setup(packages=packages_of(LAYOUT), package_dir=LAYOUT,
+      package_data={"cocofast.configs": ["*.yaml", "experiments/*.yaml"]})

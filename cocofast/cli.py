@@ -5,7 +5,7 @@
     cocofast predict SLIDES/ --checkpoint run/student/best.pt --out predictions/
     cocofast export run/student/best.pt --out deploy/
     cocofast models                                                  (parameters and MACs of every network)
-    cocofast experiments all                                         (the paper's tables, several seeds)
+    cocofast experiments --config MY.yaml --methods kd,coco --seeds 0-4 --tune   (methods side by side)
 
 `python -m cocofast ...` is the same command. Everything after the subcommand goes to that tool unchanged,
 so `cocofast SUBCOMMAND --help` shows the tool's own options. Each tool's module is imported only when its
@@ -30,7 +30,8 @@ COMMANDS = {
     "predict": Command("cocofast.predict", "segment a folder or list of images into masks and outline overlays"),
     "export": Command("cocofast.export", "write a checkpoint's network as ONNX, TorchScript and safetensors"),
     "models": Command("cocofast.models.__main__", "list the registered networks with parameters and MACs"),
-    "experiments": Command("cocofast.experiments", "rerun the paper's tables over several seeds"),
+    "experiments": Command("cocofast.train.experiments.cli",
+                           "distillation methods side by side on any configuration, paired over seeds"),
 }
 
 

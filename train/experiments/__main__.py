@@ -1,0 +1,5 @@
+import sys
+
+from cocofast.train.experiments.cli import main
+
+sys.exit(main())
