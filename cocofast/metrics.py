@@ -181,3 +181,78 @@ class HD95Meter:
 
 def _as_numpy(x) -> np.ndarray:
     return x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# scoring mask files (cocofast predict --masks)
+
+def read_labels(path, num_classes: int, levels=None):
+    """Yield (n, W) int64 class bands of a mask file; values are class indices (255: not scored) or the
+    levels `cocofast segment` writes (k * 255 // (K - 1)), told apart by the values the file holds."""
+    from cocofast.data.folder import CHECK_BAND_PIXELS, mask_reader, single_channel
+
+    spread = np.array([k * 255 // max(num_classes - 1, 1) for k in range(num_classes)])
+    levels = spread if levels is None else np.asarray(levels)
+    def bands():  # two passes, a band at a time: memory is one band, whatever the mask's size
+        reader = mask_reader(path)
+        try:
+            rows = max(1, CHECK_BAND_PIXELS // reader.width)
+            for top in range(0, reader.height, rows):
+                yield single_channel(reader.read(top, 0, rows, reader.width), path)
+        finally:
+            reader.close()
+
+    present = set()
+    for band in bands():
+        present.update(np.unique(band).tolist())
+    if present <= set(levels.tolist()) and not present <= set(range(num_classes)):
+        lut = {int(v): k for k, v in enumerate(levels)}
+    elif present <= set(range(num_classes)) | {255}:
+        lut = {**{k: k for k in range(num_classes)}, 255: -1}
+    else:
+        shown = ", ".join(str(v) for v in sorted(present - set(range(num_classes)) - set(levels.tolist()))[:8])
+        raise ValueError(f"{path}: mask values {shown} are neither classes 0..{num_classes - 1} (255: not scored) "
+                         f"nor the levels {', '.join(map(str, levels))} cocofast writes")
+    table = np.full(256 if all(v < 256 for v in present) else max(present) + 1, -1, np.int64)
+    for value, cls in lut.items():
+        table[value] = cls
+    for band in bands():
+        yield table[band.astype(np.int64)]
+
+
+def score_mask_files(pairs, num_classes: int, levels=None) -> list[dict]:
+    """Per-image and overall ("all images", pooled pixels) Dice and IoU per class of (name, predicted mask,
+    true mask) files; rows for a CSV. A true pixel 255 (class indices) is not scored."""
+    from cocofast.data.imageio import read_header
+
+    rows, total = [], np.zeros((num_classes, num_classes), np.int64)
+    for name, predicted, truth in pairs:
+        matrix = np.zeros_like(total)
+        sizes = []
+        for path in (predicted, truth):
+            try:
+                head = read_header(path)
+            except ValueError as err:
+                raise ValueError(f"{path}: {err}") from None
+            sizes.append((head.width, head.height))
+        if sizes[0] != sizes[1]:
+            raise ValueError(f"{truth}: the true mask is {sizes[1][0]}x{sizes[1][1]}, the prediction {predicted} "
+                             f"{sizes[0][0]}x{sizes[0][1]}")
+        pred_bands, true_bands = read_labels(predicted, num_classes, levels), read_labels(truth, num_classes)
+        for p, t in zip(pred_bands, true_bands):
+            keep = (t >= 0) & (p >= 0)
+            matrix += np.bincount(t[keep] * num_classes + p[keep], minlength=num_classes ** 2).reshape(
+                num_classes, num_classes)
+        total += matrix
+        rows.append(score_row(name, matrix))
+    rows.append(score_row("all images", total))
+    return rows
+
+
+def score_row(name: str, matrix: np.ndarray) -> dict:
+    scores = scores_from_matrix(matrix)
+    row = {"image": name, "pixels": int(matrix.sum())}
+    row.update({f"dice{k}": v for k, v in enumerate(scores["dice"])})
+    row.update({f"iou{k}": v for k, v in enumerate(scores["iou"])})
+    row.update({"mdice": scores["mdice"], "miou": scores["miou"]})
+    return row

@@ -145,6 +145,9 @@ def _parse(argv):
     ap.add_argument("--format", default="png", choices=["png", "tif"], help="file type of masks and overlays")
     ap.add_argument("--outline-width", type=int, default=DEFAULT_THICKNESS, help="outline width in pixels")
     ap.add_argument("--no-overlays", action="store_true", help="write masks only")
+    ap.add_argument("--masks", help="a folder of true masks (NAME.png/.tif, class indices with 255 unscored, or "
+                                    "0/255-style levels): score each prediction, write OUT/scores.csv (Dice and "
+                                    "IoU per class, per image and over all images)")
     ap.add_argument("--overwrite", action="store_true", help="redo images whose outputs already exist")
     ap.add_argument("--quiet", action="store_true", help="no progress bars")
     return ap.parse_args(argv)
@@ -164,7 +167,8 @@ def _check_arguments(args) -> str | None:
                "--mpp picks the level and downscale itself; give either --mpp or --level/--downscale"),
               (args.outline_width >= 1, f"--outline-width {args.outline_width}: must be at least 1 pixel"),
               (Path(args.input).exists(), f"{args.input}: no such folder, list file or image"),
-              (not Path(args.out).exists() or Path(args.out).is_dir(), f"--out {args.out}: exists and is not a folder")]
+              (not Path(args.out).exists() or Path(args.out).is_dir(), f"--out {args.out}: exists and is not a folder"),
+              (args.masks is None or Path(args.masks).is_dir(), f"--masks {args.masks}: no such folder")]
     return next((message for ok, message in checks if not ok), None)
 
 
@@ -211,7 +215,44 @@ def run_command(argv) -> int:
         except (ValueError, OSError) as err:  # outputs of other settings, or OUT cannot be written
             print(f"cocofast predict: error: {err}", file=sys.stderr)
             return 2
-        return run_jobs(jobs, todo, changed, model, settings, device, out, manifest)
+        code = run_jobs(jobs, todo, changed, model, settings, device, out, manifest)
+        return code if args.masks is None else max(code, write_scores(jobs, Path(args.masks), out, settings))
+
+
+def write_scores(jobs: list[Job], truth: Path, out: Path, settings: Settings) -> int:
+    """OUT/scores.csv: Dice and IoU per class of every prediction against truth/NAME.*; 1 when a true mask is
+    missing or unreadable (named on stderr), else 0."""
+    import csv
+    import io
+
+    from cocofast.metrics import score_mask_files
+    from cocofast.segment import mask_levels
+
+    pairs, missing = [], []
+    for job in jobs:
+        found = [p for p in sorted(truth.glob(f"{job.image.stem}.*")) if p.suffix.lower() in IMAGE_SUFFIXES]
+        if found and job.mask.is_file():
+            pairs.append((job.image.name, job.mask, found[0]))
+        else:
+            missing.append(f"{job.image.name}: no true mask {job.image.stem}.* in {truth}" if not found
+                           else f"{job.image.name}: no prediction to score")
+    seg = settings.segment
+    try:
+        rows = score_mask_files(pairs, seg.num_classes, mask_levels(seg.num_classes, seg.mask_values))
+    except (ValueError, OSError) as err:
+        print(f"cocofast predict: error: scoring against {truth}: {err}", file=sys.stderr)
+        return 1
+    text = io.StringIO()
+    writer = csv.DictWriter(text, fieldnames=list(rows[0]))
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic_write_text(text.getvalue(), out / "scores.csv")
+    overall = rows[-1]
+    print(f"cocofast predict: scored {len(pairs)} image(s) -> {out / 'scores.csv'}; over all images: "
+          + ", ".join(f"Dice{k} {overall[f'dice{k}']:.4f}" for k in range(seg.num_classes)))
+    for line in missing:
+        print(f"  not scored: {line}", file=sys.stderr)
+    return 1 if missing else 0
 
 
 # --- what made each output ---------------------------------------------------------------------------------

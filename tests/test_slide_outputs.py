@@ -196,3 +196,73 @@ def test_slides_train_a_student_whose_regions_come_back_as_geojson_and_a_probabi
     kept, exact_vertices = vertices(simple), vertices(exact)
     assert simple["features"] and count(simple) < 0.8 * count(exact)
     assert len(kept & exact_vertices) >= 0.99 * len(kept)  # make_valid may add a crossing point or two
+
+
+def test_predict_scores_its_masks_against_true_ones_per_image_and_overall(tmp_path, capsys):
+    import csv
+
+    ckpt = checkpoint_with(tmp_path / "m.pt")
+    (tmp_path / "in").mkdir()
+    (tmp_path / "truth").mkdir()
+    rng = np.random.default_rng(0)
+    truths = {}
+    for name in ("a", "b", "c"):
+        Image.fromarray(rng.integers(0, 255, (64, 80, 3), dtype=np.uint8)).save(tmp_path / "in" / f"{name}.png")
+        truths[name] = (rng.random((64, 80)) < 0.4).astype(np.uint8)
+    Image.fromarray(truths["a"] * 255).save(tmp_path / "truth" / "a.png")  # 0/255 levels
+    truth_b = truths["b"].copy()
+    truth_b[:8] = 255  # class indices, the top rows not scored
+    Image.fromarray(truth_b).save(tmp_path / "truth" / "b.png")
+    out = tmp_path / "out"
+    code = predict.main([str(tmp_path / "in"), "--checkpoint", str(ckpt), "--out", str(out), "--masks",
+                         str(tmp_path / "truth"), "--quiet", "--no-overlays"])
+    assert code == 1  # c has no true mask: scored are a and b, and c is named
+    assert "not scored: c.png: no true mask c.* in" in capsys.readouterr().err
+    with open(out / "scores.csv") as f:
+        rows = {r["image"]: r for r in csv.DictReader(f)}
+    assert set(rows) == {"a.png", "b.png", "all images"}
+    matrix_all = np.zeros((2, 2))
+    for name in ("a", "b"):
+        pred = (np.asarray(Image.open(out / "masks" / f"{name}.png")) > 0).astype(int)
+        true = truths[name].astype(int)
+        keep = np.ones_like(true, bool)
+        if name == "b":
+            keep[:8] = False
+        matrix = np.zeros((2, 2))
+        np.add.at(matrix, (true[keep], pred[keep]), 1)
+        matrix_all += matrix
+        for k in (0, 1):
+            dice = 2 * matrix[k, k] / (matrix[k].sum() + matrix[:, k].sum())
+            iou = matrix[k, k] / (matrix[k].sum() + matrix[:, k].sum() - matrix[k, k])
+            assert float(rows[f"{name}.png"][f"dice{k}"]) == pytest.approx(dice)
+            assert float(rows[f"{name}.png"][f"iou{k}"]) == pytest.approx(iou)
+        assert int(rows[f"{name}.png"]["pixels"]) == keep.sum()
+    k = 1
+    assert float(rows["all images"]["dice1"]) == pytest.approx(
+        2 * matrix_all[k, k] / (matrix_all[k].sum() + matrix_all[:, k].sum()))
+    assert predict.main([str(tmp_path / "in"), "--checkpoint", str(ckpt), "--out", str(out), "--masks",
+                         str(tmp_path / "nowhere")]) == 2
+
+
+def test_glass_windows_are_not_run_and_come_out_background(tmp_path, capsys):
+    from cocofast.segment import blended_bands
+
+    calls = []
+
+    def network(batch):
+        calls.append(len(batch))
+        return torch.stack([torch.zeros_like(batch[:, 0]), torch.ones_like(batch[:, 0]) * 5], 1)
+
+    image = np.zeros((64, 256, 3), np.uint8)
+    bands = list(blended_bands(network, image, 64, 0.0, 8, 2, skip=lambda y, x: x < 128))
+    scores = torch.cat([s for _, s in bands], 1)
+    assert sum(calls) == 2  # four windows, two of glass
+    assert torch.allclose(scores[0, :, :128], torch.ones(64, 128))  # background, certain
+    assert (scores[1, :, 128:] > 0.99).all()
+    # on the sample slide: the glass left of the tissue is background, and fewer windows run
+    ckpt = checkpoint_with(tmp_path / "m.pt", slide_mpp=2.0)
+    out = tmp_path / "mask.png"
+    assert segment.main([str(sample_svs()), "--checkpoint", str(ckpt), "--out", str(out), "--skip-glass",
+                         "--quiet", "--mask-values", "index"]) == 0
+    mask = np.asarray(Image.open(out))
+    assert (mask[:, :150] == 0).mean() > 0.9, (mask[:, :150] == 0).mean()  # the left margin: glass, a strand or two
