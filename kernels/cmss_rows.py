@@ -1,6 +1,7 @@
 """Per-pixel pieces of the channel-mixed rows Â, forward and backward, for one (B, C, H, W) map.
 
-Forward (SPEC §2, steps 1-3), with N = H·W:
+Forward (the channel-mixed rows of CoCo DistillNet's CMSS, with L2-normalised rows as the README says;
+tests/reference.py `rows` is the float64 reference), with N = H·W:
     a[b, c]   = max_n F[b, c, n]                     -> `channel_extrema_kernel` (with min and NaN count,
                                                         the input check's figures, in the same read)
     w[b]      = softmax(a[b])                        (channel weights; all ones without channel mixing)

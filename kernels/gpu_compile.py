@@ -31,7 +31,7 @@ import tempfile
 from pathlib import Path
 
 ARCHS = (80, 90)
-# (C₁, C₂) pairs the networks hand the kernels (README / SPEC §4): Mobile U-Net 24, ENet and ERFNet 64, the
+# (C₁, C₂) pairs the networks hand the kernels (their taps, `cocofast models` lists them): Mobile U-Net 24, ENet and ERFNet 64, the
 # FANet teacher 256 (its deepest encoder stage 512), and a teacher-student pair for similarity_distance and
 # the CPKD pixel relation (256 with 24). 96 is the channel count the interpreter tests like.
 PRODUCTION_PAIRS = ((24, 24), (64, 64), (96, 96), (256, 256), (512, 512), (256, 24))

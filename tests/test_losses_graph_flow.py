@@ -6,7 +6,7 @@ import torch
 
 from cocofast.losses.graph_flow import GraphFlowLoss, common_grid, graph_edge_loss, graph_vertex_loss
 from cocofast.models import FeatureTaps, create_model
-from reference import rows as cmss_rows  # SPEC §2 steps 1-3 in float64: softmax(max-pool) weights, L2 rows
+from reference import rows as cmss_rows  # CMSS rows in float64: softmax(max-pool) channel weights, L2 rows
 from reference import np64
 
 B = 2

@@ -476,10 +476,6 @@ def parse_args(argv: Sequence[str]) -> TrainConfig:
     return TrainConfig(**values).validate()
 
 
-def config_from_dict(data: dict[str, Any], source: str = "a checkpoint") -> TrainConfig:
-    return TrainConfig(**{k: _coerce(k, v, source) for k, v in data.items()}).validate()
-
-
 def dump_yaml(cfg: TrainConfig) -> str:
     return yaml.safe_dump(cfg.to_dict(), sort_keys=False)
 

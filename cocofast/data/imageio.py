@@ -1,8 +1,8 @@
 """Reading images and masks from disk: cheap header checks, full decodes, and uniform arrays.
 
 PNG and JPEG go through Pillow, TIFF through tifffile (first page, i.e. full resolution).
-Images come out as float32 (C, H, W) in [0, 1] by the rule of `normalise`; masks as the raw integer values
-stored in the file.
+Images come out as the stored arrays (`read_array`; `normalise` turns them into float32 (C, H, W) in
+[0, 1]); masks as the raw integer values stored in the file.
 """
 from __future__ import annotations
 
@@ -12,8 +12,6 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image
-
-from .normalise import Normalisation, to_unit_range
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff")
 # TIFF-based slide formats tifffile reads level by level (with imagecodecs for their JPEG/LZW/JPEG 2000 tiles).
@@ -110,12 +108,6 @@ def read_array(path: str | os.PathLike, palette_as: str = "indices") -> np.ndarr
         elif img.mode in ("CMYK", "YCbCr", "LAB", "HSV"):
             img = img.convert("RGB")
         return np.asarray(img)
-
-
-def load_image(path: str | os.PathLike, in_channels: int, norm: Normalisation = Normalisation()) -> np.ndarray:
-    """Decode a whole image file to float32 (in_channels, H, W) in [0, 1] (range modes only: percentile
-    statistics belong to a whole image, see `normalise.image_stats`)."""
-    return to_unit_range(read_array(path, palette_as="colours"), in_channels, norm)
 
 
 def load_mask(path: str | os.PathLike) -> np.ndarray:
