@@ -30,7 +30,7 @@ import hashlib
 import json
 import os
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -56,6 +56,8 @@ class Settings:
     suffix: str = ".png"
     overlays: bool = True
     progress: bool = False  # the per-image bar; segment.progress is the per-window bar of large images
+    probabilities: bool = False  # OUT/probabilities/NAME.tif (cocofast.data.slide_outputs)
+    geojson: bool = False  # OUT/geojson/NAME.geojson
 
 
 @dataclass(frozen=True)
@@ -63,15 +65,21 @@ class Job:
     image: Path
     mask: Path
     overlay: Path | None
+    probabilities: Path | None = None
+    geojson: Path | None = None
 
     def finished(self) -> bool:
-        return self.mask.is_file() and (self.overlay is None or self.overlay.is_file())
+        return self.mask.is_file() and all(p is None or p.is_file() for p in (self.overlay, self.probabilities,
+                                                                                 self.geojson))
 
 
 def predict_image(job: Job, model: torch.nn.Module, settings: Settings, device: torch.device) -> Segmented:
     """Segment one image into job.mask (and its outline overlay) exactly as `cocofast segment` does."""
-    return segment_image(job.image, model, settings.segment, mask_path=job.mask, overlay_path=job.overlay,
-                         device=device)
+    segment = settings.segment
+    if segment.outputs is not None and (job.probabilities or job.geojson):
+        segment = replace(segment, outputs=replace(segment.outputs, probabilities=job.probabilities,
+                                                   geojson=job.geojson))
+    return segment_image(job.image, model, segment, mask_path=job.mask, overlay_path=job.overlay, device=device)
 
 
 # --- what to do ------------------------------------------------------------------------------------------
@@ -108,7 +116,9 @@ def plan_jobs(images: list[Path], out: Path, settings: Settings) -> list[Job]:
             raise ValueError(f"{owners[mask]} and {image} would both write {mask}; rename one, or predict them "
                              f"into different --out folders")
         owners[mask] = image
-        jobs.append(Job(image, mask, overlay))
+        jobs.append(Job(image, mask, overlay,
+                        out / "probabilities" / f"{image.stem}.tif" if settings.probabilities else None,
+                        out / "geojson" / f"{image.stem}.geojson" if settings.geojson else None))
     inputs = {os.path.abspath(j.image) for j in jobs}
     for job in jobs:
         for path in (job.mask, job.overlay):
@@ -145,6 +155,14 @@ def _parse(argv):
     ap.add_argument("--format", default="png", choices=["png", "tif"], help="file type of masks and overlays")
     ap.add_argument("--outline-width", type=int, default=DEFAULT_THICKNESS, help="outline width in pixels")
     ap.add_argument("--no-overlays", action="store_true", help="write masks only")
+    ap.add_argument("--probabilities", action="store_true",
+                    help="also write OUT/probabilities/NAME.tif: per-class probabilities, a pyramidal tiled TIFF")
+    ap.add_argument("--probability-dtype", default="uint8", choices=["uint8", "float16"])
+    ap.add_argument("--geojson", action="store_true",
+                    help="also write OUT/geojson/NAME.geojson: the regions as QuPath GeoJSON, level-0 coordinates")
+    ap.add_argument("--geojson-tolerance", type=float, help="simplification in level-0 pixels (default: one "
+                                                            "network pixel; 0: exact)")
+    ap.add_argument("--skip-glass", action="store_true", help="do not run the network on windows without tissue")
     ap.add_argument("--masks", help="a folder of true masks (NAME.png/.tif, class indices with 255 unscored, or "
                                     "0/255-style levels): score each prediction, write OUT/scores.csv (Dice and "
                                     "IoU per class, per image and over all images)")
@@ -191,7 +209,7 @@ def run_command(argv) -> int:
     try:
         model, segment = network_and_settings(args, device)
         settings = Settings(segment, suffix=f".{args.format}", overlays=not args.no_overlays,
-                            progress=not args.quiet)
+                            progress=not args.quiet, probabilities=args.probabilities, geojson=args.geojson)
         source = Path(args.input)
         images = list_images(source)
         if not images:

@@ -266,3 +266,23 @@ def test_glass_windows_are_not_run_and_come_out_background(tmp_path, capsys):
                          "--quiet", "--mask-values", "index"]) == 0
     mask = np.asarray(Image.open(out))
     assert (mask[:, :150] == 0).mean() > 0.9, (mask[:, :150] == 0).mean()  # the left margin: glass, a strand or two
+
+
+def test_predict_writes_probabilities_and_geojson_beside_each_mask(tmp_path):
+    import json
+
+    import tifffile
+
+    ckpt = checkpoint_with(tmp_path / "m.pt", slide_classes="Tumor:1")
+    (tmp_path / "in").mkdir()
+    Image.fromarray(np.random.default_rng(1).integers(0, 255, (64, 80, 3), dtype=np.uint8)).save(
+        tmp_path / "in" / "a.png")
+    out = tmp_path / "out"
+    args = [str(tmp_path / "in"), "--checkpoint", str(ckpt), "--out", str(out), "--downscale", "1", "--quiet"]
+    assert predict.main(args) == 0
+    assert not (out / "geojson").exists()
+    assert predict.main(args + ["--probabilities", "--geojson"]) == 0  # the missing outputs are made
+    with tifffile.TiffFile(out / "probabilities" / "a.tif") as tif:
+        assert tif.series[0].levels[0].shape == (64, 80, 2)
+    regions = json.loads((out / "geojson" / "a.geojson").read_text())
+    assert {f["properties"]["classification"]["name"] for f in regions["features"]} <= {"Tumor"}
