@@ -21,8 +21,9 @@ autocast off and treats the teacher as a constant. Default weights are the paper
     cpkd          CPKD: C×C channel correlations + pixel-relation KL                  deep (paraphrased)
 
 `--losses` text (the training config's key) names losses with optional weights and hyper-parameters:
-`parse_losses("kd:1:T=2,coco,cpkd:tau=0.5")`. Adding a loss: one module with a DistillLoss subclass, then
-`register_loss("name", Class)` (or an entry in LOSSES below for a built-in one).
+`parse_losses("kd:1:T=2,coco,cpkd:tau=0.5")`. Adding a loss: one module with a DistillLoss subclass decorated
+`@register_loss("name")` (cocofast/losses/registry.py); a built-in one is also imported below, a user's is
+named by the training config's `loss_modules`.
 """
 from __future__ import annotations
 
@@ -42,38 +43,13 @@ from cocofast.losses.fsp import FSPLoss
 from cocofast.losses.graph_flow import GraphFlowLoss
 from cocofast.losses.ifvd import IFVDLoss
 from cocofast.losses.kd import KDLoss
+from cocofast.losses.registry import LOSSES, register_loss
 from cocofast.losses.skd_pairwise import SKDPairwiseLoss
 from cocofast.losses.skd_pixel import SKDPixelLoss
-
-LOSSES: dict[str, type[DistillLoss]] = {
-    "kd": KDLoss,
-    "at": ATLoss,
-    "fsp": FSPLoss,
-    "skd_pairwise": SKDPairwiseLoss,
-    "skd_pixel": SKDPixelLoss,
-    "cmss": CMSSLoss,
-    "ifvd": IFVDLoss,
-    "coco": CoCoLoss,
-    "emkd": EMKDLoss,
-    "graph_flow": GraphFlowLoss,
-    "cpkd": CPKDLoss,
-}
 
 
 def list_losses() -> list[str]:
     return sorted(LOSSES)
-
-
-def register_loss(name: str, cls: type[DistillLoss]) -> type[DistillLoss]:
-    """Add a loss under `name` (a user's own, e.g. from a module named by the config's `loss_modules`)."""
-    if not (isinstance(cls, type) and issubclass(cls, DistillLoss)) or not isinstance(getattr(cls, "reads", None),
-                                                                                      Reads):
-        raise TypeError(f"register_loss({name!r}): expected a DistillLoss subclass with a `reads = Reads(...)` "
-                        f"declaration, got {cls!r}")
-    if name in LOSSES and LOSSES[name] is not cls:
-        raise ValueError(f"register_loss: the name {name!r} is taken by {LOSSES[name].__name__}")
-    LOSSES[name] = cls
-    return cls
 
 
 def loss_parameters(name: str) -> list[str]:

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from cocofast.losses.base import DistillLoss, Reads, check_positive
+from cocofast.losses.registry import register_loss
 
 
 def attention_map(feat: torch.Tensor, p: float) -> torch.Tensor:
@@ -39,6 +40,7 @@ def attention_distance(f_student: torch.Tensor, f_teacher: torch.Tensor, p: floa
     return (q_s - q_t).square().mean()
 
 
+@register_loss("at")
 class ATLoss(DistillLoss):
     reads = Reads("shallow", "deep", teacher="raw")
     default_weight = 1000.0

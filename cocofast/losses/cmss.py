@@ -7,7 +7,9 @@ isolates the channel mixing. Set pool_kernel=1 to compare the full-resolution ma
 from __future__ import annotations
 
 from cocofast.losses.skd_pairwise import SKDPairwiseLoss
+from cocofast.losses.registry import register_loss
 
 
+@register_loss("cmss")
 class CMSSLoss(SKDPairwiseLoss):
     channel_mix = True

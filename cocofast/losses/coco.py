@@ -6,9 +6,11 @@ The networks need not agree on channels or sizes; only the two taps of one netwo
 from __future__ import annotations
 
 from cocofast.losses.base import DistillLoss, Reads
+from cocofast.losses.registry import register_loss
 from cocofast.similarity import BACKENDS, coco_loss
 
 
+@register_loss("coco")
 class CoCoLoss(DistillLoss):
     reads = Reads("shallow", "deep", teacher="paraphrased")
     default_weight = 1.0  # λ of the paper

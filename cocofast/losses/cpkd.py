@@ -33,6 +33,7 @@ from __future__ import annotations
 import torch
 
 from cocofast.losses.base import DistillLoss, Reads, check_non_negative, check_positive, shape_str
+from cocofast.losses.registry import register_loss
 from cocofast.pixel_relation import BACKENDS, pixel_relation_kl
 
 
@@ -48,6 +49,7 @@ def channel_relation(feat: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     return torch.bmm(x, x.transpose(1, 2))
 
 
+@register_loss("cpkd")
 class CPKDLoss(DistillLoss):
     reads = Reads("deep", teacher="paraphrased", matched_channels=True)
     default_weight = 1.0

@@ -30,6 +30,7 @@ from cocofast.losses.base import (DistillLoss, Reads, check_non_negative, check_
                                   shape_str)
 from cocofast.losses.labels import class_means, class_membership, downsample_labels
 from cocofast.losses.kd import pixel_kl
+from cocofast.losses.registry import register_loss
 
 
 def pixel_map_distillation(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
@@ -84,6 +85,7 @@ def region_affinity_distillation(student_deep: torch.Tensor, teacher_deep: torch
     return (counted * (rc_s - rc_t).square()).sum() / counted.sum().clamp_min(1)
 
 
+@register_loss("emkd")
 class EMKDLoss(DistillLoss):
     reads = Reads("logits", "shallow", "deep", teacher="raw", labels=True)
     default_weight = 1.0

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from cocofast.losses.base import DistillLoss, Reads, shape_str
+from cocofast.losses.registry import register_loss
 from cocofast.ops.checks import accumulation_dtype, check_magnitude
 
 
@@ -27,6 +28,7 @@ def fsp_matrix(shallow: torch.Tensor, deep: torch.Tensor) -> torch.Tensor:
     return torch.bmm(shallow.flatten(2), deep.flatten(2).transpose(1, 2)) / (h * w)
 
 
+@register_loss("fsp")
 class FSPLoss(DistillLoss):
     reads = Reads("shallow", "deep", teacher="paraphrased", matched_channels=True)
     default_weight = 1.0

@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from cocofast.losses.base import DistillLoss, Reads, check_non_negative
+from cocofast.losses.registry import register_loss
 from cocofast.similarity import BACKENDS, coco_loss, similarity_distance
 
 
@@ -78,6 +79,7 @@ def graph_edge_loss(teacher_taps: Sequence[torch.Tensor], student_taps: Sequence
     return coco_loss(consecutive(teacher_taps), consecutive(student_taps), backend=backend)
 
 
+@register_loss("graph_flow")
 class GraphFlowLoss(DistillLoss):
     """Graph Flow on each network's chain of taps (e.g. its `graph_tap_paths`), weight 1 like CoCo."""
 

@@ -12,6 +12,7 @@ import torch
 
 from cocofast.losses.base import DistillLoss, Reads, shape_str
 from cocofast.losses.labels import class_membership, downsample_labels
+from cocofast.losses.registry import register_loss
 
 
 def prototype_cosine_map(feat: torch.Tensor, labels: torch.Tensor, num_classes: int,
@@ -27,6 +28,7 @@ def prototype_cosine_map(feat: torch.Tensor, labels: torch.Tensor, num_classes: 
     return (dot / norms).view(labels.shape)
 
 
+@register_loss("ifvd")
 class IFVDLoss(DistillLoss):
     """Labels must be (B, H, W) at the logits' size; the student's and teacher's deep taps must share h×w."""
 

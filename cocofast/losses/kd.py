@@ -5,6 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from cocofast.losses.base import DistillLoss, Reads, check_positive, check_same_shape
+from cocofast.losses.registry import register_loss
 
 
 def pixel_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -14,6 +15,7 @@ def pixel_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, tempera
     return (log_t.exp() * (log_t - log_s)).sum(dim=1).mean()
 
 
+@register_loss("kd")
 class KDLoss(DistillLoss):
     """T² keeps the gradient's scale independent of the temperature (Hinton et al. 2015)."""
 

@@ -9,9 +9,11 @@ from __future__ import annotations
 import torch.nn.functional as F
 
 from cocofast.losses.base import DistillLoss, Reads
+from cocofast.losses.registry import register_loss
 from cocofast.similarity import BACKENDS, similarity_distance
 
 
+@register_loss("skd_pairwise")
 class SKDPairwiseLoss(DistillLoss):
     reads = Reads("deep", teacher="paraphrased")
     default_weight = 0.5

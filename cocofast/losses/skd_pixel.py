@@ -6,8 +6,10 @@ teacher's entropy, a constant for the student, so the gradient is the same and a
 from __future__ import annotations
 
 from cocofast.losses.kd import KDLoss
+from cocofast.losses.registry import register_loss
 
 
+@register_loss("skd_pixel")
 class SKDPixelLoss(KDLoss):
     default_weight = 10.0
 

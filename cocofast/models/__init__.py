@@ -15,51 +15,20 @@ rebuild it: `create_model(model.model_name, **model.model_kwargs).load_state_dic
 from __future__ import annotations
 
 import difflib
-from typing import Callable
 
 from torch import nn
 
 from .base import SegmentationNet, SegOutput, count_macs, count_parameters, logits_of, scale_channels
-from .discriminator import Discriminator
-from .enet import ENet
-from .erfnet import ERFNet
+# Each network registers itself where it is defined; the import order is the registry's (and the listing's).
 from .fanet import FANet
 from .mobile_unet import MobileUNet
+from .erfnet import ERFNet
+from .enet import ENet
 from .paraphraser import Paraphraser
+from .discriminator import Discriminator
+from .registry import MODELS, SEGMENTATION_MODELS, list_models, register_model
 from .taps import FeatureTaps, TapNotFoundError, TappedModel, get_submodule, unwrap_model
 from .user import NetworkError, ScriptedNetwork, UserNetwork, build_user_network, is_import_path, probe
-
-_REGISTRY: dict[str, Callable[..., nn.Module]] = {}
-
-
-def register_model(name: str, factory: Callable[..., nn.Module] | None = None):
-    """Add a network to the registry (usable as a decorator). Names are unique."""
-
-    def add(f: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
-        if name in _REGISTRY:
-            raise ValueError(f"a model named {name!r} is already registered")
-        _REGISTRY[name] = f
-        return f
-
-    return add(factory) if factory is not None else add
-
-
-for _name, _factory in (
-    ("fanet", FANet),
-    ("mobile_unet", MobileUNet),
-    ("erfnet", ERFNet),
-    ("enet", ENet),
-    ("paraphraser", Paraphraser),
-    ("discriminator", Discriminator),
-):
-    register_model(_name, _factory)
-
-SEGMENTATION_MODELS = ("fanet", "mobile_unet", "erfnet", "enet")
-
-
-def list_models() -> list[str]:
-    """Registered model names, in registration order."""
-    return list(_REGISTRY)
 
 
 def create_model(name: str, **kwargs) -> nn.Module:
@@ -78,15 +47,15 @@ def create_model(name: str, **kwargs) -> nn.Module:
         model = build_user_network(name, kwargs, taps, chain, divisor or 1)
         model.model_name, model.model_kwargs = name, recorded
         return model
-    if divisor and name in _REGISTRY:
+    if divisor and name in MODELS:
         raise ValueError(f"create_model({name!r}): input_divisor is for networks given by import path; a built-in "
                          f"network knows its own")
-    if name not in _REGISTRY:
-        near = difflib.get_close_matches(name, list(_REGISTRY), n=3)
+    if name not in MODELS:
+        near = difflib.get_close_matches(name, list(MODELS), n=3)
         hint = f" (did you mean {', '.join(map(repr, near))}?)" if near else ""
-        raise ValueError(f"unknown model {name!r}{hint}; registered: {', '.join(_REGISTRY)}")
+        raise ValueError(f"unknown model {name!r}{hint}; registered: {', '.join(MODELS)}")
     try:
-        model = _REGISTRY[name](**kwargs)
+        model = MODELS[name](**kwargs)
     except TypeError as error:
         if "unexpected keyword argument" in str(error):
             raise TypeError(f"create_model({name!r}): {error}") from None

@@ -14,6 +14,7 @@ from torch import nn
 from torch.nn.utils.parametrizations import spectral_norm
 
 from .base import scale_channels
+from .registry import register_model
 
 
 class SelfAttention(nn.Module):
@@ -42,6 +43,7 @@ class SelfAttention(nn.Module):
         return self.gamma * out + x
 
 
+@register_model("discriminator", segmentation=False)
 class Discriminator(nn.Module):
     """Critic D([Y, X]) -> (B,) scores. Inputs must be at least 64x64 with sides divisible by 16."""
 

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .base import SegmentationNet, SegOutput, scale_channels
+from .registry import register_model
 
 
 def _activation(relu: bool) -> nn.Module:
@@ -103,6 +104,7 @@ class UpsamplingBottleneck(nn.Module):
         return self.out_activation(main + ext)
 
 
+@register_model("enet")
 class ENet(SegmentationNet):
     """ENet. Taps: `regular1_4` (end of stage 1) and `regular4_2` (end of decoder stage 4), both 64 channels
     at H/4 for width=1."""

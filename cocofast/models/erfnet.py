@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .base import SegmentationNet, SegOutput, scale_channels
+from .registry import register_model
 
 
 class DownsamplerBlock(nn.Module):
@@ -105,6 +106,7 @@ class ERFDecoder(nn.Module):
         return deep, self.output_conv(x)
 
 
+@register_model("erfnet")
 class ERFNet(SegmentationNet):
     """ERFNet. Taps: encoder layer 0 (the 16->64 downsampler) and decoder layer 2 (the second 64-channel
     residual block), both 64 channels at H/4 for width=1."""

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .base import SegmentationNet, SegOutput, scale_channels
+from .registry import register_model
 
 
 def _conv_bn(cin: int, cout: int, kernel, padding, *, bias: bool = False, relu: bool = True) -> nn.Sequential:
@@ -111,6 +112,7 @@ class StripPooling(nn.Module):
         return F.relu(x + self.conv3(torch.cat([square, strip], dim=1)))
 
 
+@register_model("fanet")
 class FANet(SegmentationNet):
     """The teacher. Taps: encoder level-3 output `conv3` (c3) and the first decoder up-conv `up7` (up_7),
     both 256 channels at H/4 for width=1."""

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .base import SegmentationNet, SegOutput, scale_channels
+from .registry import register_model
 
 # MobileNetV2 stages: (expansion t, output channels c, repeats n, first stride s).
 MOBILENET_V2_STAGES = (
@@ -67,6 +68,7 @@ class MobileNetV2Features(nn.Module):
         self.features = nn.Sequential(*blocks)
 
 
+@register_model("mobile_unet")
 class MobileUNet(SegmentationNet):
     """Mobile U-Net. Taps: MobileNetV2 `features[0:4]` output (x2) and decoder `invres3` (up3), both 24
     channels at H/4 for width=1. Logits come out at H/2 and are bilinearly upsampled x2, as in the authors'

@@ -12,7 +12,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .registry import register_model
 
+
+@register_model("paraphraser", segmentation=False)
 class Paraphraser(nn.Module):
     negative_slope = 0.1
 
