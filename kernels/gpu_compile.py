@@ -291,14 +291,15 @@ def check_all(archs=ARCHS, pairs=PRODUCTION_PAIRS, dtypes=DTYPES, shapes=PRODUCT
 
 
 def format_table(rows: list[dict]) -> str:
-    lines = ["| kernel | arch | dtype | tiles | warps/stages | registers | spill st/ld B | stack B | shared B | "
+    lines = ["| kernel | arch | dtype | tiles | warps/stages(/maxnreg) | registers | spill st/ld B | stack B | shared B | "
              "CTAs/SM (limit) | dots on MMA | SASS MMA |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         tiles = ",".join(f"{k.removeprefix('BLOCK_')}={v}" for k, v in r["constexprs"].items()
                          if k.startswith("BLOCK") or k in ("CP1", "CP2", "SPLITS"))
         lines.append(f"| {r['kernel']} | {r['arch']} | {r['dtype'].lstrip('*')} | {tiles} | "
-                     f"{r['options']['num_warps']}/{r['options']['num_stages']} | {r['registers']} | "
+                     f"{r['options']['num_warps']}/{r['options']['num_stages']}"
+                     f"{'/' + str(r['options']['maxnreg']) if r['options'].get('maxnreg') else ''} | {r['registers']} | "
                      f"{r['spill_stores']}/{r['spill_loads']} | {r['stack']} | {r['shared_bytes']} | "
                      f"{r['ctas_per_sm']} ({r['limited_by']}) | {r['dots_on_mma']}/{r['dots']} | "
                      f"{','.join(r['mma']) or '-'} |")
