@@ -316,13 +316,17 @@ def main(argv=None) -> int:
                     help="channel pairs C1/C2, comma-separated (default: every production pair)")
     ap.add_argument("--dtypes", default=",".join(DTYPES), help="map dtypes, comma-separated")
     ap.add_argument("--archs", default=",".join(map(str, ARCHS)), help="compute capabilities, comma-separated")
+    ap.add_argument("--paths", default=",".join(PATHS), help=f"kernel paths, comma-separated, of {', '.join(PATHS)}")
     args = ap.parse_args(argv)
+    paths = tuple(args.paths.split(","))
+    if not set(paths) <= set(PATHS):
+        ap.error(f"--paths must name some of {', '.join(PATHS)}; got {args.paths!r}")
     try:
         pairs = tuple(tuple(int(c) for c in p.split("/")) for p in args.pairs.split(","))
         archs = tuple(int(a) for a in args.archs.split(","))
     except ValueError:
         ap.error(f"--pairs must look like 24/24,256/24 and --archs like 80,90; got {args.pairs!r}, {args.archs!r}")
-    table = check_all(archs, pairs, tuple(args.dtypes.split(",")))
+    table = check_all(archs, pairs, tuple(args.dtypes.split(",")), PRODUCTION_SHAPES, paths)
     print(format_table(table))
     bad = [(r["kernel"], r["arch"], r["dtype"], p) for r in table for p in problems(r)]
     print(f"\n{len(table)} compiles, {len(bad)} problems")

@@ -37,7 +37,6 @@ import triton.language as tl
 
 from .launcher import (
     INTERPRETED,
-    LAUNCHED,
     acc_dtype,
     dot_precision,
     feature_strides,
@@ -223,38 +222,4 @@ def pixel_relation_rows(f_teacher: torch.Tensor, f_student: torch.Tensor, tau: f
     return PixelRelationKL.apply(f_teacher.detach(), f_student, float(tau), bool(channel_mix), float(eps), block)
 
 
-def record_launches(dtypes=("float32", "bfloat16")) -> list:
-    """Run forward and backward on tiny maps (mixed and plain channels); return the recorded launch specs.
-    For the sm_80/sm_90 compile check (gpu_compile.compile_specs), run with COCOFAST_GPU_CONFIG=1."""
-    torch.manual_seed(0)
-    for dtype in (getattr(torch, d) for d in dtypes):
-        for mix in (False, True):
-            ft = torch.randn(2, 40, 5, 7, dtype=dtype)
-            fs = torch.randn(2, 24, 7, 5, dtype=dtype, requires_grad=True)
-            pixel_relation_rows(ft, fs, 0.5, mix).sum().backward()
-    # The row-norm and chain kernels they also launch belong to (and are compiled with) cmss_rows.py.
-    return [spec for spec in LAUNCHED.values() if spec[0] == __name__]
-
-
-def check_compile(archs=(80, 90), dtypes=("float32", "bfloat16")) -> list[dict]:
-    """Compile this module's kernels for real GPUs without one, as gpu_compile.check_all does for all kernels:
-    record at GPU tile sizes under the interpreter, then compile without it, each in its own process."""
-    import json
-    import os
-
-    from .gpu_compile import compile_in_subprocess, run_python
-
-    base = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "COCOFAST_GPU_CONFIG")}
-    record = ("import json; from cocofast.kernels.pixel_relation import record_launches as r; "
-              f"print(json.dumps(r({tuple(dtypes)!r})))")
-    specs = run_python(record, {**base, "TRITON_INTERPRET": "1", "COCOFAST_GPU_CONFIG": "1"})
-    return compile_in_subprocess(json.loads(specs.strip().splitlines()[-1]), archs)
-
-
-__all__ = ["PixelRelationKL", "check_compile", "pixel_relation_rows", "pixel_tiles", "record_launches"]
-
-
-if __name__ == "__main__":  # python -m cocofast.kernels.pixel_relation: registers, spills, shared memory
-    from .gpu_compile import format_table
-
-    print(format_table(check_compile()))
+__all__ = ["PixelRelationKL", "pixel_relation_rows", "pixel_tiles"]

@@ -18,9 +18,10 @@ from reference import DEVICE, features
 def gpu_compile_job():
     """The sm_80/sm_90 compile (~20 s without Triton's cache) runs in a child process beside the other tests of
     this file; the last test collects it. fp32 maps only, for time: half-precision maps differ in the loads
-    alone (every dot runs on fp32 tiles); `python -m cocofast.kernels.pixel_relation` compiles both."""
-    code = ("import json; from cocofast.kernels.pixel_relation import check_compile; "
-            "print(json.dumps(check_compile(dtypes=('float32',))))")
+    alone (every dot runs on fp32 tiles); `python -m cocofast.kernels.gpu_compile --paths pixel_relation` compiles both."""
+    code = ("import json; from cocofast.kernels.gpu_compile import check_all; "
+            "rows = check_all(pairs=((40, 24),), dtypes=('float32',), shapes=((8, 256),), paths=('pixel_relation',)); "
+            "print(json.dumps([r for r in rows if r['kernel'].startswith('pixel_relation')]))")
     job = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     yield job
     if job.poll() is None:
