@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import hashlib
 import json
 import os
 import shutil
@@ -49,7 +48,7 @@ from torch import nn
 
 from cocofast.checkpoint import (TRUST_HELP, CheckpointError, check_model_code, model_spec, read_checkpoint,
                                  trusted_paths)
-from cocofast.io import atomic_path, atomic_write_text
+from cocofast.io import atomic_path, atomic_write_text, file_sha256
 from cocofast.models import SEGMENTATION_MODELS, TappedModel, create_model, is_import_path, logits_of
 from cocofast.quiet import native_output_captured
 from cocofast.segment import checkpoint_normalisation
@@ -314,14 +313,6 @@ def torchscript_max_error(model: nn.Module, path: str | Path, size: tuple[int, i
     return float((got - expected).abs().max())
 
 
-def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 # --- from a checkpoint -----------------------------------------------------------------------------------
 def is_segmentation_network(model_name: str) -> bool:
     """Built-in segmentation networks and users' (import path, TorchScript); not paraphrasers or critics."""
@@ -448,7 +439,7 @@ def write_exports(model: nn.Module, ckpt: dict, checkpoint, role: str, folder: P
         "onnx_opset": opset, "torch": torch.__version__,
         "max_abs_error_vs_pytorch": errors,
         **({"int8": quantised} if quantised is not None else {}),
-        "files": {kind: {"path": path.name, "sha256": sha256_of(path)} for kind, path in files.items()},
+        "files": {kind: {"path": path.name, "sha256": file_sha256(path)} for kind, path in files.items()},
     }
     atomic_write_text(json.dumps(manifest, indent=2) + "\n", folder / "export.json")
     return manifest

@@ -45,6 +45,7 @@ import torch
 from torch.utils.data import Dataset
 
 from cocofast.data import joint_flip
+from cocofast.io import file_sha256
 
 from .checkpoint import CheckpointError, source_digests
 from .config import ConfigError, TrainConfig
@@ -91,14 +92,6 @@ def feature_arrays(feats: Features) -> dict[str, torch.Tensor]:
     for i, t in enumerate(feats.chain or ()):
         named[f"chain{i}"] = t
     return named
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def as_json(value):
