@@ -247,3 +247,25 @@ def test_the_two_pass_class_from_its_first_width(launched):
     f1, f2 = maps(9, 1, 264, 264, 3, 3, torch.float32, channels_last=(True, True))
     check_against_reference(f1, f2)
     assert launched["gram_backward_kernel"][0]["TWO_PASS_1"]
+
+
+def test_the_tile_walks_at_gpu_tiles():
+    """The tiled backend and CPKD's pixel relation at the GPU's 64-pixel tiles, 16-channel reductions and
+    32-wide output tiles: N = 99 crosses a tile border, C = 40 two output tiles (fp32; the interpreter runs
+    their dots in ieee, as for the Gram path)."""
+    from cocofast import pixel_relation as pr
+
+    f1, f2 = maps(10, 2, 24, 40, 11, 9, torch.float32)
+    phi = cocofast.cross_layer_correlation(f1, f2, backend="tiled")
+    want = ref_phi(f1.detach().double().numpy(), f2.detach().double().numpy())
+    assert np.allclose(phi.detach().numpy(), want, rtol=TOL[torch.float32][0])
+    (g,) = torch.autograd.grad(phi.sum(), [f2])
+    (g64,) = ref_grads(cocofast.cross_layer_correlation, f1, f2, weights=torch.ones(2, dtype=torch.float64))[1:]
+    assert_grad_close(g, g64, TOL[torch.float32][1])
+    teacher, student = f2.detach(), f1
+    kl = pr.pixel_relation_kl(teacher, student, tau=0.5, channel_mix=True, backend="triton")
+    s64 = student.detach().double().requires_grad_(True)
+    kl64 = pr.pixel_relation_kl(teacher.double(), s64, tau=0.5, channel_mix=True, backend="naive")
+    assert rel(kl, kl64) < TOL[torch.float32][0]
+    (gs,), (gs64,) = torch.autograd.grad(kl, [student]), torch.autograd.grad(kl64, [s64])
+    assert_grad_close(gs, gs64, TOL[torch.float32][1])
