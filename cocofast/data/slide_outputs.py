@@ -6,9 +6,8 @@ every level half the one above down to 256 pixels, with resolution tags when the
 QuPath, ASAP or tifffile open it as a pyramid. Rows go to a temporary memory-mapped file on disk beside the
 output (page cache, not resident memory), from which the levels are built band by band and the TIFF written.
 
-`RegionCollector` turns labels, band by band, into one shapely (Multi)Polygon per class: each row's runs of a
-class are boxes, unioned per band and then across bands (they share edges exactly), so the regions are the
-mask's pixels exactly; `feature_collection` simplifies them (Douglas-Peucker with topology preserved, to a
+`RegionCollector` keeps labels, band by band, in a memory-mapped file and traces each class's pixel
+boundaries into exact rings (`trace_regions`); `regions_geojson` simplifies every ring (Douglas-Peucker, to a
 stated tolerance in level-0 pixels) and writes QuPath's GeoJSON: level-0 slide coordinates, one Feature per
 connected region with `classification.name` and a colour.
 """
@@ -22,8 +21,7 @@ from pathlib import Path
 
 import numpy as np
 import shapely
-from shapely import affinity
-from shapely.geometry import MultiPolygon, Polygon, mapping
+from shapely.geometry import MultiPolygon, Polygon
 
 PYRAMID_TILE = 256
 PROBABILITY_DTYPES = ("uint8", "float16")
@@ -226,41 +224,43 @@ def trace_regions(mask: np.ndarray) -> list[Polygon]:
             for i, shell in enumerate(outer)]
 
 
-def feature_collection(regions: dict[int, Polygon | MultiPolygon], scale: float, tolerance: float = 0.0,
-                       names: dict[int, str] | None = None) -> dict:
-    """QuPath-style GeoJSON of `regions` (label pixels) in level-0 coordinates (x scale), each region
-    simplified to `tolerance` level-0 pixels; one Feature per connected polygon."""
+def regions_geojson(regions: dict[int, Polygon | MultiPolygon], scale: float, tolerance: float = 0.0,
+                    names: dict[int, str] | None = None) -> str:
+    """QuPath-style GeoJSON text of `regions` (label pixels) in level-0 coordinates (x scale), each ring
+    simplified to `tolerance` level-0 pixels; one Feature per connected polygon. Vectorised over the parts:
+    a noisy prediction has 10^5 of them."""
     features = []
     for k, region in sorted(regions.items()):
-        geom = affinity.scale(region, scale, scale, origin=(0, 0))
+        parts = shapely.transform(shapely.get_parts(region), lambda xy: xy * scale)
         if tolerance > 0:
-            geom = simplified(geom, tolerance)
+            parts = simplified(parts, tolerance)
+        parts = parts[~shapely.is_empty(parts) & (shapely.area(parts) > 0)]
         name = (names or {}).get(k, f"class {k}")
         colour = list(CLASS_COLOURS[(k - 1) % len(CLASS_COLOURS)])
-        for part in getattr(geom, "geoms", [geom]):
-            if part.is_empty or part.area <= 0:
-                continue
-            features.append({"type": "Feature", "geometry": mapping(part),
-                             "properties": {"objectType": "annotation", "classification": {"name": name,
-                                                                                          "color": colour}}})
-    return {"type": "FeatureCollection", "features": features}
+        properties = json.dumps({"objectType": "annotation", "classification": {"name": name, "color": colour}})
+        features += [f'{{"type":"Feature","geometry":{g},"properties":{properties}}}'
+                     for g in shapely.to_geojson(parts).tolist()]
+    return '{"type":"FeatureCollection","features":[' + ",".join(features) + "]}"
 
 
-def simplified(region: Polygon | MultiPolygon, tolerance: float) -> Polygon | MultiPolygon:
-    """`region` with every ring simplified on its own (Douglas-Peucker, all rings at once), rings that
-    collapse dropped, and the rare polygon whose rings then cross repaired by make_valid. GEOS's
-    topology-preserving simplifier does the same job but takes minutes on a noisy region with 10^5 holes."""
-    parts = []
-    for part in getattr(region, "geoms", [region]):
-        rings = np.array([part.exterior, *part.interiors], dtype=object)
-        rings = shapely.simplify(rings, tolerance)
-        keep = [r for r in rings.tolist() if len(r.coords) >= 4 and Polygon(r).area > 0]
-        if not keep or keep[0] is not rings[0]:
-            continue  # the outer ring itself collapsed: a region thinner than the tolerance
-        poly = Polygon(keep[0], keep[1:])
-        parts.append(poly if poly.is_valid else polygonal_part(shapely.make_valid(poly)))
-    parts = [p for p in parts if p is not None and not p.is_empty]
-    return MultiPolygon([q for p in parts for q in getattr(p, "geoms", [p])]) if parts else Polygon()
+def simplified(parts: np.ndarray, tolerance: float) -> np.ndarray:
+    """Polygons with every ring simplified on its own (Douglas-Peucker, all rings at once), holes that
+    collapse dropped, polygons whose outer ring collapses (thinner than the tolerance) dropped, and the rare
+    polygon whose rings then cross repaired by make_valid. GEOS's topology-preserving simplifier does the same
+    job but takes minutes on a noisy region with 10^5 holes."""
+    rings, owner = shapely.get_rings(parts, return_index=True)
+    rings = shapely.simplify(rings, tolerance)
+    usable = (shapely.get_num_coordinates(rings) >= 4) & (shapely.area(shapely.polygons(rings)) > 0)
+    shell = np.r_[True, owner[1:] != owner[:-1]]
+    kept_parts = np.unique(owner[shell & usable])
+    keep = usable & np.isin(owner, kept_parts)
+    if not keep.any():
+        return np.array([], dtype=object)
+    polygons = shapely.polygons(rings[keep], indices=np.searchsorted(kept_parts, owner[keep]))
+    broken = ~shapely.is_valid(polygons)
+    for i in np.flatnonzero(broken):
+        polygons[i] = polygonal_part(shapely.make_valid(polygons[i])) or Polygon()
+    return shapely.get_parts(polygons)
 
 
 def polygonal_part(geom):
@@ -268,10 +268,6 @@ def polygonal_part(geom):
         return geom
     found = [g for g in getattr(geom, "geoms", []) if isinstance(g, (Polygon, MultiPolygon))]
     return shapely.union_all(found) if found else None
-
-
-def geojson_text(collection: dict) -> str:
-    return json.dumps(collection, separators=(",", ":"))
 
 
 # --- what segment_image asks for -----------------------------------------------------------------------------
@@ -322,8 +318,8 @@ class BandOutputs:
             self.pyramid.close()
         if self.regions is not None:
             tolerance = self.scale if self.outputs.tolerance is None else self.outputs.tolerance
-            collection = feature_collection(self.regions.regions(), self.scale, tolerance, self.outputs.class_names)
-            Path(self.geojson_path).write_text(geojson_text(collection))
+            Path(self.geojson_path).write_text(regions_geojson(self.regions.regions(), self.scale, tolerance,
+                                                               self.outputs.class_names))
 
 
 def glass_windows(image, outputs: SlideOutputs, scale: float, window: tuple[int, int], reader: str = "auto"):
