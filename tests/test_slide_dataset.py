@@ -351,3 +351,20 @@ def test_a_16_bit_image_using_a_sliver_of_its_range_is_named(tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         FolderDataset(tmp_path, in_channels=1, normalise="range:0:4095")  # a declared range: nothing to say
+
+
+def test_without_test_slides_the_val_slides_are_scored_and_said_to_be(slides, tmp_path):
+    from cocofast.train.config import TrainConfig
+    from cocofast.train.evaluate import scored_split
+
+    cfg = TrainConfig(dataset="slides", data_root=str(slides), slide_mpp=MPP, num_classes=3,
+                      slide_classes="Tumor:1,Stroma:2,Hole:0").validate()
+    assert scored_split(cfg) == "test"
+    no_test = tmp_path / "no_test.csv"
+    no_test.write_text(slides.read_text().replace(",test\n", ",val\n"))
+    (tmp_path / "test.tif").symlink_to(slides.parent / "test.tif")
+    for name in ("val.tif", "val.xml", "test.geojson"):
+        (tmp_path / name).symlink_to(slides.parent / name)
+    (tmp_path / "train.geojson").symlink_to(slides.parent / "train.geojson")
+    cfg.data_root = str(no_test)
+    assert scored_split(cfg) == "val"

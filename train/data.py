@@ -4,7 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from cocofast.data import FolderDataset, SyntheticPathology
-from cocofast.data.slide_dataset import SlideDataset
+from cocofast.data.slide_dataset import SlideDataset, list_slides
 
 from .config import ConfigError, TrainConfig
 from .runtime import Runtime, train_loader
@@ -62,6 +62,12 @@ def build_slides(cfg: TrainConfig, split: str, options: dict, augment):
     except ValueError as err:  # every bad slide and annotation at once; say which split and key
         raise ConfigError(f"config key 'data_root': the {split} slides of {cfg.data_root} are not usable: "
                           f"{err}") from None
+
+
+def has_test_slides(cfg: TrainConfig) -> bool:
+    """Whether the slide list assigns any slide to the test split (else the val slides stand in)."""
+    entries, _ = list_slides(cfg.data_root, cfg.slide_options()["split_file"])
+    return any(entry.split == "test" for entry in entries)
 
 
 def student_loader(train_set, cfg: TrainConfig, rt: Runtime, keyed: bool = False):

@@ -17,7 +17,7 @@ from . import report
 from .checkpoint import CheckpointError, load_checkpoint, load_weights, model_spec
 from .config import TrainConfig
 from .config_checks import check_eval_students
-from .data import build_dataset
+from .data import build_dataset, has_test_slides
 from .networks import TRUST_OPT_IN, load_teacher, rebuilt, teacher_path, trusted_code
 from .runtime import Runtime, eval_loader
 
@@ -129,6 +129,8 @@ def evaluate_all(cfg: TrainConfig, rt: Runtime) -> list[dict]:
 
 def scored_split(cfg: TrainConfig) -> str:
     if cfg.dataset == "folder" and not (Path(cfg.data_root) / "test").is_dir():
+        return "val"
+    if cfg.dataset == "slides" and not has_test_slides(cfg):  # build_dataset then scores the val slides
         return "val"
     return "test"
 
