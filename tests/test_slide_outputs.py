@@ -287,3 +287,30 @@ def test_predict_writes_probabilities_and_geojson_beside_each_mask(tmp_path):
         assert tif.series[0].levels[0].shape == (64, 80, 2)
     regions = json.loads((out / "geojson" / "a.geojson").read_text())
     assert {f["properties"]["classification"]["name"] for f in regions["features"]} <= {"Tumor"}
+
+
+def test_geojson_rasterises_back_to_the_mask_and_probabilities_open_as_a_pyramid(tmp_path):
+    """(c) and (d) of the end-to-end test without its training: an untrained network's salt and pepper is the
+    hardest case for the traced boundaries."""
+    import json
+
+    import tifffile
+
+    from test_slide_dataset import pyramid_tiff, svs_crop
+
+    ckpt = checkpoint_with(tmp_path / "m.pt", slide_mpp=1.0, slide_classes="Tumor:1")
+    slide = pyramid_tiff(tmp_path / "s.tif", svs_crop(1900, 700, size=1024))
+    assert segment.main([str(slide), "--checkpoint", str(ckpt), "--out", str(tmp_path / "mask.png"), "--mask-values",
+                         "index", "--probabilities", str(tmp_path / "p.tif"), "--probability-dtype", "float16",
+                         "--geojson", str(tmp_path / "r.geojson"), "--geojson-tolerance", "0", "--quiet"]) == 0
+    mask = np.asarray(Image.open(tmp_path / "mask.png")).astype(np.int64)
+    assert mask.shape == (512, 512) and 0.05 < mask.mean() < 0.95
+    regions = json.loads((tmp_path / "r.geojson").read_text())
+    assert np.array_equal(rasterise_axis_aligned(regions, 512, 512, 2.0, {"Tumor": 1}), mask)
+    with tifffile.TiffFile(tmp_path / "p.tif") as tif:
+        levels = tif.series[0].levels
+        assert [lv.shape for lv in levels] == [(512, 512, 2), (256, 256, 2)] and levels[0].dtype == np.float16
+        probs = levels[0].asarray().astype(np.float32)
+    assert np.allclose(probs.sum(-1), 1, atol=2e-3)
+    chosen = np.take_along_axis(probs, mask[..., None], axis=-1)[..., 0]
+    assert (chosen >= probs.max(-1) - 1e-3).all()  # the mask's class is the most likely, to float16's step
