@@ -66,3 +66,91 @@ def test_imports_flow_one_way():
                 if module.startswith(forbidden):
                     found.append(f"{path.relative_to(ROOT)}:{line}: imports {module}")
     assert not found, "\n".join(found)
+
+
+def module_name(path: Path) -> str:
+    """The import name a source file installs as (kernels/gram.py -> cocofast.kernels.gram)."""
+    rel = path.relative_to(ROOT)
+    parts = [PACKAGES[rel.parts[0]], *rel.with_suffix("").parts[1:]]
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def import_graph(files) -> dict[str, set[str]]:
+    """Module -> the modules of ours it imports, anywhere in the file (a function-local import still binds
+    the two modules together: one cannot be read, moved or tested without the other)."""
+    modules = {module_name(p): p for p in files}
+    graph = {}
+    for name, path in modules.items():
+        package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+        edges = set()
+        for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+            if isinstance(node, ast.ImportFrom):
+                base = node.module or ""
+                if node.level:
+                    anchor = package.split(".")[: len(package.split(".")) - (node.level - 1)]
+                    base = ".".join(anchor + ([node.module] if node.module else []))
+                for alias in node.names:  # `from pkg import mod` imports the module pkg.mod
+                    target = f"{base}.{alias.name}"
+                    edges.add(target if target in modules else base)
+            elif isinstance(node, ast.Import):
+                edges.update(alias.name for alias in node.names)
+        graph[name] = {e for e in edges if e in modules and e != name}
+    return graph
+
+
+def circles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """The strongly connected groups of more than one module (Tarjan's algorithm, iterative)."""
+    index, low, on_stack, stack, found = {}, {}, set(), [], []
+    for root in sorted(graph):
+        if root in index:
+            continue
+        work = [(root, iter(sorted(graph[root])))]
+        index[root] = low[root] = len(index)
+        stack.append(root)
+        on_stack.add(root)
+        while work:
+            node, children = work[-1]
+            child = next(children, None)
+            if child is not None:
+                if child not in index:
+                    index[child] = low[child] = len(index)
+                    stack.append(child)
+                    on_stack.add(child)
+                    work.append((child, iter(sorted(graph[child]))))
+                elif child in on_stack:
+                    low[node] = min(low[node], index[child])
+                continue
+            work.pop()
+            if work:
+                low[work[-1][0]] = min(low[work[-1][0]], low[node])
+            if low[node] == index[node]:
+                group = []
+                while True:
+                    member = stack.pop()
+                    on_stack.discard(member)
+                    group.append(member)
+                    if member == node:
+                        break
+                if len(group) > 1:
+                    found.append(sorted(group))
+    return found
+
+
+def test_no_import_circles():
+    files = [p for folder in PACKAGES for p in sorted((ROOT / folder).rglob("*.py"))]
+    found = circles(import_graph(files))
+    assert not found, "modules that import each other (directly or round a loop):\n" + \
+        "\n".join(" <-> ".join(group) for group in found)
+
+
+def test_the_circle_finder_sees_a_loop_through_three_modules(tmp_path, monkeypatch):
+    package = tmp_path / "train"
+    package.mkdir()
+    (package / "__init__.py").write_text("")
+    (package / "a.py").write_text("from .b import x\n")
+    (package / "b.py").write_text("def f():\n    from cocofast.train.c import y\n")
+    (package / "c.py").write_text("from . import a\n")
+    (package / "d.py").write_text("from .a import z\n")  # imports into the loop, is not part of it
+    monkeypatch.setitem(globals(), "ROOT", tmp_path)  # module_name() reads the tree root
+    graph = import_graph(sorted(package.glob("*.py")))
+    assert circles(graph) == [["cocofast.train.a", "cocofast.train.b", "cocofast.train.c"]]
