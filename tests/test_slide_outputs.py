@@ -130,7 +130,7 @@ def trained(tmp_path_factory):
     return root, args
 
 
-@pytest.mark.slow  # about 30 s on 2 busy cores (training included): `make test-all` runs it
+# The end-to-end test: about 30 s on 2 busy cores, training included; it stays in `make test` (the suite has room)
 def test_slides_train_a_student_whose_regions_come_back_as_geojson_and_a_probability_pyramid(trained, capsys):
     import csv
     import json
