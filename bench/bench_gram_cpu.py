@@ -96,6 +96,7 @@ def main(argv=None) -> list[dict]:
     ap.add_argument("--quick", action="store_true", help="N = 4,096 (a smoke run)")
     args, _ = ap.parse_known_args(argv)
     torch.set_num_threads(1)
+    env = environment()  # the commit and load as the measurement starts (others may commit meanwhile)
     n_pix = 4096 if args.quick else N_PIX
     rows = []
     for c in CHANNELS:
@@ -112,7 +113,7 @@ def main(argv=None) -> list[dict]:
         row["floor_GFLOP"] = round(14 * BATCH * n_pix * c * c / 1e9, 2)
         rows.append(row)
         print(" | ".join(f"{k}={v}" for k, v in row.items()), flush=True)
-    write_csv(HERE / "results" / "gram_cpu_floor.csv", rows, environment())
+    write_csv(HERE / "results" / "gram_cpu_floor.csv", rows, env)
     return rows
 
 

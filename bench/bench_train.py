@@ -82,6 +82,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--warmup", type=int, default=3 if cuda else 1)
     args = parser.parse_args(argv)
 
+    info = environment()  # the commit and load as the measurement starts (others may commit meanwhile)
     device = torch.device("cuda" if cuda else "cpu")
     rt = Runtime(0, 1, 0, device, amp_dtype(args.amp, device))
     cfg = TrainConfig(image_size=args.size, batch_size=args.batch, teacher_width=args.teacher_width,
@@ -118,7 +119,6 @@ def main(argv: list[str] | None = None) -> list[dict]:
     ms = {name: timed(fn, device, args.warmup, args.steps) for name, fn in runs}
     cache_dir.cleanup()
     full = ms["student + CoCo + AdvD, teacher forward"]
-    info = environment()
     setting = (f"{cfg.teacher_model} x{cfg.teacher_width:g} -> {cfg.student_model} x{cfg.student_width:g}, "
                f"batch {args.batch}, {args.size}x{args.size}, amp {args.amp}, {torch.get_num_threads()} threads")
     rows = [{"setting": setting, "step": name, "ms_per_step": round(value, 2),
