@@ -28,7 +28,7 @@ from .imageio import IGNORE, IMAGE_SUFFIXES, is_tiff, load_mask, read_header
 from .normalise import Normalisation, image_stats, nan_pixels, standardise, to_unit_range, values_outside
 from .slides import MAX_PIXELS, ArrayReader, TiffReader, open_reader
 from .tiling import axis_starts, first_cover_offsets, patch_grid, resolve_stride
-from .transforms import Augmentation, augment_pair, resize_pair
+from .transforms import Augmentation, EpochDraws, augment_pair, resize_pair
 
 # Pixels per band when the check scans an image or mask: bounds its temporaries (bincount's int64 copy).
 CHECK_BAND_PIXELS = 1 << 20
@@ -54,7 +54,7 @@ class Pair:
     stats: np.ndarray | None = None  # (2, C) per-image percentile bounds, percentile normalisation only
 
 
-class FolderDataset(Dataset):
+class FolderDataset(EpochDraws, Dataset):
     """Pairs of (image float32 (C, H, W) in [0, 1], mask int64 (H, W)) read from disk.
 
     Args:
@@ -117,8 +117,7 @@ class FolderDataset(Dataset):
         self.mapping = _mapping(mask_values, num_classes, ignore_index)
         self.lut = _value_lut(self.mapping)
         self.mask_values = mask_values
-        # Shared memory, so set_epoch reaches DataLoader workers that are already running.
-        self._epoch = torch.zeros(1, dtype=torch.int64).share_memory_()
+        self.init_epoch()
 
         if pairs is not None:
             where = "the given pairs"
@@ -273,14 +272,6 @@ class FolderDataset(Dataset):
         if self.mask_values is None:
             return f"(class indices 0..{self.num_classes - 1})"
         return "{" + ", ".join(f"{k}: {v}" for k, v in sorted(self.mask_values.items())) + "}"
-
-    def set_epoch(self, epoch: int) -> None:
-        """Pick the epoch whose augmentation draws __getitem__ returns (like DistributedSampler.set_epoch)."""
-        self._epoch.fill_(int(epoch))
-
-    @property
-    def epoch(self) -> int:
-        return int(self._epoch.item())
 
     def __len__(self) -> int:
         return len(self.index)

@@ -53,7 +53,7 @@ from .normalise import Normalisation, standardise, to_unit_range
 from .slides import DownscaledReader, choose_level, open_reader
 from .tiling import axis_starts, first_cover_offsets
 from .tissue import TissueMask, tissue_mask
-from .transforms import Augmentation, augment_pair
+from .transforms import Augmentation, EpochDraws, augment_pair
 
 SLIDE_SUFFIXES = TIFF_SUFFIXES + OPENSLIDE_SUFFIXES
 LABEL_IMAGE_SUFFIXES = (".labels.png", ".labels.tif", ".labels.tiff")
@@ -205,7 +205,7 @@ def list_slides(source: str | os.PathLike, split_file: str | os.PathLike | None 
 
 
 # --- the data set ------------------------------------------------------------------------------------------
-class SlideDataset(Dataset):
+class SlideDataset(EpochDraws, Dataset):
     """Patches (image float32 (C, P, P), mask int64 (P, P)) of the slides of one split.
 
     Args:
@@ -254,7 +254,7 @@ class SlideDataset(Dataset):
         self.in_channels, self.seed, self.reader = in_channels, seed, reader
         self.augment = augment if augment is not None else Augmentation()
         self.augment.check_channels(in_channels)
-        self._epoch = torch.zeros(1, dtype=torch.int64).share_memory_()
+        self.init_epoch()
 
         where = str(source) if source is not None else "the given slides"
         if entries is None:
@@ -353,13 +353,6 @@ class SlideDataset(Dataset):
         return bool((slide.labelled[r0:r1, c0:c1] != IGNORE).any())
 
     # --- epochs and samples ----------------------------------------------------------------------------
-    def set_epoch(self, epoch: int) -> None:
-        self._epoch.fill_(int(epoch))
-
-    @property
-    def epoch(self) -> int:
-        return int(self._epoch.item())
-
     def __len__(self) -> int:
         return self.length if self.split == "train" else len(self.grid)
 

@@ -28,7 +28,7 @@ from scipy import ndimage as ndi
 from torch.utils.data import Dataset
 
 from .normalise import luma
-from .transforms import Augmentation, augment_pair
+from .transforms import Augmentation, EpochDraws, augment_pair
 
 # Optical-density directions of hematoxylin and eosin (Macenko's reference H&E stain matrix).
 HEMATOXYLIN = np.array([0.5626, 0.7201, 0.4062], dtype=np.float32)
@@ -36,7 +36,7 @@ EOSIN = np.array([0.2159, 0.8012, 0.5581], dtype=np.float32)
 MIN_SIZE = 32  # the smallest patch side drawn (training config checks refuse a smaller image_size)
 
 
-class SyntheticPathology(Dataset):
+class SyntheticPathology(EpochDraws, Dataset):
     """`length` synthetic H&E patches: (image float32 (C, size, size) in [0, 1], mask int64 (size, size)).
 
     Mask 0 = normal tissue, 1 = cancer. Sample i is the same for a given seed on every machine and in
@@ -59,15 +59,12 @@ class SyntheticPathology(Dataset):
         self.in_channels = in_channels
         self.augment = augment if augment is not None else Augmentation(flips=flips)
         self.augment.check_channels(in_channels)
-        self._epoch = torch.zeros(1, dtype=torch.int64).share_memory_()
+        self.init_epoch()
         # Drawing a patch is ~2.6 ms at 64x64, redone every epoch; a short run spent a fifth of its time here.
         # Keep the drawn patches when they all fit in MEMO_BYTES (per process: each DataLoader worker has its own).
         per_sample = size * size * (4 * in_channels + 1)  # float32 image + uint8 mask
         self._drawn: dict[int, tuple[torch.Tensor, torch.Tensor]] | None = (
             {} if length * per_sample <= self.MEMO_BYTES else None)
-
-    def set_epoch(self, epoch: int) -> None:
-        self._epoch.fill_(int(epoch))
 
     def __len__(self) -> int:
         return self.length
@@ -78,7 +75,7 @@ class SyntheticPathology(Dataset):
         index %= self.length
         image, mask = self.drawn(index)
         if self.augment.active:
-            rng = np.random.default_rng((self.seed, self.augment_seed, int(self._epoch.item()), index, 1))
+            rng = np.random.default_rng((self.seed, self.augment_seed, self.epoch, index, 1))
             image, mask = augment_pair(image, mask, rng, self.augment)
         return image, mask
 

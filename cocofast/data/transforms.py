@@ -18,6 +18,25 @@ HED_FROM_RGB = torch.linalg.inv(RGB_FROM_HED)
 LOG_FLOOR = 1e-6
 
 
+class EpochDraws:
+    """For data sets whose random draws depend on (seed, epoch, index): the epoch counter and set_epoch.
+
+    The counter lives in shared memory, so set_epoch reaches DataLoader workers that are already running
+    (like DistributedSampler.set_epoch, which only the sampler in the main process would see).
+    """
+
+    def init_epoch(self) -> None:
+        self._epoch = torch.zeros(1, dtype=torch.int64).share_memory_()
+
+    def set_epoch(self, epoch: int) -> None:
+        """Pick the epoch whose draws __getitem__ returns."""
+        self._epoch.fill_(int(epoch))
+
+    @property
+    def epoch(self) -> int:
+        return int(self._epoch.item())
+
+
 @dataclass(frozen=True)
 class Augmentation:
     """What to draw per sample; all off by default.
