@@ -9,9 +9,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
-from PIL import Image
+from helpers import write_folder_dataset
 
 from cocofast.train.experiments import cli, tables
 from cocofast.train.experiments.tables import TableError, load_table, methods_table
@@ -71,17 +70,7 @@ def user_project(folder: Path) -> Path:
     folder.mkdir(parents=True)
     (folder / "mynets.py").write_text(NETWORKS)
     (folder / "my.yaml").write_text(CONFIG)
-    rng = np.random.default_rng(0)
-    for split, count in (("train", 8), ("val", 4)):
-        for kind in ("images", "masks"):
-            (folder / "data" / split / kind).mkdir(parents=True)
-        for i in range(count):
-            mask = np.zeros((32, 32), np.uint8)
-            mask[4:20, 8:28] = 255
-            image = rng.integers(0, 120, (32, 32, 3), dtype=np.uint8)
-            image[mask > 0] += 100
-            Image.fromarray(image).save(folder / "data" / split / "images" / f"p{i}.png")
-            Image.fromarray(mask).save(folder / "data" / split / "masks" / f"p{i}.png")
+    write_folder_dataset(folder / "data", side=32)
     return folder
 
 

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import write_folder_dataset
 
 from cocofast.models import create_model
 from cocofast.train import distill
@@ -135,20 +136,7 @@ def test_image_size_the_networks_cannot_take_is_refused_before_training(tmp_path
 
 
 def test_folder_dataset_trains_and_bad_folders_are_named(tmp_path, capsys):
-    import numpy as np
-    from PIL import Image
-
-    rng = np.random.default_rng(0)
-    for split, count in (("train", 8), ("val", 4)):
-        (tmp_path / "data" / split / "images").mkdir(parents=True)
-        (tmp_path / "data" / split / "masks").mkdir(parents=True)
-        for i in range(count):
-            mask = np.zeros((80, 80), np.uint8)
-            mask[10:50, 20:70] = 255
-            image = rng.integers(0, 120, (80, 80, 3), dtype=np.uint8)
-            image[mask > 0] += 100
-            Image.fromarray(image).save(tmp_path / "data" / split / "images" / f"p{i}.png")
-            Image.fromarray(mask).save(tmp_path / "data" / split / "masks" / f"p{i}.png")
+    write_folder_dataset(tmp_path / "data", side=80)
     folder = ["--dataset=folder", f"--data_root={tmp_path / 'data'}", "--mask_values=0:0,255:1"]
     assert run(tmp_path / "run", *folder, "--stage=teacher", "--teacher_epochs=1") == 0
     assert run(tmp_path / "run", *folder, "--stage=eval") == 0  # no test/ split: scored on val/
