@@ -21,7 +21,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 from common import case_arguments, environment, free_bytes, has_cuda, run_child, vm_hwm, write_csv
 
-from cocofast.pixel_relation import NAIVE_MATRICES
+from cocofast.ops.pixel_relation import NAIVE_MATRICES
 
 # (teacher channels, student channels): FANet's taps against each student's, as the authors' networks have them.
 PAIRS = {"FANet 256 → Mobile U-Net 24": (256, 24), "FANet 256 → ENet/ERFNet 64": (256, 64)}
@@ -46,7 +46,7 @@ def run_case(backend: str, batch: int, side: int, c_t: int, c_s: int, repeats: i
     """Runs inside the child process."""
     import torch
 
-    from cocofast.pixel_relation import pixel_relation_kl
+    from cocofast.ops.pixel_relation import pixel_relation_kl
 
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     gen = torch.Generator(device=dev).manual_seed(0)

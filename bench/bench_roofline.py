@@ -5,8 +5,8 @@ Per path and shape, the bytes come from counting, not from reading the code:
   interpreter at the GPU tile configs (COCOFAST_GPU_CONFIG=1) on small maps and counts their DRAM traffic
   (each byte once per launch), extrapolated to the full shape (see kernel_bytes). Without that module,
   the pass counts in cocofast.ops.roofline stand in, and the `bytes_source` column says so;
-- the eager `gram` path: cocofast.gram_torch.traffic, its own list of passes, checked here against the
-  dispatch-level counter (cocofast.ops.torch_traffic) on a small shape (`counted_over_model`).
+- the eager `gram` path: cocofast.ops.similarity.gram_torch.traffic, its own list of passes, checked here
+  against the dispatch-level counter (cocofast.ops.torch_traffic) on a small shape (`counted_over_model`).
 FLOPs are each algorithm's multiply-adds × 2. Maps are fp32; the kernels' dots run as tf32x3 (a third of the
 TF32 tensor-core peak), torch's fp32 matmul on the FP32 units (its default, allow_tf32 = False). Peaks are
 in cocofast/ops/roofline.py (H100 SXM 3.35 TB/s, A100 SXM 2.0 TB/s). `auto_picks` is what backend='auto'
@@ -96,7 +96,7 @@ def counted_over_model(c1: int, c2: int) -> float:
     """The eager gram path's listed passes against the bytes its ops actually move, at B = 2, N = 4,096."""
     import torch
 
-    from cocofast.gram_torch import TorchGramStats, traffic
+    from cocofast.ops.similarity.gram_torch import TorchGramStats, traffic
     from cocofast.ops.torch_traffic import TrafficCounter
 
     f1 = torch.randn(2, c1, 64, 64).relu_().requires_grad_(True)
@@ -142,7 +142,7 @@ def main(argv=None) -> list[dict]:
         tiled = None if args.quick else kernel_steps("tiled", c, c, count("tiled", c, c))
         for g in MODEL_GPUS:
             times = {"triton": modelled_time(fused, GPUS[g]), "gram": modelled_time(eager, GPUS[g])}
-            r_eager = row("gram (eager torch)", c, c, eager, "cocofast.gram_torch.traffic", g)
+            r_eager = row("gram (eager torch)", c, c, eager, "cocofast.ops.similarity.gram_torch.traffic", g)
             r_eager["counted_over_model"] = check
             r_fused = row("triton (fused Gram kernels)", c, c, fused, source, g)
             r_fused["triton_over_gram"] = round(times["triton"] / times["gram"], 3)

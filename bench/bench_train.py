@@ -26,7 +26,7 @@ import torch
 
 from cocofast.data import SyntheticPathology
 from cocofast.models import create_model
-from cocofast.similarity import coco_loss
+from cocofast.ops.similarity import coco_loss
 from cocofast.train.config import TrainConfig
 from cocofast.train.runtime import Runtime, amp_dtype
 from cocofast.train.features import needs_paraphrasers

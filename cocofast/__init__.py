@@ -1,5 +1,5 @@
 """cocofast: fast, memory-lean knowledge distillation for pathology image segmentation."""
-from cocofast.similarity import (
+from cocofast.ops.similarity import (
     BACKENDS,
     NaiveTooLargeError,
     cmss,
@@ -10,7 +10,7 @@ from cocofast.similarity import (
 
 from cocofast.models import SegOutput, create_model, list_models
 from cocofast.losses import LOSSES, DistillLoss, get_loss, list_losses
-from cocofast.pixel_relation import pixel_relation_kl
+from cocofast.ops.pixel_relation import pixel_relation_kl
 from cocofast.data import FolderDataset, SyntheticPathology
 from cocofast.metrics import ConfusionMatrix, hd95
 

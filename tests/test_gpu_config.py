@@ -253,7 +253,7 @@ def test_the_tile_walks_at_gpu_tiles():
     """The tiled backend and CPKD's pixel relation at the GPU's 64-pixel tiles, 16-channel reductions and
     32-wide output tiles: N = 99 crosses a tile border, C = 40 two output tiles (fp32; the interpreter runs
     their dots in ieee, as for the Gram path)."""
-    from cocofast import pixel_relation as pr
+    from cocofast.ops import pixel_relation as pr
 
     f1, f2 = maps(10, 2, 24, 40, 11, 9, torch.float32)
     phi = cocofast.cross_layer_correlation(f1, f2, backend="tiled")

@@ -46,7 +46,7 @@ def test_no_module_imports_a_private_name_from_another():
 
 def test_the_checker_sees_a_private_import(tmp_path):
     sample = tmp_path / "sample.py"
-    sample.write_text("from cocofast.similarity import _check_pair\nimport cocofast.kernels._launch\n")
+    sample.write_text("from cocofast.ops.similarity import _check_pair\nimport cocofast.kernels._launch\n")
     names = [(m, n) for _, m, n in imports(sample)]
     assert [p for m, n in names for p in (m.split(".") + ([n] if n else [])) if private(p)] == \
         ["_check_pair", "_launch"]
@@ -57,7 +57,7 @@ def test_imports_flow_one_way():
     cocofast/cli.py, reaches the training program by name at run time and is the one exception)."""
     found = []
     for folder, forbidden in (("kernels", ("cocofast.train", "cocofast.losses", "cocofast.models",
-                                           "cocofast.data", "cocofast.similarity")),
+                                           "cocofast.data", "cocofast.ops")),
                               ("cocofast", ("cocofast.train",))):
         for path in sorted((ROOT / folder).rglob("*.py")):
             if path.name == "cli.py":

@@ -5,12 +5,12 @@ import pytest
 import torch
 
 import cocofast
-from cocofast.gram_torch import TorchGramStats, max_positions, traffic
 from cocofast.ops import roofline
 from cocofast.ops.backends import BACKEND_TABLES, PIXEL_RELATION_BACKENDS, SIMILARITY_BACKENDS, check_backend
 from cocofast.ops.checks import check_map, largest_safe_magnitude
+from cocofast.ops.pixel_relation import pixel_relation_kl
+from cocofast.ops.similarity.gram_torch import TorchGramStats, max_positions, traffic
 from cocofast.ops.torch_traffic import TrafficCounter
-from cocofast.pixel_relation import pixel_relation_kl
 from reference import features
 from reference import phi as ref_phi
 
@@ -79,7 +79,7 @@ def test_max_positions_finds_every_tie(n):
 
 def test_gram_gradients_across_many_pixel_blocks_match_float64(monkeypatch):
     """The CPU path walks pixels in blocks; a tiny block budget forces several, ragged last one included."""
-    import cocofast.gram_torch as gt
+    import cocofast.ops.similarity.gram_torch as gt
 
     monkeypatch.setattr(gt, "_BLOCK_BYTES", 1)  # → the 1,024-pixel minimum
     f1 = features(3, 2, 24, 40, 61, torch.float32).clamp_min(0).requires_grad_(True)  # N = 2,440

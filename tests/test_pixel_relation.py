@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 import torch
 
-import cocofast.pixel_relation as pr
+import cocofast.ops.pixel_relation as pr
 from cocofast.kernels.pixel_relation import pixel_relation_rows
-from cocofast.pixel_relation_torch import chunked_rows, rows_per_block
-from cocofast.similarity import cmss
+from cocofast.ops.pixel_relation.chunked_torch import chunked_rows, rows_per_block
+from cocofast.ops.similarity import cmss
 from reference import rows as ref_rows
 from reference import DEVICE, features
 

@@ -8,7 +8,7 @@ import torch
 
 import cocofast
 import cocofast.kernels as kernels
-import cocofast.similarity as similarity
+import cocofast.ops.similarity.functional as similarity
 from cocofast.kernels import gram as gram_module
 from cocofast.ops import selfcheck
 from reference import features

@@ -312,8 +312,8 @@ class TrainConfig:
 
     def check_backends(self) -> None:
         """Each op family's backend against that op's own table."""
-        from cocofast.pixel_relation import BACKENDS as PIXEL_RELATION_BACKENDS
-        from cocofast.similarity import BACKENDS as SIMILARITY_BACKENDS
+        from cocofast.ops.pixel_relation import BACKENDS as PIXEL_RELATION_BACKENDS
+        from cocofast.ops.similarity import BACKENDS as SIMILARITY_BACKENDS
 
         for key, table in (("similarity_backend", SIMILARITY_BACKENDS),
                            ("pixel_relation_backend", PIXEL_RELATION_BACKENDS)):

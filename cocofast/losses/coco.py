@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from cocofast.losses.base import DistillLoss, Reads
 from cocofast.losses.registry import register_loss
-from cocofast.similarity import BACKENDS, coco_loss
+from cocofast.ops.similarity import BACKENDS, coco_loss
 
 
 @register_loss("coco")

@@ -6,7 +6,7 @@ N = h·w:
     channel relations   F̂_c = (F_c − mean F_c) / ‖F_c − mean F_c‖   (each channel's N pixels; mean over them)
                         G = F̂ F̂ᵀ  (B, C, C): the Pearson correlation of every pair of channels, in [−1, 1]
     pixel relations     P = row-softmax(Â Âᵀ / τ)  (B, N, N), Â the L2-normalised pixel vectors
-                        (`cocofast.pixel_relation.pixel_relation_kl`)
+                        (`cocofast.ops.pixel_relation.pixel_relation_kl`)
 
     loss = channel_weight · mean_{b,i,j} (G_S − G_T)²_{bij} + pixel_weight · mean_{b,i} KL(P_T[b, i] ‖ P_S[b, i])
 
@@ -34,7 +34,7 @@ import torch
 
 from cocofast.losses.base import DistillLoss, Reads, check_non_negative, check_positive, shape_str
 from cocofast.losses.registry import register_loss
-from cocofast.pixel_relation import BACKENDS, pixel_relation_kl
+from cocofast.ops.pixel_relation import BACKENDS, pixel_relation_kl
 
 
 def channel_relation(feat: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:

@@ -17,7 +17,8 @@ The smallest grid because pooling only ever averages pixels together, it never i
 would, and the similarity work falls with N. The built-in networks declare `graph_tap_paths` all at H/4,
 so between them nothing is pooled.
 
-Never N×N: with the gram / triton backends both terms come from the C×C Gram identity ⟨ÂÂᵀ, B̂B̂ᵀ⟩_F = ‖ÂᵀB̂‖²_F (cocofast/similarity.py).
+Never N×N: with the gram / triton backends both terms come from the C×C Gram identity
+⟨ÂÂᵀ, B̂B̂ᵀ⟩_F = ‖ÂᵀB̂‖²_F (cocofast/ops/similarity/).
 
 Scale. The authors' best table weights vertices by 1e-5 and edges by 1e-9, but those multiply their
 unnormalised sums over all N² entries. Here the vertex term is divided by N² exactly like
@@ -34,7 +35,7 @@ import torch.nn.functional as F
 
 from cocofast.losses.base import DistillLoss, Reads, check_non_negative
 from cocofast.losses.registry import register_loss
-from cocofast.similarity import BACKENDS, coco_loss, similarity_distance
+from cocofast.ops.similarity import BACKENDS, coco_loss, similarity_distance
 
 
 def common_grid(taps_a: Sequence[torch.Tensor], taps_b: Sequence[torch.Tensor]) -> tuple[list, list]:

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from cocofast.losses.base import DistillLoss, Reads
 from cocofast.losses.registry import register_loss
-from cocofast.similarity import BACKENDS, similarity_distance
+from cocofast.ops.similarity import BACKENDS, similarity_distance
 
 
 @register_loss("skd_pairwise")

@@ -5,9 +5,9 @@ work starts; the ops themselves dispatch on the same tables, so a name valid her
 """
 from __future__ import annotations
 
-# CoCo's similarity ops (cross_layer_correlation, coco_loss, similarity_distance): see cocofast.similarity.
+# CoCo's similarity ops (cross_layer_correlation, coco_loss, similarity_distance): see cocofast.ops.similarity.
 SIMILARITY_BACKENDS = ("naive", "gram", "triton", "tiled", "auto")
-# CPKD's pixel-relation KL: see cocofast.pixel_relation.
+# CPKD's pixel-relation KL: see cocofast.ops.pixel_relation.
 PIXEL_RELATION_BACKENDS = ("naive", "chunked", "triton", "auto")
 
 BACKEND_TABLES = {"similarity": SIMILARITY_BACKENDS, "pixel_relation": PIXEL_RELATION_BACKENDS}

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
-from cocofast.gram_torch import traffic as gram_torch_traffic
+from cocofast.ops.similarity.gram_torch import traffic as gram_torch_traffic
 
 
 @dataclass(frozen=True)
@@ -73,8 +73,8 @@ def torch_matmul_math() -> str:
 
 def gram_torch_steps(batch: int, n_pix: int, c1: int, c2: int, element_bytes: int = 4,
                      matmul_math: str | None = None) -> list[Step]:
-    """The eager `gram` path (cocofast.gram_torch) as steps: its GEMMs at the matmul peak, its streaming passes
-    at bandwidth. Bytes and FLOPs are those `gram_torch.traffic` lists for its own passes."""
+    """The eager `gram` path (cocofast.ops.similarity.gram_torch) as steps: its GEMMs at the matmul peak, its
+    streaming passes at bandwidth. Bytes and FLOPs are those `gram_torch.traffic` lists for its own passes."""
     math = matmul_math or torch_matmul_math()
     return [Step(name, nbytes, flops, math) for name, nbytes, flops in
             gram_torch_traffic(batch, n_pix, c1, c2, element_bytes)]

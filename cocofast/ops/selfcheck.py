@@ -70,7 +70,7 @@ def phi_of(k, p, q) -> torch.Tensor:
 def compare(kernel_stats: Callable, f1: torch.Tensor, f2: torch.Tensor, channel_mix: bool, eps: float):
     """(φ error, gradient errors of map 1 and 2) of `kernel_stats(f1, f2) -> (k, p, q)` against the float64
     gram path on the same maps; errors relative (φ per image, floored at 1e-2; gradients norm-wise)."""
-    from cocofast.gram_torch import TorchGramStats
+    from cocofast.ops.similarity.gram_torch import TorchGramStats
 
     # Grad on even under no_grad (the teacher's φ); autocast off, so the reference stays float64 throughout.
     with torch.enable_grad(), torch.autocast(f1.device.type, enabled=False):

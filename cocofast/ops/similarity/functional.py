@@ -7,7 +7,7 @@ network, φ = ⟨M₁, M₂⟩_F / (‖M₁‖_F ‖M₂‖_F); the CoCo loss is
 Backends (every one differentiable, every one agreeing with the others):
     naive  materialises M; the reference. Refuses, before allocating, when M would not fit.
     gram   the identity ⟨Â₁Â₁ᵀ, Â₂Â₂ᵀ⟩ = ‖Â₁ᵀÂ₂‖² in plain torch with a hand-written backward
-           (cocofast.gram_torch).
+           (cocofast.ops.similarity.gram_torch).
     triton fused Triton kernels for the identity (cocofast.kernels.gram).
     tiled  flash-style Triton kernels that walk M in tiles and never store it (cocofast.kernels.tiled).
     auto   gram off CUDA; on CUDA triton where its modelled time is lower than gram's, else gram
@@ -24,7 +24,7 @@ from typing import Sequence
 
 import torch
 
-from cocofast.gram_torch import TorchGramStats
+from cocofast.ops.similarity.gram_torch import TorchGramStats
 from cocofast.ops import selfcheck
 from cocofast.ops.backends import SIMILARITY_BACKENDS, check_backend
 from cocofast.ops.checks import (NaiveTooLargeError, check_map, check_naive_fits, check_pair, extrema_check,

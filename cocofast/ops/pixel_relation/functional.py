@@ -9,7 +9,7 @@ L2-normalised exactly as `cocofast.cmss` does (optionally after CoCo's channel m
 Teacher and student need the same N (H·W) and batch, not the same channels or (H, W). The teacher is a
 constant: no gradient reaches it. Unlike CoCo's similarity losses, the softmax stops the Gram identity from
 removing N×N, so the fast path is a flash-style kernel (cocofast.kernels.pixel_relation) that streams the
-relation tiles with online softmaxes, and the CPU path (cocofast.pixel_relation_torch) takes whole rows a
+relation tiles with online softmaxes, and the CPU path (cocofast.ops.pixel_relation.chunked_torch) takes whole rows a
 block at a time.
 
 τ defaults to 1.0: R is then the plain cosine similarity in [−1, 1], and no temperature from the CPKD paper
@@ -33,8 +33,8 @@ import torch
 
 from cocofast.ops.backends import PIXEL_RELATION_BACKENDS, check_backend
 from cocofast.ops.checks import NaiveTooLargeError, accumulation_dtype, check_naive_fits, check_pair
-from cocofast.pixel_relation_torch import chunked_rows
-from cocofast.similarity import cmss
+from cocofast.ops.pixel_relation.chunked_torch import chunked_rows
+from cocofast.ops.similarity import cmss
 
 BACKENDS = PIXEL_RELATION_BACKENDS  # the name cocofast.losses.cpkd has always used
 # N×N buffers the naive backend holds at its peak: R and log P per network, P_T and the KL summand.

@@ -1,0 +1,6 @@
+"""CPKD's pixel-relation KL: the public function and its backend dispatch (functional.py), the plain-torch
+row-block path (chunked_torch.py); the Triton kernels it calls live in cocofast.kernels.pixel_relation."""
+from cocofast.ops.pixel_relation.functional import (BACKENDS, NAIVE_MATRICES, NaiveTooLargeError, naive_rows,
+                                                    pixel_relation_kl)
+
+__all__ = ["BACKENDS", "NAIVE_MATRICES", "NaiveTooLargeError", "naive_rows", "pixel_relation_kl"]
