@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from torch.nn.utils import parametrize
 
 from cocofast.losses.base import check_non_negative, widen
 
@@ -34,7 +35,9 @@ class AdversarialLoss(nn.Module):
     """The student's term L_g = −E[D(fake)] (`forward`) and the critic's WGAN-GP loss (`critic_loss`).
 
     `critic` scores the student's term with its parameters untouched; `critic_for_update` (e.g. the critic
-    wrapped in DistributedDataParallel, default: `critic`) is the one whose gradients the critic loss builds.
+    wrapped in DistributedDataParallel, default: `critic`) is the one whose gradients the critic loss builds;
+    it is called twice before the one backward, which DDP allows (every parameter is reduced once, in that
+    backward; tests/test_losses_adversarial.py checks the averaged gradients over two gloo processes).
     """
 
     def __init__(self, critic: nn.Module, *, weight: float = 0.1, gp_weight: float = 10.0,
@@ -53,14 +56,21 @@ class AdversarialLoss(nn.Module):
 
     def critic_loss(self, teacher_logits: torch.Tensor, student_logits: torch.Tensor,
                     images: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
-        """Real, fake and interpolated inputs go through the critic in one batch: one forward (one DDP call)."""
+        """Real and fake go through the critic in one call, the interpolated samples in a second one.
+
+        The penalty differentiates the critic twice, and only at x̂; in one joint (real, fake, x̂) batch both
+        differentiations ran over all 3B rows (zeros for real and fake), about three times the work. Both calls
+        use one spectral-norm weight (`parametrize.cached`): one power iteration per critic step, as one call
+        made, and the same values (the critic treats each image on its own).
+        """
         real = critic_input(teacher_logits.detach(), images, self.input_kind)
         fake = critic_input(student_logits.detach(), images, self.input_kind)
         eps = torch.rand(real.shape[0], 1, 1, 1, device=real.device)
         interp = (eps * real + (1 - eps) * fake).requires_grad_(True)
-        scores = self.critic_for_update(torch.cat([real, fake, interp])).float()
-        score_real, score_fake, score_interp = scores.chunk(3)
-        (grad,) = torch.autograd.grad(score_interp.sum(), interp, create_graph=True)
+        with parametrize.cached():
+            score_real, score_fake = self.critic_for_update(torch.cat([real, fake])).float().chunk(2)
+            score_interp = self.critic_for_update(interp).float()
+            (grad,) = torch.autograd.grad(score_interp.sum(), interp, create_graph=True)
         grad_norm = torch.sqrt(grad.flatten(1).pow(2).sum(dim=1) + 1e-12)
         gp = (grad_norm - 1).pow(2).mean()
         wasserstein = score_real.mean() - score_fake.mean()
