@@ -1,6 +1,7 @@
 """The experiment runner: tables are well formed, runs are shared and resumed, outputs agree with the runs."""
 from __future__ import annotations
 
+import contextlib
 import csv
 import math
 import statistics
@@ -169,8 +170,9 @@ def test_the_scarce_table_has_every_method_at_both_fractions():
     assert settings["graph_flow_semi10"]["losses"] == "graph_flow,kd"
     assert settings["emkd_semi20"]["supervised_loss"] == "focal_dice"
     assert settings["kd_coco_semi10"]["losses"] == "kd,coco"
-    # scarce10 is its 10 % half, row for row: the same runs, not look-alikes.
+    # scarce10 and scarce20 are its halves, row for row: the same runs, not look-alikes.
     assert TABLES["scarce10"].rows == [TEACHER, *[r for r in rows if r.id.endswith("10")]]
+    assert TABLES["scarce20"].rows == [TEACHER, *[r for r in rows if r.id.endswith("20")]]
 
 
 def test_each_method_searches_the_same_grid_around_its_defaults():
@@ -210,14 +212,21 @@ class FakeRunner:
     def __init__(self, score, fail=()):
         self.config, self.extra, self.dry_run = DEFAULT_CONFIG, [], False
         self.score, self.fail, self.trained, self.prefetched = score, set(fail), [], []
+        self.scored_on_test = []
 
-    def row(self, row, seed):
+    def exclusive(self, key):
+        return contextlib.nullcontext()
+
+    def search_row(self, row, seed):
         self.trained.append((row.id, seed))
         if row.id in self.fail:
             raise RunFailed(f"{row.id} diverged")
+
+    def row(self, row, seed):
+        self.scored_on_test.append((row.id, seed))
         return {}
 
-    def prefetch(self, pairs):
+    def prefetch(self, pairs, search=False):
         self.prefetched.append([(row.id, seed) for row, seed in pairs])
 
     def val_miou(self, row, seed):
@@ -245,6 +254,7 @@ def test_the_search_picks_the_best_validation_point_axis_by_axis():
     # 4 weights, then 3 new temperatures at weight x0.1 (T = 4 there was already run); all at the tuning seed.
     assert len(fake.trained) == result.runs == tuning.tuning_runs(kd) == 7
     assert {seed for _, seed in fake.trained} == {100}
+    assert fake.scored_on_test == []  # a search point is trained and validated, never scored on test
     # Each axis's grid is handed to the runner at once, so --jobs can train its points side by side.
     assert [len(points) for points in fake.prefetched] == [4, 4]
     assert "weight ×0.1" in result.setting() and "kd T 0.4" in result.setting()

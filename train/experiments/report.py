@@ -7,6 +7,7 @@ import io
 import math
 import statistics
 import subprocess
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import cocofast
@@ -42,23 +43,24 @@ def run_table(table: Table, runner: Runner, seeds: list[int], tune_seed: int | N
         return teacher_records(name, runner, teacher_seeds), []
     grid = grid or table.grid or GRID
     tunings = {} if tunings is None else tunings  # (network, row id, grid) -> Tuning, shared between tables
-    records, searches = [], []
+    students = [row for row in rows if row != TEACHER]
     if tune_seed is None:
-        runner.prefetch([(row, seed) for row in rows if row != TEACHER for seed in seeds])
-    for row in rows:
-        if row == TEACHER:
-            continue
-        used, setting = row, "as configured"
+        runner.prefetch([(row, seed) for row in students for seed in seeds])
+
+    def one(row) -> tuple[list[dict], Tuning | None, dict | None]:
+        """The row's search (with tune_seed), its records over the seeds, and the teacher's scores its runs gave."""
+        used, setting, search = row, "as configured", None
         if tune_seed is not None:
             search = tuned(runner, rows, row, tune_seed, tunings, grid)
-            searches.append(search)
             used, setting = search.chosen_row, search.setting()
         reference = reference_of(rows, row)
         runner.prefetch([(used, seed) for seed in seeds])
+        records, teacher = [], None
         for seed in seeds:
             scores = runner.row(used, seed)
             if not scores:
                 continue
+            teacher = teacher or scores.get("teacher")
             student = scores["student"]
             records.append({"table": name, "row": row.label, "id": used.id, "network": student["model"],
                             "seed": seed, "acc": student["acc"], "miou": student["miou"],
@@ -67,8 +69,18 @@ def run_table(table: Table, runner: Runner, seeds: list[int], tune_seed: int | N
                             "gmacs": gmacs(student), "setting": setting,
                             "reference": reference.label if reference is not None else "",
                             "settings": " ".join(used.setting_args())})
-            if TEACHER in rows and "teacher" in scores and not any(r["row"] == "teacher" for r in records):
-                records.insert(0, teacher_record(name, scores["teacher"], "teacher", 0, "trained once"))
+        return records, search, teacher
+
+    if runner.side_by_side:  # every row's search and seeds at once: the runner's slots keep the cores busy
+        with ThreadPoolExecutor(max_workers=len(students)) as pool:
+            done = list(pool.map(one, students))
+    else:
+        done = [one(row) for row in students]
+    records = [r for row_records, _, _ in done for r in row_records]
+    searches = [search for _, search, _ in done if search is not None]
+    teacher = next((scores for _, _, scores in done if scores is not None), None)
+    if TEACHER in rows and teacher is not None and records:
+        records.insert(0, teacher_record(name, teacher, "teacher", 0, "trained once"))
     return records, searches
 
 

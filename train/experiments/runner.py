@@ -4,6 +4,10 @@ Every run is the training program itself (`python -m cocofast.train.distill`) wi
 row's settings plus the invocation's `--key=value`, started in the current directory (so a configuration's
 relative data_root means what it means to `cocofast train`). Runs live under the work directory:
 WORK/teacher, WORK/paraphraser_NETWORK, WORK/NETWORK/ROW_ID/seedS, WORK/teacher_cache.
+
+With --jobs=N at most N training processes run at once, whoever asks for them (`slots`): the tables' rows and
+their searches ask side by side, so a row waiting on its search's slowest point leaves no core idle. A search
+run (`search_row`) trains and validates only: its score is the validation mIoU, so it skips the test split.
 """
 from __future__ import annotations
 
@@ -13,6 +17,7 @@ import math
 import shlex
 import subprocess
 import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -32,6 +37,20 @@ class Runner:
         self.base = [sys.executable, "-m", "cocofast.train.distill", "--config", str(config)]
         self._done: set[str] = set()
         self._failed: dict[tuple[str, str, int], RunFailed] = {}  # (network, row id, seed) -> its failure
+        self._slots = threading.BoundedSemaphore(jobs)  # training processes running at once
+        self._shared = threading.Lock()  # the teacher and paraphrasers are trained by one caller, once
+        self._keys: dict = {}  # key -> its lock (exclusive)
+        self._keys_lock = threading.Lock()
+
+    def exclusive(self, key) -> threading.Lock:
+        """One lock per key: work on one key (a row's search) is done by one thread while the others wait."""
+        with self._keys_lock:
+            return self._keys.setdefault(key, threading.Lock())
+
+    @property
+    def side_by_side(self) -> bool:
+        """Whether callers should ask for runs from several threads (--jobs > 1, and something to train)."""
+        return self.jobs > 1 and not self.dry_run
 
     def _call(self, args: list[str], what: str, log: Path | None = None) -> None:
         """Run the training program; with `log` its output goes to that file (runs side by side) instead."""
@@ -40,22 +59,24 @@ class Runner:
         print(f"[experiments] {what}: {shown}", flush=True)
         if self.dry_run:
             return
-        started = time.perf_counter()
-        if log is None:
-            done = subprocess.run(cmd)
-        else:
-            log.parent.mkdir(parents=True, exist_ok=True)
-            with open(log, "w") as out:
-                done = subprocess.run(cmd, stdout=out, stderr=subprocess.STDOUT)
+        with self._slots:
+            started = time.perf_counter()
+            if log is None:
+                done = subprocess.run(cmd)
+            else:
+                log.parent.mkdir(parents=True, exist_ok=True)
+                with open(log, "w") as out:
+                    done = subprocess.run(cmd, stdout=out, stderr=subprocess.STDOUT)
         if done.returncode != 0:
             where = f" (its output: {log})" if log is not None else ""
             raise RunFailed(f"{what} failed with exit status {done.returncode}{where}; command: {shown}")
         print(f"[experiments] {what}: {time.perf_counter() - started:.0f} s", flush=True)
 
-    def prefetch(self, pairs: list[tuple[Row, int]]) -> None:
-        """Train the (row, seed) runs not yet made, `jobs` at a time (one training process each; give each
-        process one thread, OMP_NUM_THREADS=1, when jobs fill the cores). The shared teacher and paraphrasers
-        are made first, one at a time; a run that fails is remembered and raised when the table reads it."""
+    def prefetch(self, pairs: list[tuple[Row, int]], search: bool = False) -> None:
+        """Train the (row, seed) runs not yet made side by side, within the `jobs` slots (one training process
+        each; give each process one thread, OMP_NUM_THREADS=1, when jobs fill the cores). The shared teacher
+        and paraphrasers are made first, one at a time; a run that fails is remembered and raised when the
+        table reads it. `search`: the runs are search points (search_row)."""
         if self.jobs <= 1 or self.dry_run:
             return
         todo = [(r, s) for r, s in dict.fromkeys(pairs) if (r.network, r.id, s) not in self._failed]
@@ -67,11 +88,11 @@ class Runner:
         def one(pair: tuple[Row, int]) -> None:
             row, seed = pair
             try:
-                self.row(row, seed, log=self.run_dir(row, seed) / "log.txt")
+                (self.search_row if search else self.row)(row, seed, log=self.run_dir(row, seed) / "log.txt")
             except RunFailed as err:
                 self._failed[(row.network, row.id, seed)] = err
 
-        with ThreadPoolExecutor(max_workers=self.jobs) as pool:
+        with ThreadPoolExecutor(max_workers=len(todo) or 1) as pool:
             list(pool.map(one, todo))
 
     def teacher(self) -> Path:
@@ -87,19 +108,20 @@ class Runner:
         return next((e for e in entries if e["name"] == "teacher"), {})
 
     def _recorded(self, run_dir: Path, args: list[str], what: str, log: Path | None = None,
-                  before=lambda: None) -> list[dict]:
+                  before=lambda: None, scored: bool = True) -> list[dict]:
         """Run the training program unless run_dir holds its finished result (eval.json) made by the same
         command from the same base configuration (experiment.json); returns the eval.json entries ([] in a
-        dry run). Otherwise the program runs, and its --resume refuses a checkpoint with other settings."""
+        dry run, and for a run not `scored` on test, whose record alone says it finished). Otherwise the
+        program runs, and its --resume refuses a checkpoint with other settings."""
         result, record = run_dir / "eval.json", run_dir / "experiment.json"
         made_by = {"args": args + self.extra, "config": self.config.read_text()}
-        if not (result.is_file() and record.is_file() and json.loads(record.read_text()) == made_by):
+        if not ((result.is_file() or not scored) and record.is_file() and json.loads(record.read_text()) == made_by):
             before()
             self._call(args, what, log)
             if self.dry_run:
                 return []
             atomic_write_text(json.dumps(made_by, indent=1), record)
-        return json.loads(result.read_text())
+        return json.loads(result.read_text()) if scored else []
 
     def paraphraser_dir(self, student: str) -> Path:
         return self.work / f"paraphraser_{student or 'student'}"
@@ -113,19 +135,31 @@ class Runner:
 
     def _once(self, args: list[str], what: str) -> None:
         """Run a shared stage once per invocation; --resume makes a finished one a quick no-op."""
-        if what not in self._done:
-            self._call(args, what)
-            self._done.add(what)
+        with self._shared:
+            if what not in self._done:
+                self._call(args, what)
+                self._done.add(what)
 
     def run_dir(self, row: Row, seed: int) -> Path:
         return self.work / row.network / row.id / f"seed{seed}"
 
     def row(self, row: Row, seed: int, log: Path | None = None) -> dict:
         """Train and score one (row, seed); returns the eval.json entries {name: metrics}."""
+        return self._student(row, seed, log, "student,eval")
+
+    def search_row(self, row: Row, seed: int, log: Path | None = None) -> None:
+        """Train one search point: the student stage alone. The search reads the validation mIoU of its
+        best.pt (val_miou), so the eval stage's test-split scores (the teacher's and the student's, a tenth
+        of a run) would never be read."""
+        self._student(row, seed, log, "student")
+
+    def _student(self, row: Row, seed: int, log: Path | None, stages: str) -> dict:
         if (row.network, row.id, seed) in self._failed:
             raise self._failed[(row.network, row.id, seed)]
+        if log is None and self.side_by_side:
+            log = self.run_dir(row, seed) / "log.txt"  # other runs may be printing at the same time
         run_dir = self.run_dir(row, seed)
-        args = ["--stage=student,eval", f"--run_dir={run_dir}", f"--seed={seed}",
+        args = [f"--stage={stages}", f"--run_dir={run_dir}", f"--seed={seed}",
                 f"--teacher_checkpoint={self.work / 'teacher' / 'teacher' / 'best.pt'}", "--student_name=student",
                 f"--teacher_cache_dir={self.work / 'teacher_cache'}", "--resume", *row.args()]
         paraphrased = reads_paraphrased(row)
@@ -137,7 +171,9 @@ class Runner:
             if paraphrased:
                 self.paraphraser(row.student)
 
-        entries = self._recorded(run_dir, args, f"{row.label} ({row.network}), seed {seed}", log, shared_stages)
+        with self.exclusive(run_dir):  # two callers asking for one run: the second reads the first's result
+            entries = self._recorded(run_dir, args, f"{row.label} ({row.network}), seed {seed}", log, shared_stages,
+                                     scored="eval" in stages)
         return {entry["name"]: entry for entry in entries}
 
     def critic_score(self, row: Row, seed: int) -> float:

@@ -186,7 +186,7 @@ def packaged_tables() -> dict[str, Table]:
     return dict(sorted(tables.items(), key=lambda kv: PAPER_ORDER.index(kv[0]) if kv[0] in PAPER_ORDER else 99))
 
 
-PAPER_ORDER = ["I", "II", "III", "emkd", "graph_flow", "cpkd", "drift", "teacher", "scarce", "scarce10"]
+PAPER_ORDER = ["I", "II", "III", "emkd", "graph_flow", "cpkd", "drift", "teacher", "scarce", "scarce10", "scarce20"]
 
 
 def methods_table(names: list[str], student: str = "") -> Table:

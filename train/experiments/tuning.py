@@ -125,12 +125,12 @@ def tune(runner: Runner, row: Row, seed: int, lr: float | None = None, grid: tup
     per_axis = []
     for axis in axes:
         scored = []
-        runner.prefetch([(point_row(row, axes, {**current, axis.key: v}), seed) for v in axis.values])
+        runner.prefetch([(point_row(row, axes, {**current, axis.key: v}), seed) for v in axis.values], search=True)
         for value in axis.values:
             candidate = point_row(row, axes, {**current, axis.key: value})
             if candidate.id not in scores:
                 try:
-                    runner.row(candidate, seed)
+                    runner.search_row(candidate, seed)
                     scores[candidate.id] = runner.val_miou(candidate, seed)
                 except RunFailed as err:  # e.g. a weight x10 that sends the loss to inf: that point lost
                     print(f"[experiments] tuning point failed, scored as missing: {err}", flush=True)
@@ -146,12 +146,13 @@ def tune(runner: Runner, row: Row, seed: int, lr: float | None = None, grid: tup
 
 def tuned(runner: Runner, rows: list, row: Row, seed: int, tunings: dict, grid: tuple[float, ...] = GRID) -> Tuning:
     """The row's search, made once per (network, row id, grid): its student alone's first, whose rate it
-    trains at."""
+    trains at. Rows searched from several threads share it: the first makes it, the others wait for it."""
     key = (row.network, row.id, grid)
-    if key not in tunings:
-        reference = None if is_alone(row) else reference_of(rows, row)
-        lr = None if reference is None else tuned(runner, rows, reference, seed, tunings, grid).chosen["student_lr"]
-        tunings[key] = tune(runner, row, seed, lr, grid)
+    with runner.exclusive(key):
+        if key not in tunings:
+            reference = None if is_alone(row) else reference_of(rows, row)
+            lr = None if reference is None else tuned(runner, rows, reference, seed, tunings, grid).chosen["student_lr"]
+            tunings[key] = tune(runner, row, seed, lr, grid)
     return tunings[key]
 
 
