@@ -68,9 +68,10 @@ def test_critic_loss_matches_the_float64_joint_batch_formula():
 
     assert gp.item() > 1e-3 and abs(wasserstein.item()) > 1e-5  # both terms carry weight in this check
     assert loss.item() == pytest.approx(ref.item(), rel=1e-5, abs=1e-7)
-    assert terms["d_gp"] == pytest.approx(gp.item(), rel=1e-5, abs=1e-7)
-    assert terms["d_wasserstein"] == pytest.approx(wasserstein.item(), rel=1e-4, abs=1e-7)
-    assert terms["d_loss"] == pytest.approx(ref.item(), rel=1e-5, abs=1e-7)
+    assert terms["d_gp"].item() == pytest.approx(gp.item(), rel=1e-5, abs=1e-7)
+    assert terms["d_wasserstein"].item() == pytest.approx(wasserstein.item(), rel=1e-4, abs=1e-7)
+    assert terms["d_loss"].item() == pytest.approx(ref.item(), rel=1e-5, abs=1e-7)
+    assert not any(t.requires_grad for t in terms.values())  # logged figures hold no graph
     ref_grads = dict(critic64.named_parameters())
     # fp32 rounding of terms of the largest gradient's size: the floor for gradients that nearly cancel (the last
     # bias's is ±1 per score, cancelled between real and fake down to the drift term's 2·ε·E[D(real)]).

@@ -42,6 +42,33 @@ class TrainingInterrupted(RuntimeError):
     """Raised by the `stop_after_iters` debug switch: the run stops as if killed, without saving."""
 
 
+LOG_EVERY = 10  # iterations between reads of the loss terms (the progress bar shows the last one read)
+
+
+class PendingTerms:
+    """The loss terms of the iterations not yet read: floats, or 0-dim tensors kept where a step computed them.
+
+    Reading a device tensor's value waits until the device has run everything queued before it; read term by
+    term, a student step stalled the device half a dozen times. They are read in one transfer every LOG_EVERY
+    iterations, before each checkpoint, at the epoch's end and when a step raises.
+    """
+
+    def __init__(self):
+        self.rows: list[tuple[int, dict]] = []
+
+    def add(self, iteration: int, terms: dict) -> None:
+        self.rows.append((iteration, {k: v.detach() if torch.is_tensor(v) else v for k, v in terms.items()}))
+
+    def take(self) -> list[tuple[int, dict[str, float]]]:
+        """(iteration, {term: value}) of every pending iteration, in order; none remain pending."""
+        tensors = [v for _, terms in self.rows for v in terms.values() if torch.is_tensor(v)]
+        values = iter(torch.stack([t.double().reshape(()) for t in tensors]).tolist() if tensors else ())
+        rows = [(it, {k: next(values) if torch.is_tensor(v) else float(v) for k, v in terms.items()})
+                for it, terms in self.rows]
+        self.rows = []
+        return rows
+
+
 class IterationBudget:
     def __init__(self, limit: int):
         self.limit, self.done = limit, 0
@@ -91,6 +118,7 @@ def run_stage(stage: Stage, cfg: TrainConfig, rt: Runtime, loader, sampler: Resu
     epoch, batch_in_epoch, iteration = 0, 0, 0
     history: list[dict] = []
     meters: dict[str, list[float]] = {}
+    pending = PendingTerms()
     best_score, best_epoch, run_id = None, None, uuid.uuid4().hex
     curves_drawn_at = -math.inf
     # Outputs of the run an --overwrite replaces; removed once the new run's first last.pt exists.
@@ -153,6 +181,22 @@ def run_stage(stage: Stage, cfg: TrainConfig, rt: Runtime, loader, sampler: Resu
             while stale:
                 stale.pop().unlink(missing_ok=True)
 
+    def read_terms(bar) -> None:
+        """Fold the pending iterations' terms into the meters, refusing the first that is not finite."""
+        rows = pending.take()
+        for it, terms in rows:
+            if not all(math.isfinite(v) for v in terms.values()):
+                raise FloatingPointError(
+                    f"[{stage.name}] a loss is not finite at epoch {epoch + 1}, iteration {it}: "
+                    + ", ".join(f"{k}={v:.4g}" for k, v in terms.items())
+                    + "; lower the learning rate (or use --amp=off) and resume from the last good checkpoint")
+            for key, value in terms.items():
+                total = meters.setdefault(key, [0.0, 0.0])
+                total[0] += value
+                total[1] += 1
+        if rows:
+            bar.set_postfix({k: f"{v:.4g}" for k, v in list(rows[-1][1].items())[:4]})
+
     if rt.is_main:
         stage.out_dir.mkdir(parents=True, exist_ok=True)
     while epoch < stage.epochs:
@@ -170,24 +214,22 @@ def run_stage(stage: Stage, cfg: TrainConfig, rt: Runtime, loader, sampler: Resu
             masks = batch[1].to(rt.device, non_blocking=True)
             # A keyed training set (train/teacher_cache.py) adds each sample's cache key; it stays on the CPU.
             keyed = {"keys": batch[2]} if len(batch) > 2 else {}
-            terms = stage.train_step(images, masks, **keyed)
-            if not all(math.isfinite(v) for v in terms.values()):
-                raise FloatingPointError(
-                    f"[{stage.name}] a loss is not finite at epoch {epoch + 1}, iteration {iteration + 1}: "
-                    + ", ".join(f"{k}={v:.4g}" for k, v in terms.items())
-                    + "; lower the learning rate (or use --amp=off) and resume from the last good checkpoint")
-            for key, value in terms.items():
-                total = meters.setdefault(key, [0.0, 0.0])
-                total[0] += value
-                total[1] += 1
-            iteration += 1
-            batch_in_epoch += 1
-            bar.update(1)
-            if batch_in_epoch % 10 == 1 or batch_in_epoch == iters_per_epoch:
-                bar.set_postfix({k: f"{v:.4g}" for k, v in list(terms.items())[:4]})
-            budget.tick()
+            try:
+                pending.add(iteration + 1, stage.train_step(images, masks, **keyed))
+                iteration += 1
+                batch_in_epoch += 1
+                bar.update(1)
+                if batch_in_epoch % LOG_EVERY == 1 or batch_in_epoch == iters_per_epoch:
+                    read_terms(bar)
+                budget.tick()
+            except Exception:
+                # An earlier iteration's non-finite loss, if any, is the cause to report: it spoilt the weights.
+                read_terms(bar)
+                raise
             if cfg.save_every_iters and iteration % cfg.save_every_iters == 0 and batch_in_epoch < iters_per_epoch:
+                read_terms(bar)  # a checkpoint holds no iteration whose loss was not finite
                 checkpoint(last_path)
+        read_terms(bar)
         bar.close()
 
         # Epoch end: average the loss terms over every rank's batches, sync BN statistics, validate.

@@ -9,7 +9,8 @@ chosen and weighted by the `losses` config key, each fed what it declares it rea
 through the adapter, the losses that read labels); every other term sees the whole batch.
 
 The frozen teacher and paraphrasers run under no_grad; networks run under autocast and every loss between
-them is computed in fp32 (cocofast.losses does that itself).
+them is computed in fp32 (cocofast.losses does that itself). The terms a step returns are detached tensors,
+not floats: reading each one waited for the device, several times per step; train/loop.py reads them together.
 """
 from __future__ import annotations
 
@@ -57,7 +58,7 @@ class CriticUpdate:
     def __init__(self, adversarial: AdversarialLoss, optimizer, schedule):
         self.adversarial, self.optimizer, self.schedule = adversarial, optimizer, schedule
 
-    def __call__(self, teacher_logits, student_logits, images) -> dict[str, float]:
+    def __call__(self, teacher_logits, student_logits, images) -> dict[str, torch.Tensor]:
         self.schedule.apply()
         loss, terms = self.adversarial.critic_loss(teacher_logits, student_logits, images)
         self.optimizer.zero_grad(set_to_none=True)
@@ -89,8 +90,11 @@ class StudentStep:
     def __call__(self, images: torch.Tensor, masks: torch.Tensor, teacher: Features | None = None,
                  keys: torch.Tensor | None = None):
         cfg = self.cfg
+        # Read before any network is queued: the read waits only for the masks' copy, not for the critic step.
+        labelled = labelled_rows(masks)
+        all_labelled = bool(labelled.all())
         self.schedule.apply()
-        terms: dict[str, float] = {}
+        terms: dict[str, torch.Tensor] = {}
         if teacher is None and self.uses_teacher and self.cache is not None and keys is not None:
             teacher = self.cache.features(keys, images.device)
         if teacher is None and self.uses_teacher:
@@ -99,12 +103,11 @@ class StudentStep:
         if self.critic_update is not None:
             terms.update(self.critic_update(teacher.logits, student.logits, images))
 
-        labelled = labelled_rows(masks)
-        if bool(labelled.all()):
+        if all_labelled:
             loss = supervised_loss(cfg.supervised_loss, student.logits, masks)
         else:
             loss = supervised_loss(cfg.supervised_loss, student.logits[labelled], masks[labelled])
-        terms[f"loss_{cfg.supervised_loss}"] = loss.item()
+        terms[f"loss_{cfg.supervised_loss}"] = loss.detach()
         for name, criterion in self.losses:
             args = self.adapter.inputs(criterion, student, teacher, masks)
             if args is None:  # a loss on labels, and no labelled row in this batch
@@ -114,15 +117,16 @@ class StudentStep:
             except LossOutputError as err:  # a user's loss that returns a vector: name it, no traceback
                 raise ConfigError(f"config key 'losses': {name!r}: {err}") from None
             loss = loss + value
-            terms[f"loss_{name}"] = value.item()
+            terms[f"loss_{name}"] = value.detach()
         if self.adversarial is not None:
             value = self.adversarial(student.logits, images)
             loss = loss + value
-            terms["loss_adv_g"] = value.item() / self.adversarial.weight if self.adversarial.weight else 0.0
+            weight = self.adversarial.weight
+            terms["loss_adv_g"] = value.detach().double() / weight if weight else torch.zeros((), device=value.device)
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.schedule.advance()
-        terms["loss_total"] = loss.item()
+        terms["loss_total"] = loss.detach()
         return terms

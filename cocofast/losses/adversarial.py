@@ -55,7 +55,7 @@ class AdversarialLoss(nn.Module):
         self.input_kind = input_kind
 
     def critic_loss(self, teacher_logits: torch.Tensor, student_logits: torch.Tensor,
-                    images: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+                    images: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Real and fake go through the critic in one call, the interpolated samples in a second one.
 
         The penalty differentiates the critic twice, and only at x̂; in one joint (real, fake, x̂) batch both
@@ -75,13 +75,14 @@ class AdversarialLoss(nn.Module):
         gp = (grad_norm - 1).pow(2).mean()
         wasserstein = score_real.mean() - score_fake.mean()
         loss = -wasserstein + self.gp_weight * gp
-        terms = {"d_wasserstein": wasserstein.item(), "d_gp": gp.item()}
+        terms = {"d_wasserstein": wasserstein, "d_gp": gp}
         if self.drift_weight:
             drift = score_real.pow(2).mean()
             loss = loss + self.drift_weight * drift
-            terms["d_drift"] = drift.item()
-        terms["d_loss"] = loss.item()
-        return loss, terms
+            terms["d_drift"] = drift
+        terms["d_loss"] = loss
+        # Detached, not read: reading a value waits for the device (the trainer reads them once per interval).
+        return loss, {name: value.detach() for name, value in terms.items()}
 
     def forward(self, student_logits: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
         """weight · L_g; the critic is held fixed (no parameter gradients, no DDP call)."""
