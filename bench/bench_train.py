@@ -1,11 +1,13 @@
 """Training-step time: student alone vs student + CoCo + AdvD, with and without the teacher's forward pass,
-and the share of the step spent in the CoCo loss.
+the CoCo loss's and the critic's parts, and the floor the critic sets.
 
-It times cocofast.train.student.StudentStep, built by train/stages.py's build_student_step, the exact code the student stage runs (critic step + student
-step), on synthetic patches. "cached teacher" replays the teacher's features from a real teacher cache
-(train/teacher_cache.py, what --teacher_cache=true runs: memory-mapped files, looked up by each sample's
-key). The CoCo share is the CoCo loss's forward + backward alone on tensors of the tap
-shapes, divided by the full step.
+It times cocofast.train.student.StudentStep, built by train/stages.py's build_student_step, the exact code the
+student stage runs (critic step + student step), on synthetic patches. "cached teacher" replays the teacher's
+features from a real teacher cache (train/teacher_cache.py, what --teacher_cache=true runs: memory-mapped files,
+looked up by each sample's key). The parts are timed alone on tensors of the step's shapes: the CoCo loss's
+forward + backward, the critic's WGAN-GP step, and the student's adversarial term (the critic's forward and
+backward to the logits). The floor is the student alone plus those two critic parts: the cached step's work
+beyond it is the CoCo loss and the glue. All runs are timed in turn (interleaved), median of --steps.
 
     python bench/bench_train.py                     # CPU: reduced widths at 128x128
     python bench/bench_train.py --size 512 --teacher_width 1 --student_width 1     # the paper's nets
@@ -46,18 +48,21 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def timed(fn, device, warmup: int, steps: int) -> float:
-    """Median milliseconds per call."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(steps):
-        sync(device)
-        start = time.perf_counter()
-        fn()
-        sync(device)
-        times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times)
+def interleaved(runs, device, warmup: int, repeats: int) -> dict[str, float]:
+    """Median milliseconds per call of each run, taken in turn: on a shared machine the load drifts within
+    seconds, and timed one after the other the runs' ratios moved with it."""
+    for _, fn in runs:
+        for _ in range(warmup):
+            fn()
+    times: dict[str, list[float]] = {name: [] for name, _ in runs}
+    for _ in range(repeats):
+        for name, fn in runs:
+            sync(device)
+            start = time.perf_counter()
+            fn()
+            sync(device)
+            times[name].append((time.perf_counter() - start) * 1e3)
+    return {name: statistics.median(values) for name, values in times.items()}
 
 
 def build_step(cfg: TrainConfig, rt: Runtime, teacher, paraphrasers) -> StudentStep:
@@ -78,7 +83,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--student_width", type=float, default=1.0 if cuda else 0.5)
     parser.add_argument("--disc_width", type=float, default=1.0 if cuda else 0.25)
     parser.add_argument("--amp", default="auto", choices=("auto", "bf16", "fp16", "off"))
-    parser.add_argument("--steps", type=int, default=10 if cuda else 4)
+    parser.add_argument("--steps", type=int, default=10 if cuda else 7)
     parser.add_argument("--warmup", type=int, default=3 if cuda else 1)
     args = parser.parse_args(argv)
 
@@ -106,30 +111,43 @@ def main(argv: list[str] | None = None) -> list[dict]:
     with torch.no_grad(), rt.autocast():
         out_s = coco.student(images)
     taps_s = [t.float().detach().requires_grad_(True) for t in (out_s.shallow, out_s.deep)]
+    logits_s = out_s.logits.float().detach().requires_grad_(True)
 
     def coco_only():
         coco_loss([cached.paraphrased], [tuple(taps_s)], backend=cfg.similarity_backend).backward()
+
+    def adversarial_term_only():  # the critic's forward and its backward to the student's logits
+        coco.adversarial(logits_s, images).backward()
 
     runs = [
         ("student alone (CE)", lambda: alone(images, masks)),
         ("student + CoCo + AdvD, teacher forward", lambda: coco(images, masks)),
         ("student + CoCo + AdvD, cached teacher", lambda: coco(images, masks, keys=keys)),
         ("CoCo loss forward + backward only", coco_only),
+        ("critic step only (WGAN-GP)", lambda: coco.critic_update(cached.logits, out_s.logits, images)),
+        ("adversarial term only (critic forward + backward)", adversarial_term_only),
     ]
-    ms = {name: timed(fn, device, args.warmup, args.steps) for name, fn in runs}
+    ms = interleaved(runs, device, args.warmup, args.steps)
     cache_dir.cleanup()
+    # The floor: the student's own step plus the critic's work, which this maths makes every cached step do.
+    ms["floor: student alone + critic step + adversarial term (sum, not timed)"] = (
+        ms["student alone (CE)"] + ms["critic step only (WGAN-GP)"]
+        + ms["adversarial term only (critic forward + backward)"])
     full = ms["student + CoCo + AdvD, teacher forward"]
+    alone_ms = ms["student alone (CE)"]
     setting = (f"{cfg.teacher_model} x{cfg.teacher_width:g} -> {cfg.student_model} x{cfg.student_width:g}, "
                f"batch {args.batch}, {args.size}x{args.size}, amp {args.amp}, {torch.get_num_threads()} threads")
     rows = [{"setting": setting, "step": name, "ms_per_step": round(value, 2),
-             "share_of_full_step": round(value / full, 4)} for name, value in ms.items()]
+             "share_of_full_step": round(value / full, 4), "x_student_alone": round(value / alone_ms, 3)}
+            for name, value in ms.items()]
     write_csv(RESULTS, rows, info)
     print(f"training step ({setting}; {info['device']}; torch {info['torch']}, triton {info['triton']}, "
           f"commit {info['commit']})\n")
-    print("| step | ms / step | share of full CoCo + AdvD step |")
-    print("|---|---:|---:|")
+    print("| step | ms / step | share of full CoCo + AdvD step | × student alone |")
+    print("|---|---:|---:|---:|")
     for row in rows:
-        print(f"| {row['step']} | {row['ms_per_step']:.1f} | {row['share_of_full_step']:.1%} |")
+        print(f"| {row['step']} | {row['ms_per_step']:.1f} | {row['share_of_full_step']:.1%} | "
+              f"{row['x_student_alone']:.2f} |")
     return rows
 
 
