@@ -1,15 +1,15 @@
 """Modelled GPU time of every similarity path at 1024² patches: max(bytes / HBM bandwidth, FLOPs / peak).
 
 Per path and shape, the bytes come from counting, not from reading the code:
-- the Triton kernels (gram, tiled, pixel relation): cocofast.kernels.traffic runs them in the CPU
+- the Triton kernels (gram, tiled, pixel relation): cocofast.perf.traffic runs them in the CPU
   interpreter at the GPU tile configs (COCOFAST_GPU_CONFIG=1) on small maps and counts their DRAM traffic
   (each byte once per launch), extrapolated to the full shape (see kernel_bytes). Without that module,
-  the pass counts in cocofast.ops.roofline stand in, and the `bytes_source` column says so;
+  the pass counts in cocofast.ops.similarity.auto stand in, and the `bytes_source` column says so;
 - the eager `gram` path: cocofast.ops.similarity.gram_torch.traffic, its own list of passes, checked here
-  against the dispatch-level counter (cocofast.ops.torch_traffic) on a small shape (`counted_over_model`).
+  against the same counter's torch-op rules (cocofast.perf.traffic) on a small shape (`counted_over_model`).
 FLOPs are each algorithm's multiply-adds × 2. Maps are fp32; the kernels' dots run as tf32x3 (a third of the
 TF32 tensor-core peak), torch's fp32 matmul on the FP32 units (its default, allow_tf32 = False). Peaks are
-in cocofast/ops/roofline.py (H100 SXM 3.35 TB/s, A100 SXM 2.0 TB/s). `auto_picks` is what backend='auto'
+in cocofast/ops/similarity/auto.py (H100 SXM 3.35 TB/s, A100 SXM 2.0 TB/s). `auto_picks` is what backend='auto'
 runs on that GPU at that shape.
 
     python bench/bench_roofline.py [--quick] [--no-count] [--out bench/results/roofline.csv]
@@ -34,21 +34,21 @@ MODEL_GPUS = ("H100", "A100")
 
 def run_case(path: str, c1: int, c2: int, side: int) -> dict:
     """Runs in a child with the interpreter: DRAM-model bytes of one kernel path on (1, C, side, side) maps."""
-    from cocofast.kernels.traffic import path_traffic
+    from cocofast.perf.traffic import path_traffic
 
     r = path_traffic(path, c1, c2, side=side)
     return {"forward": r["forward"].dram_bytes, "backward": r["backward"].dram_bytes}
 
 
 def kernel_bytes(path: str, c1: int, c2: int) -> dict | None:
-    """{forward, backward} DRAM bytes of one path at the full shape, or None without kernels/traffic.py.
+    """{forward, backward} DRAM bytes of one path at the full shape, or None without cocofast.perf.traffic.
 
     For the Gram kernels, counted at two sizes (N = 1,024 and 2,304, where the forward's row splits are the
     same, so the fit is exact) and fitted as a + b·N per image: their C×C Grams weigh as much as the maps at
     N = 1,024 and C = 256, so a plain multiple of the small count would overstate the large one. The
     N²-work paths are compute-bound by orders of magnitude; one count, scaled by N, serves."""
     try:
-        import cocofast.kernels.traffic  # noqa: F401 - only whether it exists
+        import cocofast.perf.traffic  # noqa: F401 - only whether it exists
     except ImportError:
         return None
     os.environ["COCOFAST_GPU_CONFIG"] = "1"  # the tiles a GPU would launch, so re-reads are a GPU's
@@ -72,24 +72,20 @@ def kernel_bytes(path: str, c1: int, c2: int) -> dict | None:
 
 
 def kernel_steps(path: str, c1: int, c2: int, counted: dict | None):
-    from cocofast.ops.roofline import Step, triton_gram_steps
+    from cocofast.ops.similarity.auto import triton_gram_steps
+    from cocofast.perf.roofline import walk_steps
 
     if path == "gram":
         if counted is None:
-            return triton_gram_steps(BATCH, N_PIX, c1, c2), "pass-count defaults (cocofast/ops/roofline.py)"
+            return (triton_gram_steps(BATCH, N_PIX, c1, c2),
+                    "pass-count defaults (cocofast/ops/similarity/auto.py)")
         return (triton_gram_steps(BATCH, N_PIX, c1, c2, forward_bytes=counted["forward"],
                                   backward_bytes=counted["backward"]),
-                "kernels/traffic.py DRAM model, fitted over N = 1,024 and 2,304")
+                "cocofast.perf.traffic DRAM model, fitted over N = 1,024 and 2,304")
     if counted is None:
-        return None, "not counted: cocofast.kernels.traffic unavailable"
-    n2 = BATCH * N_PIX * N_PIX
-    if path == "tiled":  # forward M₁ and M₂ tiles; the backward rebuilds both tiles per gradient
-        fwd_flops, bwd_flops = 2 * n2 * (c1 + c2), 2 * n2 * (c1 + c2) * 3
-    else:  # pixel relation: R_T, R_S forward; backward rebuilds both and forms (G + Gᵀ)Â_S
-        fwd_flops, bwd_flops = 2 * n2 * (c1 + c2), 2 * n2 * (c1 + c2) + 2 * n2 * c2
-    steps = [Step(f"{path} forward", counted["forward"], fwd_flops, "tf32x3"),
-             Step(f"{path} backward", counted["backward"], bwd_flops, "tf32x3")]
-    return steps, f"kernels/traffic.py DRAM model at N = {PROBE_SIDE[path] ** 2:,}, scaled by N"
+        return None, "not counted: cocofast.perf.traffic unavailable"
+    steps = walk_steps(path, BATCH, N_PIX, c1, c2, counted["forward"], counted["backward"])
+    return steps, f"cocofast.perf.traffic DRAM model at N = {PROBE_SIDE[path] ** 2:,}, scaled by N"
 
 
 def counted_over_model(c1: int, c2: int) -> float:
@@ -97,7 +93,7 @@ def counted_over_model(c1: int, c2: int) -> float:
     import torch
 
     from cocofast.ops.similarity.gram_torch import TorchGramStats, traffic
-    from cocofast.ops.torch_traffic import TrafficCounter
+    from cocofast.perf.traffic import TrafficCounter
 
     f1 = torch.randn(2, c1, 64, 64).relu_().requires_grad_(True)
     f2 = torch.randn(2, c2, 64, 64).requires_grad_(True)
@@ -109,23 +105,20 @@ def counted_over_model(c1: int, c2: int) -> float:
 
 
 def row(path, c1, c2, steps, source, gpu_key) -> dict:
-    from cocofast.ops.roofline import GPUS, modelled_time
+    from cocofast.ops.similarity.auto import GPUS
+    from cocofast.perf.roofline import breakdown
 
     gpu = GPUS[gpu_key]
-    nbytes, flops = sum(s.bytes for s in steps), sum(s.flops for s in steps)
-    memory = sum(s.bytes / gpu.hbm_bytes_per_s for s in steps)
-    compute = sum(s.flops / gpu.peak(s.math) for s in steps)
-    total = modelled_time(steps, gpu)
-    bound = "memory" if memory >= compute else "compute"
+    b = breakdown(steps, gpu)
     return {"path": path, "gpu": gpu.name, "batch": BATCH, "N": N_PIX, "C1": c1, "C2": c2, "maps": "fp32",
-            "bytes_source": source, "GB": round(nbytes / 1e9, 3), "GFLOP": round(flops / 1e9, 1),
-            "math": "/".join(sorted({s.math for s in steps if s.flops})),
-            "memory_ms": round(memory * 1e3, 3), "compute_ms": round(compute * 1e3, 3),
-            "modelled_ms": round(total * 1e3, 3), "bound": bound}
+            "bytes_source": source, "GB": round(b["bytes"] / 1e9, 3), "GFLOP": round(b["flops"] / 1e9, 1),
+            "math": b["math"], "memory_ms": round(b["memory_s"] * 1e3, 3),
+            "compute_ms": round(b["compute_s"] * 1e3, 3), "modelled_ms": round(b["modelled_s"] * 1e3, 3),
+            "bound": b["bound"]}
 
 
 def main(argv=None) -> list[dict]:
-    from cocofast.ops.roofline import GPUS, faster_backend, gram_torch_steps, modelled_time
+    from cocofast.ops.similarity.auto import GPUS, faster_backend, gram_torch_steps, modelled_time
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="the gram paths only (no tiled / pixel-relation counts)")

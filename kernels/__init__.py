@@ -7,7 +7,7 @@
 - cmss_rows.py: the per-pixel parts (the channel max with the input check's extrema, row norms, the backward
                 through normalisation and the softmax-of-max-pool channel weights, the max-pool scatter).
 - launcher.py:  launch recording and the per-shape tile / warp configs (with the reasons).
-- gpu_compile.py: the sm_80 / sm_90 compile guard and its table; traffic.py: the interpreter traffic counter.
+The compile guard and the traffic counter that measure them are dev tools in cocofast.perf.
 Each takes (B, C, H, W) maps of any layout and dtype and returns float64 per-image statistics.
 """
 from .gram import GramStats, gram_stats

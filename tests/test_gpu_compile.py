@@ -19,7 +19,7 @@ with the fast set already cached.
 """
 import pytest
 
-from cocofast.kernels.gpu_compile import (
+from cocofast.perf.gpu_compile import (
     ARCHS,
     DTYPES,
     PROBE_SPECS,
@@ -92,7 +92,7 @@ def test_a_missing_report_field_is_an_error_not_a_zero():
 
 
 def test_help_does_not_start_the_sweep():
-    out = run_python("import sys; from cocofast.kernels.gpu_compile import main; sys.argv[1:] = ['--help']; main()",
+    out = run_python("import sys; from cocofast.perf.gpu_compile import main; sys.argv[1:] = ['--help']; main()",
                      None)
     assert "usage:" in out and "compiles" not in out
 

@@ -75,25 +75,38 @@ def module_name(path: Path) -> str:
     return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
 
 
+def absolute_imports(path: Path, package: str):
+    """(line, module, name) for every import in the file, ours or not, relative ones resolved against
+    `package`: `from pkg import name` gives (line, "pkg", "name"), where name may be a module; `import m`
+    gives (line, "m", None)."""
+    for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+        if isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                anchor = package.split(".")[: len(package.split(".")) - (node.level - 1)]
+                base = ".".join(anchor + ([node.module] if node.module else []))
+            for alias in node.names:
+                yield node.lineno, base, alias.name
+        elif isinstance(node, ast.Import):
+            for alias in node.names:
+                yield node.lineno, alias.name, None
+
+
+def package_of(path: Path) -> str:
+    name = module_name(path)
+    return name if path.name == "__init__.py" else name.rpartition(".")[0]
+
+
 def import_graph(files) -> dict[str, set[str]]:
     """Module -> the modules of ours it imports, anywhere in the file (a function-local import still binds
     the two modules together: one cannot be read, moved or tested without the other)."""
     modules = {module_name(p): p for p in files}
     graph = {}
     for name, path in modules.items():
-        package = name if path.name == "__init__.py" else name.rpartition(".")[0]
         edges = set()
-        for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
-            if isinstance(node, ast.ImportFrom):
-                base = node.module or ""
-                if node.level:
-                    anchor = package.split(".")[: len(package.split(".")) - (node.level - 1)]
-                    base = ".".join(anchor + ([node.module] if node.module else []))
-                for alias in node.names:  # `from pkg import mod` imports the module pkg.mod
-                    target = f"{base}.{alias.name}"
-                    edges.add(target if target in modules else base)
-            elif isinstance(node, ast.Import):
-                edges.update(alias.name for alias in node.names)
+        for _, base, alias in absolute_imports(path, package_of(path)):
+            target = f"{base}.{alias}" if alias else base  # `from pkg import mod` imports the module pkg.mod
+            edges.add(target if target in modules else base)
         graph[name] = {e for e in edges if e in modules and e != name}
     return graph
 
@@ -154,3 +167,43 @@ def test_the_circle_finder_sees_a_loop_through_three_modules(tmp_path, monkeypat
     monkeypatch.setitem(globals(), "ROOT", tmp_path)  # module_name() reads the tree root
     graph = import_graph(sorted(package.glob("*.py")))
     assert circles(graph) == [["cocofast.train.a", "cocofast.train.b", "cocofast.train.c"]]
+
+
+def forbidden_imports(files, forbidden: tuple[str, ...]) -> list[str]:
+    """'file:line: imports module' for each import of a module under one of `forbidden`."""
+    found = []
+    for path in files:
+        for line, base, alias in absolute_imports(path, package_of(path)):
+            module = f"{base}.{alias}" if alias else base
+            if any(module == f or module.startswith(f + ".") for f in forbidden):
+                found.append(f"{path.relative_to(ROOT)}:{line}: imports {module}")
+    return sorted(set(found))
+
+
+PERF = "cocofast.perf"
+# What compiling for a GPU needs, and the kernels must not: they run the same on a machine without a compiler.
+COMPILE_TOOLING = (PERF, "triton.compiler", "triton.backends.nvidia", "triton.tools", "subprocess")
+
+
+def test_runtime_code_does_not_import_the_measurement_tools():
+    """cocofast.perf (traffic counts, the compile guard, roofline reports) is for tests and bench only."""
+    runtime = [p for folder in PACKAGES for p in sorted((ROOT / folder).rglob("*.py"))
+               if not module_name(p).startswith(PERF)]
+    assert not forbidden_imports(runtime, (PERF,))
+
+
+def test_kernel_files_import_no_compile_tooling():
+    assert not forbidden_imports(sorted((ROOT / "kernels").rglob("*.py")), COMPILE_TOOLING)
+
+
+def test_the_import_checks_see_a_forbidden_import(tmp_path, monkeypatch):
+    package = tmp_path / "kernels"
+    package.mkdir()
+    (package / "gram.py").write_text("def f():\n    from ..perf import traffic\n")  # ..: cocofast
+    (package / "tiled.py").write_text("import subprocess\nfrom triton.compiler import ASTSource\n")
+    (package / "launcher.py").write_text("import triton\nfrom triton.runtime.jit import JITFunction\n")
+    monkeypatch.setitem(globals(), "ROOT", tmp_path)
+    found = forbidden_imports(sorted(package.glob("*.py")), COMPILE_TOOLING)
+    assert [f.split(": imports ")[1] for f in found] == \
+        ["cocofast.perf.traffic", "subprocess", "triton.compiler.ASTSource"]
+

@@ -1,16 +1,16 @@
-"""The shared ops floor: backend tables and their validator, input checks, the CPU gram path's pieces, the
-traffic counter and the roofline model behind backend='auto'."""
+"""The shared ops floor: backend tables and their validator, input checks, the CPU gram path's pieces and
+the roofline model behind backend='auto' and its reports."""
 import numpy as np
 import pytest
 import torch
 
 import cocofast
-from cocofast.ops import roofline
 from cocofast.ops.backends import BACKEND_TABLES, PIXEL_RELATION_BACKENDS, SIMILARITY_BACKENDS, check_backend
 from cocofast.ops.checks import check_map, largest_safe_magnitude
 from cocofast.ops.pixel_relation import pixel_relation_kl
-from cocofast.ops.similarity.gram_torch import TorchGramStats, max_positions, traffic
-from cocofast.ops.torch_traffic import TrafficCounter
+from cocofast.ops.similarity import auto
+from cocofast.ops.similarity.gram_torch import TorchGramStats, max_positions
+from cocofast.perf.roofline import breakdown, walk_steps
 from reference import features
 from reference import phi as ref_phi
 
@@ -94,77 +94,69 @@ def test_gram_gradients_across_many_pixel_blocks_match_float64(monkeypatch):
         assert ((g.double() - w).norm() / w.norm()).item() < 1e-4
 
 
-def test_gram_traffic_model_matches_counted_bytes():
-    """gram_torch.traffic lists the passes of the code; the dispatch-level counter sees the ops actually run."""
-    for c1, c2 in ((24, 40), (64, 64)):
-        f1 = torch.randn(2, c1, 128, 128).relu_().requires_grad_(True)
-        f2 = torch.randn(2, c2, 128, 128).requires_grad_(True)
-        with TrafficCounter() as counter:
-            torch.aminmax(f1.detach()), torch.aminmax(f2.detach())  # the public call's input checks
-            k, p, q = TorchGramStats.apply(f1, f2, True, 1e-6)
-            (k / (p * q).sqrt()).sum().backward()
-        model = sum(nbytes for _, nbytes, _ in traffic(2, 128 * 128, c1, c2))
-        assert 0.95 < counter.total_bytes / model < 1.1, (c1, c2, counter.total_bytes / model)
-
-
-def test_traffic_counter_counts_reads_writes_and_skips_views():
-    x, y = torch.randn(1000), torch.randn(1000)
-    with TrafficCounter() as counter:
-        z = x * x           # x read once, z written
-        x.view(10, 100).t()  # a view moves nothing
-        torch.add(x, y, out=z)  # out= is only written
-    assert counter.total_bytes == (4000 + 4000) + (8000 + 4000)
-
-
 def test_roofline_is_the_max_of_bandwidth_and_compute():
-    gpu = roofline.GPUS["H100"]
-    memory_bound = roofline.Step("stream", bytes=3.35e9, flops=1e9, math="fp32")
-    compute_bound = roofline.Step("gemm", bytes=1e6, flops=67e12, math="fp32")
-    assert roofline.step_time(memory_bound, gpu) == pytest.approx(1e-3)
-    assert roofline.step_time(compute_bound, gpu) == pytest.approx(1.0)
-    assert roofline.step_time(roofline.Step("dot", 0, 494.7e12 / 3, "tf32x3"), gpu) == pytest.approx(1.0)
-    assert roofline.modelled_time([memory_bound, compute_bound], gpu) == pytest.approx(1.001)
+    gpu = auto.GPUS["H100"]
+    memory_bound = auto.Step("stream", bytes=3.35e9, flops=1e9, math="fp32")
+    compute_bound = auto.Step("gemm", bytes=1e6, flops=67e12, math="fp32")
+    assert auto.step_time(memory_bound, gpu) == pytest.approx(1e-3)
+    assert auto.step_time(compute_bound, gpu) == pytest.approx(1.0)
+    assert auto.step_time(auto.Step("dot", 0, 494.7e12 / 3, "tf32x3"), gpu) == pytest.approx(1.0)
+    assert auto.modelled_time([memory_bound, compute_bound], gpu) == pytest.approx(1.001)
     with pytest.raises(ValueError, match="math must be one of"):
         gpu.peak("fp8")
+    report = breakdown([memory_bound, compute_bound], gpu)
+    assert report["memory_s"] == pytest.approx(1e-3 + 1e6 / 3.35e12)
+    assert report["compute_s"] == pytest.approx(1e9 / 67e12 + 1.0)
+    assert report["modelled_s"] == pytest.approx(1.001) and report["bound"] == "compute"
+    assert report["bytes"] == 3.35e9 + 1e6 and report["math"] == "fp32"
+
+
+def test_the_walk_steps_count_the_n_squared_dots():
+    fwd, bwd = walk_steps("pixel_relation", 2, 100, 24, 8, forward_bytes=1.0, backward_bytes=2.0)
+    assert fwd.flops == 2 * 2 * 100 * 100 * 32 and bwd.flops == fwd.flops + 2 * 2 * 100 * 100 * 8
+    assert (fwd.bytes, bwd.bytes, fwd.math) == (1.0, 2.0, "tf32x3")
+    assert walk_steps("tiled", 2, 100, 24, 8, 1.0, 2.0)[1].flops == 3 * fwd.flops
+    with pytest.raises(ValueError, match="path must be"):
+        walk_steps("gram", 2, 100, 24, 8, 1.0, 2.0)
 
 
 def test_faster_backend_picks_the_least_time_and_the_first_on_a_tie():
-    assert roofline.faster_backend({"triton": 2.0, "gram": 1.0}) == "gram"
-    assert roofline.faster_backend({"triton": 1.0, "gram": 1.0}) == "triton"
+    assert auto.faster_backend({"triton": 2.0, "gram": 1.0}) == "gram"
+    assert auto.faster_backend({"triton": 1.0, "gram": 1.0}) == "triton"
     with pytest.raises(ValueError, match="empty"):
-        roofline.faster_backend({})
+        auto.faster_backend({})
 
 
 def test_auto_follows_the_model():
     f = torch.randn(2, 24, 8, 8)
-    assert roofline.similarity_auto_backend(f, f) == "gram"  # off CUDA, whatever the model says
-    gpu = roofline.GPUS["A100"]
+    assert auto.similarity_auto_backend(f, f) == "gram"  # off CUDA, whatever the model says
+    gpu = auto.GPUS["A100"]
     shape = (8, 65_536, 256, 256)
-    fused = roofline.modelled_time(roofline.triton_gram_steps(*shape), gpu)
-    eager = roofline.modelled_time(roofline.gram_torch_steps(*shape, matmul_math="fp32"), gpu)
+    fused = auto.modelled_time(auto.triton_gram_steps(*shape), gpu)
+    eager = auto.modelled_time(auto.gram_torch_steps(*shape, matmul_math="fp32"), gpu)
     assert fused < eager  # fp32 GEMMs on SIMT units against tf32x3 tensor cores, and fewer passes
     # A fused kernel that moved 10× the bytes would lose at small C, where both paths are memory-bound.
-    heavy = roofline.triton_gram_steps(8, 65_536, 24, 24, forward_bytes=10 * 8 * 65_536 * 48 * 4 * 15)
-    small = roofline.gram_torch_steps(8, 65_536, 24, 24, matmul_math="fp32")
-    assert roofline.modelled_time(heavy, gpu) > roofline.modelled_time(small, gpu)
-    assert roofline.gpu_spec("NVIDIA A100-SXM4-80GB") is gpu and roofline.gpu_spec("Tesla T4").name == "H100 SXM"
+    heavy = auto.triton_gram_steps(8, 65_536, 24, 24, forward_bytes=10 * 8 * 65_536 * 48 * 4 * 15)
+    small = auto.gram_torch_steps(8, 65_536, 24, 24, matmul_math="fp32")
+    assert auto.modelled_time(heavy, gpu) > auto.modelled_time(small, gpu)
+    assert auto.gpu_spec("NVIDIA A100-SXM4-80GB") is gpu and auto.gpu_spec("Tesla T4").name == "H100 SXM"
 
 
 def test_the_fused_forward_reads_its_maps_twice_unless_they_fit_in_l2():
-    h100 = roofline.GPUS["H100"]
+    h100 = auto.GPUS["H100"]
     maps = lambda b, n, c1, c2: b * n * (c1 + c2) * 4  # noqa: E731
     # Mobile U-Net's maps at a 1024² patch, B = 8: 100 MB, twice the L2: both forward reads from DRAM.
-    big = roofline.triton_gram_steps(8, 65_536, 24, 24, gpu=h100)[0]
-    assert big.bytes == pytest.approx(maps(8, 65_536, 24, 24) * roofline.TRITON_FORWARD_PASSES)
+    big = auto.triton_gram_steps(8, 65_536, 24, 24, gpu=h100)[0]
+    assert big.bytes == pytest.approx(maps(8, 65_536, 24, 24) * auto.TRITON_FORWARD_PASSES)
     # One 64² image: 0.8 MB, the Gram launch's re-read of what the channel max read comes from L2.
-    small = roofline.triton_gram_steps(1, 4_096, 24, 24, gpu=h100)[0]
-    assert small.bytes == pytest.approx(maps(1, 4_096, 24, 24) * (roofline.TRITON_FORWARD_PASSES - 1))
+    small = auto.triton_gram_steps(1, 4_096, 24, 24, gpu=h100)[0]
+    assert small.bytes == pytest.approx(maps(1, 4_096, 24, 24) * (auto.TRITON_FORWARD_PASSES - 1))
     # The boundary is the usable share of this GPU's L2 (A100: 40 MB), and no GPU means no L2.
-    a100 = roofline.GPUS["A100"]
-    edge = int(roofline.L2_USABLE * a100.l2_bytes) // (48 * 4)
-    assert roofline.forward_passes(1, edge, 24, 24, 4, a100) == roofline.TRITON_FORWARD_PASSES - 1
-    assert roofline.forward_passes(1, edge + 1, 24, 24, 4, a100) == roofline.TRITON_FORWARD_PASSES
-    assert roofline.forward_passes(1, 4_096, 24, 24, 4, None) == roofline.TRITON_FORWARD_PASSES
+    a100 = auto.GPUS["A100"]
+    edge = int(auto.L2_USABLE * a100.l2_bytes) // (48 * 4)
+    assert auto.forward_passes(1, edge, 24, 24, 4, a100) == auto.TRITON_FORWARD_PASSES - 1
+    assert auto.forward_passes(1, edge + 1, 24, 24, 4, a100) == auto.TRITON_FORWARD_PASSES
+    assert auto.forward_passes(1, 4_096, 24, 24, 4, None) == auto.TRITON_FORWARD_PASSES
 
 
 @pytest.mark.gpu
@@ -183,5 +175,5 @@ def test_on_cuda_auto_runs_what_the_model_picks_and_every_gram_path_agrees():
         assert torch.allclose(got[0], out["gram"][0], rtol=1e-5)
         for a, b in zip(got[1:], out["gram"][1:]):
             assert ((a - b).norm() / b.norm()).item() < 1e-4
-    picked = roofline.similarity_auto_backend(f1, f2)
+    picked = auto.similarity_auto_backend(f1, f2)
     assert picked in ("gram", "triton") and torch.equal(out["auto"][0], out[picked][0])

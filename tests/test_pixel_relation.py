@@ -18,8 +18,8 @@ from reference import DEVICE, features
 def gpu_compile_job():
     """The sm_80/sm_90 compile (~20 s without Triton's cache) runs in a child process beside the other tests of
     this file; the last test collects it. fp32 maps only, for time: half-precision maps differ in the loads
-    alone (every dot runs on fp32 tiles); `python -m cocofast.kernels.gpu_compile --paths pixel_relation` compiles both."""
-    code = ("import json; from cocofast.kernels.gpu_compile import check_all; "
+    alone (every dot runs on fp32 tiles); `python -m cocofast.perf.gpu_compile --paths pixel_relation` compiles both."""
+    code = ("import json; from cocofast.perf.gpu_compile import check_all; "
             "rows = check_all(pairs=((40, 24),), dtypes=('float32',), shapes=((8, 256),), paths=('pixel_relation',)); "
             "print(json.dumps([r for r in rows if r['kernel'].startswith('pixel_relation')]))")
     job = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -231,7 +231,7 @@ def test_kernels_compile_for_sm80_and_sm90_at_gpu_tiles(gpu_compile_job):
     kernels = {"pixel_relation_forward_kernel", "pixel_relation_backward_kernel"}
     assert {(r["kernel"], r["arch"], r["signature"].split(",")[0]) for r in rows} == {
         (k, a, d) for k in kernels for a in ("sm_80", "sm_90") for d in ("*fp32",)}
-    from cocofast.kernels.gpu_compile import problems
+    from cocofast.perf.gpu_compile import problems
 
     for r in rows:  # 64×64 pixel tiles reduced over 16-channel tiles (launcher.tile_walk_config)
         assert r["constexprs"]["BLOCK_I"] == 64 and r["constexprs"]["BLOCK_C"] == 16, r

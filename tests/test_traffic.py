@@ -1,13 +1,16 @@
-"""The interpreter traffic counter: exact bytes on a kernel whose traffic is known by hand, masked-out
-elements not counted, re-reads counted as issued but once in the DRAM model, and the table's multiples:
-the fused Gram path reads each map once per launch and writes each gradient once, and sits near its floor."""
+"""The traffic counter, one set of rules for kernels and torch ops: exact bytes on a kernel whose traffic is
+known by hand, masked-out elements not counted, re-reads counted as issued but once in the DRAM model, torch
+ops counted alike inside and outside a kernel count, and the table's multiples: the fused Gram path reads
+each map once per launch and writes each gradient once, and sits near its floor; the eager gram path's own
+list of passes matches what its ops move."""
 import pytest
 import torch
 
 from cocofast.kernels.cmss_rows import MixedRows, channel_extrema
 from cocofast.kernels.launcher import gpu_tiles
-from cocofast.kernels.traffic import count_traffic, fitted_traffic, path_traffic
-from cocofast.ops.roofline import TRITON_BACKWARD_PASSES, TRITON_FORWARD_PASSES
+from cocofast.ops.similarity.auto import TRITON_BACKWARD_PASSES, TRITON_FORWARD_PASSES
+from cocofast.ops.similarity.gram_torch import TorchGramStats, traffic
+from cocofast.perf.traffic import TrafficCounter, count_traffic, fitted_traffic, path_traffic
 
 
 def rows_of(report, kernel):
@@ -102,3 +105,45 @@ def test_needs_the_interpreter(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
         count_traffic(lambda: None)
+
+
+def test_gram_traffic_model_matches_counted_bytes():
+    """gram_torch.traffic lists the passes of the code; the counter sees the ops actually run."""
+    for c1, c2 in ((24, 40), (64, 64)):
+        f1 = torch.randn(2, c1, 128, 128).relu_().requires_grad_(True)
+        f2 = torch.randn(2, c2, 128, 128).requires_grad_(True)
+        with TrafficCounter() as counter:
+            torch.aminmax(f1.detach()), torch.aminmax(f2.detach())  # the public call's input checks
+            k, p, q = TorchGramStats.apply(f1, f2, True, 1e-6)
+            (k / (p * q).sqrt()).sum().backward()
+        model = sum(nbytes for _, nbytes, _ in traffic(2, 128 * 128, c1, c2))
+        assert 0.95 < counter.total_bytes / model < 1.1, (c1, c2, counter.total_bytes / model)
+
+
+def test_traffic_counter_counts_reads_writes_and_skips_views():
+    x, y = torch.randn(1000), torch.randn(1000)
+    with TrafficCounter() as counter:
+        z = x * x           # x read once, z written
+        x.view(10, 100).t()  # a view moves nothing
+        torch.add(x, y, out=z)  # out= is only written
+    assert counter.total_bytes == (4000 + 4000) + (8000 + 4000)
+
+
+def test_torch_ops_count_alike_in_the_kernel_counter_and_alone():
+    """One rule for torch ops: the same eager code moves the same bytes, op by op, in count_traffic (the
+    kernels' counter, which also counts the torch ops between launches) as in TrafficCounter."""
+    x, y = torch.randn(1000), torch.randn(1000)
+
+    def eager():
+        z = x * x
+        torch.add(x, y, out=z)
+        torch.zeros(500)  # a fill: written only
+        return z.sum()
+
+    with TrafficCounter() as alone:
+        eager()
+    assert alone.total_bytes == (4000 + 4000) + (8000 + 4000) + 2000 + (4000 + 4)
+    assert alone.by_op["mul"] == 8000 and alone.calls["zeros"] == 1
+    in_kernel_counter = count_traffic(eager)
+    assert [(r.kernel, r.loads, r.stores) for r in in_kernel_counter.rows] == \
+        [(r.kernel, r.loads, r.stores) for r in alone.report.rows]

@@ -17,8 +17,8 @@ is public. Smaller τ sharpens each pixel's distribution towards its most simila
 lies in [−1/τ, 1/τ], any τ > 0 is numerically safe in the kernel (online max subtraction).
 
 Backends:
-    naive    materialises R, P for both networks (the reference); refuses, before allocating, when they would
-             not fit.
+    naive    materialises R, P for both networks (the reference, naive.py); refuses, before allocating, when
+             they would not fit.
     chunked  plain torch, a block of rows at a time (about 64 MiB each), forward and backward; exact.
     triton   the flash-style kernels, forward and backward; O(N) memory beyond the inputs.
     auto     triton for CUDA tensors, chunked otherwise.
@@ -32,13 +32,12 @@ import math
 import torch
 
 from cocofast.ops.backends import PIXEL_RELATION_BACKENDS, check_backend
-from cocofast.ops.checks import NaiveTooLargeError, accumulation_dtype, check_naive_fits, check_pair
+from cocofast.ops.checks import NaiveTooLargeError, accumulation_dtype, check_pair
 from cocofast.ops.pixel_relation.chunked_torch import chunked_rows
+from cocofast.ops.pixel_relation.naive import NAIVE_MATRICES, naive_rows
 from cocofast.ops.similarity import cmss
 
 BACKENDS = PIXEL_RELATION_BACKENDS  # the name cocofast.losses.cpkd has always used
-# N×N buffers the naive backend holds at its peak: R and log P per network, P_T and the KL summand.
-NAIVE_MATRICES = 6
 
 
 def _resolve(backend: str, t: torch.Tensor) -> str:
@@ -46,20 +45,6 @@ def _resolve(backend: str, t: torch.Tensor) -> str:
     if backend == "auto":
         return "triton" if t.is_cuda else "chunked"
     return backend
-
-
-def naive_rows(f_teacher: torch.Tensor, f_student: torch.Tensor, tau: float, channel_mix: bool,
-               eps: float = 1e-6) -> torch.Tensor:
-    """Per-row KL (B, N) from the explicit N×N matrices, in fp32 (fp64 when either input is fp64)."""
-    acc = accumulation_dtype(f_teacher, f_student)
-    check_naive_fits("pixel_relation_kl", batch=f_student.shape[0], n_pix=f_student.shape[2] * f_student.shape[3],
-                     matrices=NAIVE_MATRICES, element_bytes=acc.itemsize, device=f_student.device,
-                     alternatives="backend='chunked' or 'triton'")
-    a_t = cmss(f_teacher.detach(), channel_mix=channel_mix, eps=eps).to(acc)
-    a_s = cmss(f_student, channel_mix=channel_mix, eps=eps).to(acc)
-    log_p_t = torch.log_softmax(a_t @ a_t.transpose(1, 2) / tau, dim=2)
-    log_p_s = torch.log_softmax(a_s @ a_s.transpose(1, 2) / tau, dim=2)
-    return (log_p_t.exp() * (log_p_t - log_p_s)).sum(dim=2)
 
 
 def pixel_relation_kl(f_teacher: torch.Tensor, f_student: torch.Tensor, *, tau: float = 1.0,
@@ -94,4 +79,4 @@ def pixel_relation_kl(f_teacher: torch.Tensor, f_student: torch.Tensor, *, tau: 
     return rows.double().mean().to(out)
 
 
-__all__ = ["BACKENDS", "NAIVE_MATRICES", "NaiveTooLargeError", "naive_rows", "pixel_relation_kl"]
+__all__ = ["BACKENDS", "NaiveTooLargeError", "pixel_relation_kl"]

@@ -5,13 +5,13 @@ G'_i / max(‖G'_i‖, eps), and the channel-mixed spatial similarity M = ÂÂ�
 network, φ = ⟨M₁, M₂⟩_F / (‖M₁‖_F ‖M₂‖_F); the CoCo loss is the mean of (φ_T − φ_S)².
 
 Backends (every one differentiable, every one agreeing with the others):
-    naive  materialises M; the reference. Refuses, before allocating, when M would not fit.
+    naive  materialises M; the reference (naive.py). Refuses, before allocating, when M would not fit.
     gram   the identity ⟨Â₁Â₁ᵀ, Â₂Â₂ᵀ⟩ = ‖Â₁ᵀÂ₂‖² in plain torch with a hand-written backward
            (cocofast.ops.similarity.gram_torch).
     triton fused Triton kernels for the identity (cocofast.kernels.gram).
     tiled  flash-style Triton kernels that walk M in tiles and never store it (cocofast.kernels.tiled).
     auto   gram off CUDA; on CUDA triton where its modelled time is lower than gram's, else gram
-           (cocofast.ops.roofline.similarity_auto_backend).
+           (cocofast.ops.similarity.auto).
 On CUDA, the first triton launch of each kernel class is checked against the float64 gram path on its
 batch (cocofast.ops.selfcheck): auto falls back to gram with a warning, triton raises.
 
@@ -24,12 +24,12 @@ from typing import Sequence
 
 import torch
 
-from cocofast.ops.similarity.gram_torch import TorchGramStats
 from cocofast.ops import selfcheck
 from cocofast.ops.backends import SIMILARITY_BACKENDS, check_backend
-from cocofast.ops.checks import (NaiveTooLargeError, check_map, check_naive_fits, check_pair, extrema_check,
-                                 shape_str)
-from cocofast.ops.roofline import similarity_auto_backend
+from cocofast.ops.checks import NaiveTooLargeError, check_map, check_pair, extrema_check, shape_str
+from cocofast.ops.similarity import naive
+from cocofast.ops.similarity.auto import similarity_auto_backend
+from cocofast.ops.similarity.gram_torch import TorchGramStats
 
 BACKENDS = SIMILARITY_BACKENDS  # the name cocofast.losses and cocofast.BACKENDS have always used
 
@@ -46,12 +46,7 @@ def cmss(feat: torch.Tensor, *, channel_mix: bool = True, eps: float = 1e-6) -> 
     """Normalised rows Â, shape (B, H·W, C): the paper's channel-mixed pixel vectors, L2-normalised; fp32
     (fp64 for fp64 input); M = Â Âᵀ."""
     check_map("cmss", "feat", feat)
-    x = feat.to(torch.float64 if feat.dtype == torch.float64 else torch.float32)
-    if channel_mix:
-        w = torch.softmax(torch.amax(x, dim=(2, 3)), dim=1)
-        x = x * w[:, :, None, None]
-    g = x.flatten(2).transpose(1, 2)
-    return g / torch.linalg.vector_norm(g, dim=2, keepdim=True).clamp_min(eps)
+    return naive.normalised_rows(feat, channel_mix=channel_mix, eps=eps)
 
 
 def _stats(fn: str, names: tuple[str, str], f1, f2, channel_mix: bool, backend: str, eps: float = 1e-6):
@@ -64,12 +59,7 @@ def _stats(fn: str, names: tuple[str, str], f1, f2, channel_mix: bool, backend: 
         check_map(fn, names[0], f1)
         check_map(fn, names[1], f2)
     if backend == "naive":
-        check_naive_fits(fn, batch=f1.shape[0], n_pix=f1.shape[2] * f1.shape[3], matrices=6, element_bytes=4,
-                         device=f1.device, alternatives="backend='gram', 'triton' or 'tiled'")
-        a1, a2 = cmss(f1, channel_mix=channel_mix, eps=eps), cmss(f2, channel_mix=channel_mix, eps=eps)
-        m1, m2 = a1 @ a1.transpose(1, 2), a2 @ a2.transpose(1, 2)
-        red = lambda m: m.sum(dim=(1, 2)).double()  # noqa: E731
-        return red(m1 * m2), red(m1 * m1), red(m2 * m2), red((m1 - m2).square())
+        return naive.naive_stats(fn, f1, f2, channel_mix, eps)
     if backend == "tiled":
         from cocofast.kernels import tiled_stats
 

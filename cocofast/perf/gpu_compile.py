@@ -12,7 +12,7 @@ the networks' production channel counts is compiled for sm_80 and sm_90 with
 - registers, warps and shared memory give CTAs per SM (occupancy), computed as the CUDA occupancy
   calculator does.
 
-    python -m cocofast.kernels.gpu_compile     # record every production launch, compile, print the table
+    python -m cocofast.perf.gpu_compile     # record every production launch, compile, print the table
 
 Recording runs in the interpreter with COCOFAST_GPU_CONFIG=1 (GPU tile sizes); compiling must run without
 TRITON_INTERPRET, so each step is its own process. ptxas reports are cached by PTX hash next to Triton's
@@ -99,10 +99,10 @@ def record_launches(pairs=PRODUCTION_PAIRS, dtypes=DTYPES, shapes=PRODUCTION_SHA
     GPU tile configuration (COCOFAST_GPU_CONFIG=1, as check_all sets)."""
     import torch
 
-    from . import launcher
-    from .gram import gram_stats
-    from .pixel_relation import pixel_relation_rows
-    from .tiled import tiled_stats
+    from cocofast.kernels import launcher
+    from cocofast.kernels.gram import gram_stats
+    from cocofast.kernels.pixel_relation import pixel_relation_rows
+    from cocofast.kernels.tiled import tiled_stats
 
     if not launcher.gpu_config():
         raise RuntimeError("record_launches needs the GPU tile configuration: set COCOFAST_GPU_CONFIG=1")
@@ -274,7 +274,7 @@ def run_python(code: str, env: dict, stdin: str | None = None) -> str:
 def compile_in_subprocess(specs: list, archs=ARCHS) -> list[dict]:
     """compile_specs in a process without TRITON_INTERPRET (the caller's may have it set)."""
     base = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "COCOFAST_GPU_CONFIG")}
-    code = ("import json, sys; from cocofast.kernels.gpu_compile import compile_specs; "
+    code = ("import json, sys; from cocofast.perf.gpu_compile import compile_specs; "
             f"print(json.dumps(compile_specs(json.loads(sys.stdin.read()), {tuple(archs)!r})))")
     return json.loads(run_python(code, base, stdin=json.dumps(specs)).strip().splitlines()[-1])
 
@@ -283,7 +283,7 @@ def check_all(archs=ARCHS, pairs=PRODUCTION_PAIRS, dtypes=DTYPES, shapes=PRODUCT
               paths=PATHS) -> list[dict]:
     """Record (interpreter, GPU tiles) then compile (no interpreter), each in a fresh process."""
     base = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "COCOFAST_GPU_CONFIG")}
-    specs = run_python("import json; from cocofast.kernels.gpu_compile import record_launches as r; "
+    specs = run_python("import json; from cocofast.perf.gpu_compile import record_launches as r; "
                        f"print(json.dumps(r({tuple(pairs)!r}, {tuple(dtypes)!r}, {tuple(shapes)!r}, "
                        f"{tuple(paths)!r})))",
                        {**base, "TRITON_INTERPRET": "1", "COCOFAST_GPU_CONFIG": "1"})
@@ -309,7 +309,7 @@ def format_table(rows: list[dict]) -> str:
 def main(argv=None) -> int:
     import argparse
 
-    ap = argparse.ArgumentParser(prog="python -m cocofast.kernels.gpu_compile",
+    ap = argparse.ArgumentParser(prog="python -m cocofast.perf.gpu_compile",
                                  description="Record every production launch of cocofast's kernels, compile it for "
                                              "sm_80 / sm_90 and print registers, spills and MMA use.")
     ap.add_argument("--pairs", default=",".join(f"{a}/{b}" for a, b in PRODUCTION_PAIRS),

@@ -1,34 +1,44 @@
-"""Count the global-memory traffic of cocofast's kernels by running them in Triton's CPU interpreter.
+"""Count the memory traffic of cocofast's ops: Triton kernels in the CPU interpreter and eager torch ops, by
+one set of rules.
 
-    report = count_traffic(lambda: gram_stats(f1, f2))       # needs TRITON_INTERPRET=1
-    report.load_bytes, report.store_bytes                    # issued: every masked-in element of every tl.load
-    report.dram_bytes                                        # DRAM model: each byte once per kernel launch
+    report = count_traffic(lambda: gram_stats(f1, f2))       # kernels and torch ops; needs TRITON_INTERPRET=1
+    with TrafficCounter() as counter: eager_code()           # torch ops only, on any device; counter.report
+    report.load_bytes, report.store_bytes                    # issued
+    report.dram_bytes                                        # DRAM model
     for row in report.rows: row.kernel, row.tensor, row.loads, row.stores, ...
 
-How: while `launch()` runs, the interpreter's masked load / store builders are wrapped to sum the bytes of
-masked-in elements per kernel argument (a pointer is mapped back to the torch tensor whose storage holds
-it), and a TorchDispatchMode counts the torch ops between the kernels (torch.amax, the partial-sum
-reductions) as reading their inputs and writing their outputs once.
+The rules, the same for a kernel launch and a torch op (each is one step a GPU runs):
+- a step reads its inputs and writes its outputs. `issued` bytes are what it asks for; `dram` bytes count
+  each distinct byte once per step (L2 serving every re-read within one launch).
+- a Triton kernel: issued = every masked-in element of every tl.load / tl.store; dram = the distinct bytes
+  of each tensor argument it touched. Masked-out elements move nothing.
+- a torch op streams each operand from memory once, so issued = dram: it reads each distinct tensor
+  argument once (x * x reads x once; an `out=` buffer is only written) and writes its results. Views and
+  metadata queries move nothing, allocations nothing, fills only their writes; indexing reads only the
+  indices and the values it gathers, index_put_ reads and writes only the values it scatters.
+- the interpreter's own host copies around a kernel launch are not traffic.
 
-Two figures, because a GPU is between them: `issued` is what the kernels ask for (L1/L2 requests);
-`dram` counts each byte once per kernel launch, the DRAM traffic when L2 serves every re-read within a
-launch. The kernels order their grids so that the programs re-reading one row block (one per channel-tile
-pair) run side by side, which is what makes the DRAM model the relevant one for the Gram path: a tiled GEMM
-has to re-read its operands ⌈C/tile⌉ times from somewhere (Hong & Kung's I/O bound for a register-sized
-tile), and L2 is where that happens. Use `dram_bytes` for time = max(bytes / HBM bandwidth, FLOPs / peak).
+Two figures for kernels, because a GPU is between them: `issued` is what the kernels ask for (L1/L2
+requests); `dram` is the DRAM traffic when L2 serves every re-read within a launch. The kernels order their
+grids so that the programs re-reading one row block (one per channel-tile pair) run side by side, which is
+what makes the DRAM model the relevant one for the Gram path: a tiled GEMM has to re-read its operands
+⌈C/tile⌉ times from somewhere (Hong & Kung's I/O bound for a register-sized tile), and L2 is where that
+happens. Use `dram_bytes` for time = max(bytes / HBM bandwidth, FLOPs / peak) (cocofast.perf.roofline).
 
-    python -m cocofast.kernels.traffic     # forward and backward traffic as multiples of the minimum
+    python -m cocofast.perf.traffic     # forward and backward traffic as multiples of the minimum
 """
 from __future__ import annotations
 
 import contextlib
 import os
+from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Callable
 
 import numpy as np
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
 
 
 @dataclass
@@ -107,40 +117,74 @@ class _Launch:
         return [r for r in self.rows.values() if r.loads or r.stores]
 
 
-class _TorchOps(TorchDispatchMode):
-    """Torch ops between kernels: each reads its tensor inputs and writes its outputs once."""
+# Metadata queries that are not views; allocations move nothing; fills only write (a tensor argument of
+# theirs is a template for dtype and device); gathers and scatters move their indices and values only.
+_METADATA = {"is_same_size", "_local_scalar_dense"}
+_ALLOCATIONS = {"empty", "empty_like", "empty_strided", "new_empty", "new_empty_strided"}
+_FILLS = {"new_ones", "new_zeros", "new_full", "zeros_like", "ones_like", "full_like", "fill_", "zero_"}
+_GATHERS = {"index"}
+_SCATTERS = {"index_put_", "index_put"}
 
-    def __init__(self, report: TrafficReport, paused: list):
+
+def _tensor_bytes(values) -> int:
+    """Bytes of the distinct tensors among `values`: one op reading a tensor twice (x * x, or y and yᵀ in a
+    Gram product) streams it from memory once."""
+    seen = {(v.data_ptr(), v.numel() * v.element_size()) for v in tree_flatten(values)[0]
+            if isinstance(v, torch.Tensor)}
+    return sum(size for _, size in seen)
+
+
+def torch_op_bytes(func, args, kwargs, result) -> tuple[int, int]:
+    """(read, written) bytes of one torch op by the rules above."""
+    name = func.overloadpacket.__name__
+    if func.is_view or name in _METADATA or name in _ALLOCATIONS:
+        return 0, 0
+    reads = {k: v for k, v in kwargs.items() if k != "out"}
+    if name in _FILLS:
+        return 0, _tensor_bytes(result)
+    if name in _GATHERS:
+        return _tensor_bytes(args[1:]), _tensor_bytes(result)
+    if name in _SCATTERS:
+        moved = _tensor_bytes((args[1:], reads))
+        return moved, moved
+    return _tensor_bytes((args, reads)), _tensor_bytes(result)
+
+
+class TrafficCounter(TorchDispatchMode):
+    """`with TrafficCounter() as c: ...` counts every torch op run inside into `c.report` (one row per op);
+    c.total_bytes, c.by_op {aten op name: bytes} and c.calls {aten op name: count} summarise it. While
+    `paused` is set, ops are run but not counted (count_traffic sets it around the interpreter's launches)."""
+
+    def __init__(self):
         super().__init__()
-        self.report, self.paused = report, paused
+        self.report = TrafficReport()
+        self.calls: dict[str, int] = defaultdict(int)
+        self.paused = False
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        name = str(func.overloadpacket.__name__)
-        if self.paused[0] or name in _FREE_OPS:
-            return out
-        size = lambda t: t.numel() * t.element_size() if isinstance(t, torch.Tensor) else 0  # noqa: E731
-        flat_in = [a for a in torch.utils._pytree.tree_leaves((args, kwargs)) if isinstance(a, torch.Tensor)]
-        flat_out = [o for o in torch.utils._pytree.tree_leaves(out) if isinstance(o, torch.Tensor)]
-        if name in _WRITE_ONLY_OPS:
-            flat_in = []
-        row = TensorTraffic(f"torch.{name}", "inputs/outputs", loads=sum(map(size, flat_in)),
-                            stores=sum(map(size, flat_out)))
-        row.dram_loads, row.dram_stores = row.loads, row.stores
-        self.report.rows.append(row)
-        return out
+        kwargs = kwargs or {}
+        result = func(*args, **kwargs)
+        if not self.paused:
+            name = func.overloadpacket.__name__
+            read, written = torch_op_bytes(func, args, kwargs, result)
+            self.calls[name] += 1
+            if read or written:
+                self.report.rows.append(TensorTraffic(f"torch.{name}", "inputs/outputs", loads=read,
+                                                      stores=written, dram_loads=read, dram_stores=written))
+        return result
 
+    @property
+    def total_bytes(self) -> int:
+        return self.report.dram_bytes
 
-# Ops that move no data (views, allocation metadata) or only fill: counted as free / write-only.
-_FREE_OPS = {"empty", "empty_like", "empty_strided", "view", "_unsafe_view", "t", "transpose", "permute", "expand",
-             "unsqueeze", "squeeze", "select", "slice", "as_strided", "detach", "alias", "lift_fresh", "unbind",
-             "split", "_to_copy_meta", "new_empty", "new_empty_strided", "is_same_size", "_local_scalar_dense"}
-_WRITE_ONLY_OPS = {"zeros", "ones", "full", "fill_", "zero_", "zeros_like", "ones_like", "full_like", "arange",
-                   "new_zeros", "new_ones", "scalar_tensor", "lift_fresh_copy"}
+    @property
+    def by_op(self) -> dict[str, int]:
+        return {kernel.removeprefix("torch."): dram for kernel, (_, dram) in self.report.by_kernel().items()}
 
 
 def count_traffic(launch: Callable[[], object]) -> TrafficReport:
-    """Run `launch()` (forward, backward, anything) with every kernel's and torch op's traffic counted.
+    """Run `launch()` (forward, backward, anything) with every kernel's and torch op's traffic counted
+    (for eager torch code alone, on any device, TrafficCounter is enough).
 
     Needs the interpreter: set TRITON_INTERPRET=1 before cocofast's kernels are imported."""
     if os.environ.get("TRITON_INTERPRET", "0") != "1":
@@ -148,9 +192,9 @@ def count_traffic(launch: Callable[[], object]) -> TrafficReport:
                            "before importing cocofast.kernels")
     from triton.runtime import interpreter
 
-    report = TrafficReport()
+    counter = TrafficCounter()
+    report = counter.report
     current: list[_Launch | None] = [None]
-    paused = [False]
     builder = interpreter.InterpreterBuilder
     real_load, real_store = builder.create_masked_load, builder.create_masked_store
     real_call, real_init = interpreter.GridExecutor.__call__, interpreter.GridExecutor._init_args_hst
@@ -176,19 +220,19 @@ def count_traffic(launch: Callable[[], object]) -> TrafficReport:
         return args_hst, kwargs_hst
 
     def call(self, *args, **kwargs):
-        paused[0] = True  # the interpreter's own host copies are not kernel traffic
+        counter.paused = True  # the interpreter's own host copies are not kernel traffic
         try:
             return real_call(self, *args, **kwargs)
         finally:
             if current[0] is not None:
                 report.rows.extend(current[0].finish())
             current[0] = None
-            paused[0] = False
+            counter.paused = False
 
     builder.create_masked_load, builder.create_masked_store = masked_load, masked_store
     interpreter.GridExecutor.__call__, interpreter.GridExecutor._init_args_hst = call, init_args
     try:
-        with _TorchOps(report, paused):
+        with counter:
             launch()
     finally:
         builder.create_masked_load, builder.create_masked_store = real_load, real_store
@@ -219,10 +263,10 @@ def path_traffic(path: str, c1: int, c2: int, side: int = 32, dtype=torch.float3
 
     bytes the kernels must *issue* (from L2 when the grid keeps a row block's programs together); their
     issued bytes are reported against it (`walk_multiple`). For the Gram path it is the plain minimum."""
-    from .gram import gram_stats
-    from .launcher import tile_walk_config
-    from .pixel_relation import pixel_tiles, pixel_relation_rows
-    from .tiled import tiled_stats
+    from cocofast.kernels.gram import gram_stats
+    from cocofast.kernels.launcher import tile_walk_config
+    from cocofast.kernels.pixel_relation import pixel_relation_rows, pixel_tiles
+    from cocofast.kernels.tiled import tiled_stats
 
     path = "triton" if path == "gram" else path
     torch.manual_seed(0)

@@ -1,4 +1,4 @@
-"""Modelled GPU time of a backend, and the `auto` decision built on it.
+"""What backend='auto' runs for the similarity op: the backend with the lower modelled GPU time.
 
 Each step (one kernel launch, or one eager torch op) takes max(bytes / HBM bandwidth, FLOPs / peak) on the
 device's datasheet figures; a backend's time is the sum over its steps. This is a roofline: it ignores
@@ -80,7 +80,7 @@ def gram_torch_steps(batch: int, n_pix: int, c1: int, c2: int, element_bytes: in
             gram_torch_traffic(batch, n_pix, c1, c2, element_bytes)]
 
 
-# Passes over both N×C maps of the fused kernels as cocofast.kernels.traffic counts them with the GPU tiles
+# Passes over both N×C maps of the fused kernels as cocofast.perf.traffic counts them with the GPU tiles
 # and row splits (DRAM model: each byte once per launch, L2 serving re-reads within a launch), fitted as
 # a + b·N over N = 1,024 and 2,304 and taken to N = 65,536, the largest over C₁/C₂ = 24/24, 256/256, 256/24
 # rounded up to 0.01: forward 2.057 at 24/24 (2.03 at 256: the channel max, then one Gram pass, plus the
@@ -109,7 +109,7 @@ def triton_gram_steps(batch: int, n_pix: int, c1: int, c2: int, element_bytes: i
                       math: str = "tf32x3", gpu: GPUSpec | None = None) -> list[Step]:
     """The fused `triton` path: one forward and one backward step. Bytes default to the pass counts above
     (with `gpu`, the forward's second read is served from its L2 where the maps fit, see forward_passes);
-    pass counted figures (kernels/traffic.py) as forward_bytes / backward_bytes to model the kernels as they
+    pass counted figures (cocofast.perf.traffic) as forward_bytes / backward_bytes to model the kernels as they
     are. FLOPs: the forward forms K in full and S₁, S₂ on their upper channel-tile pairs; the backward
     evaluates dÂ = Â·S + Â'·K once per map (a GEMM with inner dimension C₁ + C₂). The backward's read is
     always from DRAM: the rest of the network's backward runs between it and the forward."""
@@ -146,6 +146,6 @@ def similarity_auto_backend(f1: torch.Tensor, f2: torch.Tensor) -> str:
                            "gram": modelled_time(gram_torch_steps(*shape), gpu)})
 
 
-__all__ = ["GPUS", "GPUSpec", "Step", "TRITON_BACKWARD_PASSES", "TRITON_FORWARD_PASSES", "faster_backend",
-           "forward_passes", "gpu_spec", "gram_torch_steps", "L2_USABLE", "modelled_time", "similarity_auto_backend", "step_time",
-           "torch_matmul_math", "triton_gram_steps", "GRAM_TILE"]
+__all__ = ["GPUS", "GPUSpec", "GRAM_TILE", "L2_USABLE", "Step", "TRITON_BACKWARD_PASSES", "TRITON_FORWARD_PASSES",
+           "faster_backend", "forward_passes", "gpu_spec", "gram_torch_steps", "modelled_time",
+           "similarity_auto_backend", "step_time", "torch_matmul_math", "triton_gram_steps"]
