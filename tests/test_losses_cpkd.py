@@ -232,7 +232,7 @@ def test_inputs_are_checked_before_the_maths():
     ({"pixel_weight": float("nan")}, "pixel_weight must be a finite number >= 0"),
     ({"tau": 0.0}, "tau must be a finite number > 0"),
     ({"tau": True}, "tau must be a finite number > 0"),
-    ({"backend": "gram"}, r"backend must be one of naive, chunked, triton, auto, got 'gram'"),
+    ({"backend": "gram"}, r"backend must be one of naive, chunked, triton, auto; got 'gram'"),
 ])
 def test_bad_hyper_parameters_are_named(kwargs, match):
     with pytest.raises(ValueError, match=rf"CPKDLoss: {match}"):

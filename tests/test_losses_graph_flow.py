@@ -231,7 +231,7 @@ def test_bad_taps_are_named(reference):
     ({"edge_weight": float("nan")}, r"edge_weight must be a finite number >= 0, got nan"),
     ({"edge_weight": "big"}, r"edge_weight must be a finite number >= 0, got 'big'"),
     ({"vertex_weight": 0, "edge_weight": 0}, r"vertex_weight and edge_weight are both 0"),
-    ({"backend": "fast"}, r"backend must be one of naive, gram, triton, tiled, auto, got 'fast'"),
+    ({"backend": "fast"}, r"backend must be one of naive, gram, triton, tiled, auto; got 'fast'"),
 ])
 def test_bad_hyper_parameters_are_named(kwargs, message):
     with pytest.raises(ValueError, match=message):

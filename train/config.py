@@ -312,13 +312,13 @@ class TrainConfig:
 
     def check_backends(self) -> None:
         """Each op family's backend against that op's own table."""
-        from cocofast.ops.pixel_relation import BACKENDS as PIXEL_RELATION_BACKENDS
-        from cocofast.ops.similarity import BACKENDS as SIMILARITY_BACKENDS
+        from cocofast.ops.backends import check_backend
 
-        for key, table in (("similarity_backend", SIMILARITY_BACKENDS),
-                           ("pixel_relation_backend", PIXEL_RELATION_BACKENDS)):
-            if getattr(self, key) not in table:
-                raise ConfigError(f"config key '{key}': {getattr(self, key)!r} is not one of {', '.join(table)}")
+        for key, family in (("similarity_backend", "similarity"), ("pixel_relation_backend", "pixel_relation")):
+            try:
+                check_backend(family, getattr(self, key), where=f"config key '{key}'")
+            except ValueError as err:
+                raise ConfigError(str(err)) from None
 
     def import_loss_modules(self) -> None:
         import importlib

@@ -7,7 +7,8 @@ from __future__ import annotations
 
 from cocofast.losses.base import DistillLoss, Reads
 from cocofast.losses.registry import register_loss
-from cocofast.ops.similarity import BACKENDS, coco_loss
+from cocofast.ops.backends import check_backend
+from cocofast.ops.similarity import coco_loss
 
 
 @register_loss("coco")
@@ -18,9 +19,7 @@ class CoCoLoss(DistillLoss):
 
     def __init__(self, weight: float | None = None, backend: str = "auto"):
         super().__init__(weight)
-        if backend not in BACKENDS:
-            raise ValueError(f"{type(self).__name__}: backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
-        self.backend = backend
+        self.backend = check_backend(self.op_family, backend, where=type(self).__name__)
 
     def distill(self, student, teacher, labels):
         return coco_loss([tuple(teacher)], [tuple(student)], backend=self.backend)

@@ -34,7 +34,8 @@ import torch
 
 from cocofast.losses.base import DistillLoss, Reads, check_non_negative, check_positive, shape_str
 from cocofast.losses.registry import register_loss
-from cocofast.ops.pixel_relation import BACKENDS, pixel_relation_kl
+from cocofast.ops.backends import check_backend
+from cocofast.ops.pixel_relation import pixel_relation_kl
 
 
 def channel_relation(feat: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
@@ -62,9 +63,7 @@ class CPKDLoss(DistillLoss):
         self.channel_weight = check_non_negative(name, "channel_weight", channel_weight)
         self.pixel_weight = check_non_negative(name, "pixel_weight", pixel_weight)
         self.tau = check_positive(name, "tau", tau)
-        if backend not in BACKENDS:
-            raise ValueError(f"{name}: backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
-        self.backend = backend
+        self.backend = check_backend(self.op_family, backend, where=name)
 
     def distill(self, student, teacher, labels):
         (s,), (t,) = student, teacher

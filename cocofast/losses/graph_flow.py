@@ -35,7 +35,8 @@ import torch.nn.functional as F
 
 from cocofast.losses.base import DistillLoss, Reads, check_non_negative
 from cocofast.losses.registry import register_loss
-from cocofast.ops.similarity import BACKENDS, coco_loss, similarity_distance
+from cocofast.ops.backends import check_backend
+from cocofast.ops.similarity import coco_loss, similarity_distance
 
 
 def common_grid(taps_a: Sequence[torch.Tensor], taps_b: Sequence[torch.Tensor]) -> tuple[list, list]:
@@ -97,9 +98,7 @@ class GraphFlowLoss(DistillLoss):
         if not (self.vertex_weight or self.edge_weight):
             raise ValueError(f"{name}: vertex_weight and edge_weight are both 0, so the loss would be a constant; "
                              "set at least one > 0 (or weight=0 to switch the whole loss off)")
-        if backend not in BACKENDS:
-            raise ValueError(f"{name}: backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
-        self.backend = backend
+        self.backend = check_backend(self.op_family, backend, where=name)
 
     def distill(self, student, teacher, labels):
         teacher_taps, student_taps = common_grid(teacher, student)

@@ -10,7 +10,8 @@ import torch.nn.functional as F
 
 from cocofast.losses.base import DistillLoss, Reads
 from cocofast.losses.registry import register_loss
-from cocofast.ops.similarity import BACKENDS, similarity_distance
+from cocofast.ops.backends import check_backend
+from cocofast.ops.similarity import similarity_distance
 
 
 @register_loss("skd_pairwise")
@@ -27,10 +28,8 @@ class SKDPairwiseLoss(DistillLoss):
                 not float(pool_kernel).is_integer() or pool_kernel < 1:
             raise ValueError(f"{type(self).__name__}: pool_kernel must be an integer >= 1 (1 = no pooling), "
                              f"got {pool_kernel!r}")
-        if backend not in BACKENDS:
-            raise ValueError(f"{type(self).__name__}: backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
         self.pool_kernel = int(pool_kernel)
-        self.backend = backend
+        self.backend = check_backend(self.op_family, backend, where=type(self).__name__)
 
     def pool(self, feat):
         if self.pool_kernel == 1:

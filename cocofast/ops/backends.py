@@ -13,14 +13,15 @@ PIXEL_RELATION_BACKENDS = ("naive", "chunked", "triton", "auto")
 BACKEND_TABLES = {"similarity": SIMILARITY_BACKENDS, "pixel_relation": PIXEL_RELATION_BACKENDS}
 
 
-def check_backend(op_family: str, name) -> str:
+def check_backend(op_family: str, name, where: str | None = None) -> str:
     """`name` if it is a backend of `op_family` ("similarity" or "pixel_relation"); else a ValueError that
-    lists the valid names."""
+    lists the valid names, prefixed by `where` (the loss or config key that took the name) when given."""
     table = BACKEND_TABLES.get(op_family)
     if table is None:
         raise ValueError(f"op_family must be one of {', '.join(BACKEND_TABLES)}; got {op_family!r}")
     if name not in table:
-        raise ValueError(f"{op_family} backend must be one of {', '.join(table)}; got {name!r}")
+        subject = f"{where}: backend" if where else f"{op_family} backend"
+        raise ValueError(f"{subject} must be one of {', '.join(table)}; got {name!r}")
     return name
 
 
