@@ -24,6 +24,7 @@ from pathlib import Path
 
 from cocofast.io import atomic_write_text
 from cocofast.train.config import ConfigError, parse_args
+from cocofast.train.experiments.forkserver import ForkServer
 from cocofast.train.experiments.tables import Row, reads_paraphrased
 
 
@@ -32,8 +33,10 @@ class RunFailed(RuntimeError):
 
 
 class Runner:
-    def __init__(self, config: Path, work: Path, extra: list[str], dry_run: bool = False, jobs: int = 1):
+    def __init__(self, config: Path, work: Path, extra: list[str], dry_run: bool = False, jobs: int = 1,
+                 fork_server: bool = False):
         self.config, self.work, self.extra, self.dry_run, self.jobs = config, work, extra, dry_run, jobs
+        self._fork_server, self._server, self._server_lock = fork_server, None, threading.Lock()
         self.base = [sys.executable, "-m", "cocofast.train.distill", "--config", str(config)]
         self._done: set[str] = set()
         self._failed: dict[tuple[str, str, int], RunFailed] = {}  # (network, row id, seed) -> its failure
@@ -56,21 +59,38 @@ class Runner:
         """Run the training program; with `log` its output goes to that file (runs side by side) instead."""
         cmd = self.base + args + self.extra
         shown = shlex.join(["python", "-m", "cocofast.train.distill", *cmd[3:]])
-        print(f"[experiments] {what}: {shown}", flush=True)
         if self.dry_run:
+            print(f"[experiments] {what}: {shown}", flush=True)
             return
         with self._slots:
+            print(f"[experiments] {what}: {shown}", flush=True)  # when it starts, not when asked for
             started = time.perf_counter()
-            if log is None:
-                done = subprocess.run(cmd)
+            server = self.server()
+            if server is not None:
+                status = server.run(cmd[3:], log)
+            elif log is None:
+                status = subprocess.run(cmd).returncode
             else:
                 log.parent.mkdir(parents=True, exist_ok=True)
                 with open(log, "w") as out:
-                    done = subprocess.run(cmd, stdout=out, stderr=subprocess.STDOUT)
-        if done.returncode != 0:
+                    status = subprocess.run(cmd, stdout=out, stderr=subprocess.STDOUT).returncode
+        if status != 0:
             where = f" (its output: {log})" if log is not None else ""
-            raise RunFailed(f"{what} failed with exit status {done.returncode}{where}; command: {shown}")
+            raise RunFailed(f"{what} failed with exit status {status}{where}; command: {shown}")
         print(f"[experiments] {what}: {time.perf_counter() - started:.0f} s", flush=True)
+
+    def server(self) -> ForkServer | None:
+        """The fork server the runs start from (fork_server), started at the first run."""
+        if not self._fork_server:
+            return None
+        with self._server_lock:
+            if self._server is None:
+                self._server = ForkServer()
+            return self._server
+
+    def close(self) -> None:
+        if self._server is not None:
+            self._server.close()
 
     def prefetch(self, pairs: list[tuple[Row, int]], search: bool = False) -> None:
         """Train the (row, seed) runs not yet made side by side, within the `jobs` slots (one training process
