@@ -91,7 +91,8 @@ class Stage:
     optimizers: dict[str, torch.optim.Optimizer]
     schedulers: dict
     scaler: torch.amp.GradScaler
-    train_step: Callable[..., dict[str, float]]  # (images, masks) or, from a keyed loader, (images, masks, keys=)
+    # (images, masks) or, from a keyed loader, (images, masks, keys=) -> {term: float or 0-dim tensor}
+    train_step: Callable[..., dict]
     evaluate: Callable[[], dict[str, float]]
     score_key: str  # validation metric that picks best.pt
     higher_is_better: bool = True
