@@ -66,6 +66,14 @@ def test_channel_max_for_one_image_or_a_ragged_group_at_a_time(monkeypatch, grou
     assert_matches_float64(f1, f2)
 
 
+@pytest.mark.parametrize("one_gram_channels", [0, 1000])
+def test_gram_as_one_product_or_three_blocks(monkeypatch, one_gram_channels):
+    monkeypatch.setattr(gt, "_ONE_GRAM_CHANNELS", one_gram_channels)
+    f1 = features(8, 2, 40, 9, 11, torch.float32, relu=True)
+    f2 = features(9, 2, 24, 11, 9, torch.float32)
+    assert_matches_float64(f1, f2)
+
+
 def test_unmixed_rows_match_float64():
     f1 = features(6, 2, 8, 7, 9, torch.float32)
     f2 = features(7, 2, 12, 9, 7, torch.float32)

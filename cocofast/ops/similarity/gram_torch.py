@@ -36,6 +36,8 @@ SPAN = 64  # pixels per span whose maximum the forward keeps, so the backward fi
 
 # Bytes of one (C₁ + C₂) × block buffer; the passes over a block touch about four of them.
 _BLOCK_BYTES = 1 << 20
+# Up to this C₁ + C₂ one GEMM for all of ŶŶᵀ is faster than three for its distinct blocks.
+_ONE_GRAM_CHANNELS = 128
 # Input bytes of the images whose channel max is taken in one go, just before their blocks read them again:
 # small enough that the second read comes from cache, large enough that small images share their calls.
 _GROUP_BYTES = 8 << 20
@@ -151,6 +153,8 @@ def traffic(batch: int, n_pix: int, c1: int, c2: int, element_bytes: int = 4) ->
     m, pix = m1 + m2, batch * n_pix * 4                  # both maps; one per-pixel fp32 vector
     cast = 2 * m if element_bytes != 4 else 0            # fp16/bf16 maps are widened once per pass over an image
     flops = 2 * batch * n_pix * (c1 + c2) ** 2
+    one_gram = c1 + c2 <= _ONE_GRAM_CHANNELS  # else three GEMMs, reading Ŷ₁ and Ŷ₂ twice each
+    gram_flops = flops if one_gram else 2 * batch * n_pix * (c1 * c1 + c2 * c2 + c1 * c2)
     steps = [("input checks (aminmax)", raw1 + raw2, 0.0),
              ("forward: channel max over spans", raw1 + raw2, 0.0),
              ("forward: widen to fp32", cast, 0.0),
@@ -158,7 +162,7 @@ def traffic(batch: int, n_pix: int, c1: int, c2: int, element_bytes: int = 4) ->
              ("forward: pixel norms (one GEMV per block)", m + 2 * pix, 0.0),
              ("forward: sqrt, clamp, reciprocal", 5 * 2 * pix, 0.0),
              ("forward: scale to Ŷ", 2 * m + 2 * pix, 0.0),
-             ("forward GEMM ŶŶᵀ", m, flops),
+             ("forward GEMM ŶŶᵀ", m if one_gram else 2 * m, gram_flops),
              ("backward: widen to fp32", cast, 0.0),
              ("backward: 1/ρ and the dead-pixel test", 3 * 2 * pix, 0.0),
              ("backward: rebuild Ŷ", 2 * m + 2 * pix, 0.0),
@@ -203,7 +207,14 @@ class TorchGramStats(torch.autograd.Function):
                 torch.reciprocal(r, out=ib)
                 torch.mul(x1b, ib[0], out=y[:C1])
                 torch.mul(x2b, ib[1], out=y[C1:])
-                g[b].addmm_(y, y.t())
+                if C <= _ONE_GRAM_CHANNELS:
+                    g[b].addmm_(y, y.t())
+                else:  # G₁₁, G₂₂, G₁₂: a quarter fewer FLOPs than all of ŶŶᵀ
+                    g[b, :C1, :C1].addmm_(y[:C1], y[:C1].t())
+                    g[b, C1:, C1:].addmm_(y[C1:], y[C1:].t())
+                    g[b, :C1, C1:].addmm_(y[:C1], y[C1:].t())
+        if C > _ONE_GRAM_CHANNELS:
+            g[:, C1:, :C1] = g[:, :C1, C1:].transpose(1, 2)
         s = g * (w[:, :, None] * w[:, None, :])  # [[S₁, K], [Kᵀ, S₂]]
         spans = [t for pair in maxima for t in pair] if channel_mix else [None] * 4
         ctx.save_for_backward(f1, f2, w, rho, g, *spans)
