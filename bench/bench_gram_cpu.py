@@ -100,10 +100,8 @@ def maps(batch: int, n_pix: int, c1: int, c2: int, seed: int = 1):
     return f1, f2
 
 
-def gram_call(batch: int, n_pix: int, c1: int, c2: int):
+def gram_call(f1, f2):
     import cocofast
-
-    f1, f2 = maps(batch, n_pix, c1, c2)
 
     def step():
         f1.grad = f2.grad = None
@@ -126,15 +124,13 @@ def user_gram_cka(f1, f2, eps: float = 1e-6):
     return sq(a1, a2) / torch.sqrt(sq(a1, a1) * sq(a2, a2))
 
 
-def user_calls(batch: int, n_pix: int, c1: int, c2: int, compiled: bool):
+def user_calls(f1, f2, compiled: bool):
     import torch
 
     out = {}
     for name, fn in [("user eager", user_gram_cka)] + ([("user compiled", torch.compile(user_gram_cka, dynamic=False))]
                                                          if compiled else []):
-        f1, f2 = maps(batch, n_pix, c1, c2)
-
-        def step(fn=fn, f1=f1, f2=f2):
+        def step(fn=fn):
             f1.grad = f2.grad = None
             fn(f1, f2).sum().backward()
 
@@ -202,9 +198,9 @@ def main(argv=None) -> list[dict]:
     for n_pix in sizes:
         for c1, c2 in channel_pairs(args.channels):
             floors = floor_calls(BATCH, n_pix, c1, c2)
-            calls = {"gram": gram_call(BATCH, n_pix, c1, c2), **floors,
-                     "fresh gradients": fresh_gradients_call(BATCH, n_pix, c1, c2),
-                     **user_calls(BATCH, n_pix, c1, c2, compiled=not args.no_compile)}
+            f1, f2 = maps(BATCH, n_pix, c1, c2)  # one pair of maps for gram and the user's version
+            calls = {"gram": gram_call(f1, f2), **floors, "fresh gradients": fresh_gradients_call(BATCH, n_pix, c1, c2),
+                     **user_calls(f1, f2, compiled=not args.no_compile)}
             med = interleaved_medians(calls, args.repeats, flush)
             floor_name = min(floors, key=med.get)
             row = {"N": n_pix, "batch": BATCH, "channels": f"{c1}/{c2}" if c1 != c2 else c1,
@@ -221,7 +217,7 @@ def main(argv=None) -> list[dict]:
             row["floor_GFLOP"] = round(floor_flops(BATCH, n_pix, c1, c2) / 1e9, 2)
             rows.append(row)
             print(" | ".join(f"{k}={v}" for k, v in row.items()), flush=True)
-            del calls, floors
+            del calls, floors, f1, f2
             torch._dynamo.reset()
     write_csv(HERE / "results" / "gram_cpu_floor.csv", rows, env)
     return rows
