@@ -16,9 +16,11 @@ under torch.compile; `*_over_gram` > 1 means cocofast is faster.
 
 Everything is timed side by side in one process, one thread, as the median of interleaved repetitions of
 thread CPU time (time spent descheduled on a busy machine would land on whichever call was running), and
-before every timed call the last-level cache is flushed by streaming a buffer twice its size, so no call
+before every timed call the last-level cache is flushed by reading a buffer twice its size, so no call
 finds its operands left in cache by the one before (the floor reuses its tensors, `gram` re-reads its
-inputs). The `gram` step is the public call, input checks included.
+inputs). On this 2-core VM shared with other jobs the memory-bound parts of `gram` swing most with the load
+(233-629 ms at C = 24, N = 65,536 within minutes, the floor 88-117 ms): compare rows of one run, and read
+`load_1min`. The `gram` step is the public call, input checks included.
 
     python bench/bench_gram_cpu.py [--repeats 7] [--quick] [--sizes 4096,65536] [--channels 24,64,256,256/24]
                                    [--no-compile]
@@ -150,7 +152,9 @@ def fresh_gradients_call(batch: int, n_pix: int, c1: int, c2: int):
 
 
 def cache_flush():
-    """A callable that evicts the last-level cache (streams twice its size) and the buffer it streams."""
+    """A callable that evicts the last-level cache by reading a buffer twice its size. Reading, not writing:
+    a written buffer leaves the cache full of dirty lines whose write-back lands on the next timed call, and
+    most on the call that moves the most memory."""
     import torch
 
     llc = 64 << 20  # where the size cannot be read
@@ -160,7 +164,7 @@ def cache_flush():
     except (OSError, ValueError):
         pass
     buf = torch.zeros(min(2 * llc, 1 << 30) // 4)
-    return lambda: buf.add_(1.0)
+    return lambda: buf.sum()
 
 
 def interleaved_medians(calls: dict, repeats: int, flush=lambda: None, clock=time.thread_time) -> dict:
