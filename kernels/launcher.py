@@ -1,8 +1,10 @@
 """Launch helpers shared by the cocofast Triton kernels.
 
-Every launch goes through `launch`, which also records what was launched (kernel, argument types,
-constexprs) so that the test suite can compile exactly those specialisations for sm_80 and sm_90 on a
+Every launch goes through `launch`. Inside `record_only()` it records what would be launched (kernel,
+argument types, constexprs, options, Triton's specialisation) instead of running it, so that the compile
+guard (cocofast/perf/gpu_compile.py) can compile exactly those specialisations for sm_80 and sm_90 on a
 machine without a GPU: the CPU interpreter accepts code that a GPU rejects, so that compile is the guard.
+Outside it, a launch does no bookkeeping: describing the arguments costs host time on every call.
 """
 from __future__ import annotations
 
@@ -22,8 +24,8 @@ INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
 # `gpu_tiles()` switches them for one block of code (a test of the shipped configuration).
 GPU_CONFIG = not INTERPRETED or os.environ.get("COCOFAST_GPU_CONFIG", "0") == "1"
 
-# (module, kernel name, signature, constexprs, options, specialisation) of every distinct launch since
-# import; options are the launch's num_warps / num_stages and specialisation what Triton's JIT makes of the
+# (module, kernel name, signature, constexprs, options, specialisation) of every distinct launch made
+# inside record_only(); options are the launch's num_warps / num_stages and specialisation what Triton's JIT makes of the
 # runtime arguments ({name: "1"} for an integer equal to 1, which becomes a constant; {name: "D"} for an
 # integer divisible by 16 or a 16-byte aligned pointer, which gets an alignment hint): the compile check
 # must reproduce all of them, since each changes the code ptxas sees.
@@ -131,19 +133,19 @@ def record_only():
 def launch(kernel, grid, args: dict, constexprs: dict, num_warps: int = 4, num_stages: int = 3,
            maxnreg: int = 0) -> None:
     """Launch `kernel` with keyword `args` (runtime values), `constexprs` and launch options (maxnreg: a
-    register cap for ptxas, 0 for its own choice), recording the spec."""
+    register cap for ptxas, 0 for its own choice); inside record_only() the spec is recorded instead."""
+    options = {"num_warps": num_warps, "num_stages": num_stages, **({"maxnreg": maxnreg} if maxnreg else {})}
+    if not RECORD_ONLY:
+        kernel[grid](**args, **constexprs, **options)
+        return
     fn = getattr(kernel, "fn", kernel)
     signature = {name: _signature_of(value) for name, value in args.items()}
     special = jit_specialisation(args)
-    options = {"num_warps": num_warps, "num_stages": num_stages, **({"maxnreg": maxnreg} if maxnreg else {})}
     key = (fn.__module__, fn.__name__, tuple(signature.items()), tuple(sorted(constexprs.items(), key=str)),
            tuple(sorted(options.items())), tuple(sorted(special.items())))
     if key not in LAUNCHED:
         LAUNCHED[key] = (fn.__module__, fn.__name__, signature, {k: _plain(v) for k, v in constexprs.items()},
                          options, special)
-    if RECORD_ONLY:
-        return
-    kernel[grid](**args, **constexprs, **options)
 
 
 def _plain(value):
