@@ -21,10 +21,11 @@ each C×N pass does as much as it can:
     the kept span maxima, without another pass).
 
 Work goes image by image and, on CPU, in blocks of pixels, so every temporary is a block's size and stays in
-cache across the passes over it; both maps share each op of a block, so a block costs ~12 torch calls
-(bench/bench_gram_cpu.py: per-image GEMMs beat batched bmm on CPU; a pixel-major block made the Gram GEMM
-2-2.4x faster at C ≤ 128, but writing Y transposed cost as much as it saved). The only input-sized
-allocations are the gradients themselves.
+cache across the passes over it; both maps share each op of a block, so a block costs about 9 torch calls
+forward and 12 backward (bench/bench_gram_cpu.py: per-image GEMMs run within a few % of batched bmm on CPU;
+a pixel-major block made the Gram GEMM 2-2.4x faster at C ≤ 128, but writing Y transposed cost as much as it
+saved, and 384 or 192 KB blocks in place of 1 MB lost more in calls than they gained in cache). The only
+input-sized allocations are the gradients themselves.
 """
 from __future__ import annotations
 
