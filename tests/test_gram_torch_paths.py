@@ -99,13 +99,3 @@ def test_span_maxima_and_batched_max_positions(n):
     want = (flat == amax[:, :, None]).nonzero()
     order = torch.argsort((got[:, 0] * 4 + got[:, 1]) * n + got[:, 2])
     assert torch.equal(got[order], want)
-
-
-def test_gradient_buffer_with_and_without_huge_pages(monkeypatch):
-    shape = (3, 1 << 20)  # 12 MB: asks for huge pages on Linux
-    big = gt.gradient_buffer(shape, torch.float32, torch.device("cpu"))
-    big.copy_(torch.arange(3 * (1 << 20), dtype=torch.float32).view(shape))
-    assert big.shape == shape and big[2, -1].item() == 3 * (1 << 20) - 1
-    monkeypatch.setattr(gt, "_madvise", [None])  # no libc: a plain buffer
-    assert gt.gradient_buffer((5, 7), torch.float16, torch.device("cpu")).dtype == torch.float16
-    assert gt.gradient_buffer(shape, torch.float32, torch.device("cpu")).shape == shape

@@ -29,8 +29,6 @@ input-sized allocations are the gradients themselves.
 """
 from __future__ import annotations
 
-import sys
-
 import torch
 
 SPAN = 64  # pixels per span whose maximum the forward keeps, so the backward finds the max-pool's argmax
@@ -111,38 +109,6 @@ def _weights(f1, f2, imgs: slice, w, sel, maxima) -> None:
             w[imgs, cols] = torch.softmax(amax[imgs].to(w.dtype), dim=1)
     w2 = w[imgs] * w[imgs]
     sel[imgs, 0, :C1], sel[imgs, 1, C1:] = w2[:, :C1], w2[:, C1:]
-
-
-_MADV_HUGEPAGE = 14
-_HUGE_PAGE = 2 << 20
-_madvise = []  # libc's madvise once looked up, or None off Linux
-
-
-def gradient_buffer(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """torch.empty for a gradient that is about to be written whole. On Linux CPUs a buffer of several MB
-    asks for transparent huge pages: first-touching fresh 4 KB pages measured ~1.6 µs each on this VM, 40 ms
-    of the 250 ms C = 24, B = 8, N = 65,536 step; with 2 MB pages it was ~15 ms. The request changes no
-    value, and where THP is off or libc is not found it does nothing."""
-    out = torch.empty(shape, dtype=dtype, device=device)
-    nbytes = out.numel() * out.element_size()
-    if device.type != "cpu" or nbytes < 2 * _HUGE_PAGE:
-        return out
-    if not _madvise:
-        _madvise.append(None)
-        if sys.platform.startswith("linux"):
-            import ctypes
-
-            try:
-                fn = ctypes.CDLL("libc.so.6", use_errno=True).madvise
-                fn.argtypes, fn.restype = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int], ctypes.c_int
-                _madvise[0] = fn
-            except (OSError, AttributeError):
-                pass
-    if _madvise[0] is not None:
-        start = -(-out.data_ptr() // _HUGE_PAGE) * _HUGE_PAGE  # only whole huge pages inside the buffer
-        end = (out.data_ptr() + nbytes) // _HUGE_PAGE * _HUGE_PAGE
-        _madvise[0](start, end - start, _MADV_HUGEPAGE)
-    return out
 
 
 def traffic(batch: int, n_pix: int, c1: int, c2: int, element_bytes: int = 4) -> list[tuple[str, float, float]]:
@@ -242,7 +208,7 @@ class TorchGramStats(torch.autograd.Function):
         lo, hi = (0 if need[0] else C1), (C if need[1] else C1)  # the rows of E whose gradient is wanted
         m = m[:, lo:hi]
         rows = [slice(C1 * i - lo, C1 + C2 * i - lo) for i in range(2)]  # each map's rows of E
-        grads = [gradient_buffer((B, f.shape[1], n_pix), f.dtype, f.device) if n else None
+        grads = [torch.empty((B, f.shape[1], n_pix), dtype=f.dtype, device=f.device) if n else None
                  for f, n in zip((f1, f2), need)]
         ycat = torch.empty(C, blk, dtype=acc, device=f1.device)
         e, z = (torch.empty(hi - lo, blk, dtype=acc, device=f1.device) for _ in range(2))
