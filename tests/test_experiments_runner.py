@@ -79,3 +79,28 @@ def test_a_search_point_is_never_scored_on_test(tmp_path, monkeypatch):
     runner = Runner(tables.default_config(), tmp_path / "work2", [], jobs=2)
     assert report.run_table(TABLE, runner, [0, 1], tune_seed=100, tunings={})[0] == records
     assert [c["stage"] for c in fake.commands] == ["teacher", "paraphraser"]  # --resume: quick no-ops
+
+
+def test_runs_side_by_side_share_the_cores_unless_the_user_chose():
+    assert runner_module.threads_per_run(2, [], environ={}, cores=2) == ["--threads=1"]
+    assert runner_module.threads_per_run(3, [], environ={}, cores=16) == ["--threads=5"]
+    assert runner_module.threads_per_run(8, [], environ={}, cores=2) == ["--threads=1"]
+    assert runner_module.threads_per_run(1, [], environ={}, cores=16) == []  # one run: torch's own choice
+    assert runner_module.threads_per_run(2, [], environ={"OMP_NUM_THREADS": "4"}, cores=2) == []
+    assert runner_module.threads_per_run(2, ["--threads=2"], environ={}, cores=2) == []
+
+
+def test_the_thread_count_reaches_each_run_but_not_its_record(tmp_path, monkeypatch):
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(runner_module.os, "cpu_count", lambda: 4)
+    fake = FakeTraining()
+    monkeypatch.setattr(runner_module.subprocess, "run", fake)
+    runner = Runner(tables.default_config(), tmp_path / "work", [], jobs=2)
+    runner.row(TABLE.rows[0], 0)
+    assert fake.commands and all(c.get("threads") == "2" for c in fake.commands)
+    record = json.loads((runner.run_dir(TABLE.rows[0], 0) / "experiment.json").read_text())
+    assert not any(a.startswith("--threads") for a in record["args"])
+    again = Runner(tables.default_config(), tmp_path / "work", [], jobs=1)  # other threads: the run is reused
+    count = len(fake.commands)
+    again.row(TABLE.rows[0], 0)
+    assert len(fake.commands) == count

@@ -6,7 +6,7 @@
     cocofast experiments MY_TABLE.yaml --config MY.yaml  # a table file of one's own (see tables.py)
     cocofast experiments scarce --tune --grid=0.1,1,10   # every method tuned on validation first (T_tuned.*)
     cocofast experiments all --tune --dry_run --run_seconds=20   # the plan in hours, train nothing
-    OMP_NUM_THREADS=1 cocofast experiments scarce --jobs=16      # 16 single-threaded runs at a time
+    cocofast experiments scarce --jobs=16             # 16 runs at a time, each with cores / 16 threads
 
 Every run is the training program itself (`python -m cocofast.train.distill`, one process per run, started in
 the current directory) with `--config` (default: the packaged configs/experiments.yaml) plus the row's
@@ -105,7 +105,7 @@ def build_parser(known: list[str]) -> argparse.ArgumentParser:
                         help="seconds one student run takes here: turns the printed plan into hours")
     parser.add_argument("--jobs", type=int, default=1,
                         help="training runs side by side (default 1); each run's output then goes to its "
-                             "folder's log.txt. Runs are single-threaded when OMP_NUM_THREADS=1: use one job a core")
+                             "folder's log.txt; each run gets cores / jobs threads unless OMP_NUM_THREADS or --threads= says")
     parser.add_argument("--fresh_processes", action="store_true",
                         help="start every run as a fresh Python process instead of forking it from one that has "
                              "imported the training program (forkserver.py; the same results, 10-20 s more a run)")

@@ -14,6 +14,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import os
 import shlex
 import subprocess
 import sys
@@ -32,6 +33,19 @@ class RunFailed(RuntimeError):
     pass
 
 
+def threads_per_run(jobs: int, extra: list[str], environ=os.environ, cores: int | None = None) -> list[str]:
+    """The --threads each run is given: the cores shared out over the `jobs` runs side by side.
+
+    Left to torch, every run takes every core; two 2-thread runs on 2 cores made epochs of 3 s take 30-80 s
+    whenever a third process woke (OpenMP threads spin-waiting for a core another process holds). Nothing is
+    added for one job, or where the user chose (OMP_NUM_THREADS, or --threads among the config keys). Thread
+    counts steer this invocation only: they are not part of a run's record, so runs made either way are reused.
+    """
+    if jobs <= 1 or "OMP_NUM_THREADS" in environ or any(a.startswith("--threads=") for a in extra):
+        return []
+    return [f"--threads={max(1, (cores or os.cpu_count() or 1) // jobs)}"]
+
+
 class Runner:
     def __init__(self, config: Path, work: Path, extra: list[str], dry_run: bool = False, jobs: int = 1,
                  fork_server: bool = False):
@@ -44,6 +58,7 @@ class Runner:
         self._shared = threading.Lock()  # the teacher and paraphrasers are trained by one caller, once
         self._keys: dict = {}  # key -> its lock (exclusive)
         self._keys_lock = threading.Lock()
+        self.threads = threads_per_run(jobs, extra)
 
     def exclusive(self, key) -> threading.Lock:
         """One lock per key: work on one key (a row's search) is done by one thread while the others wait."""
@@ -57,7 +72,7 @@ class Runner:
 
     def _call(self, args: list[str], what: str, log: Path | None = None) -> None:
         """Run the training program; with `log` its output goes to that file (runs side by side) instead."""
-        cmd = self.base + args + self.extra
+        cmd = self.base + args + self.threads + self.extra
         shown = shlex.join(["python", "-m", "cocofast.train.distill", *cmd[3:]])
         if self.dry_run:
             print(f"[experiments] {what}: {shown}", flush=True)
@@ -94,7 +109,7 @@ class Runner:
 
     def prefetch(self, pairs: list[tuple[Row, int]], search: bool = False) -> None:
         """Train the (row, seed) runs not yet made side by side, within the `jobs` slots (one training process
-        each; give each process one thread, OMP_NUM_THREADS=1, when jobs fill the cores). The shared teacher
+        each, with its share of the cores: threads_per_run). The shared teacher
         and paraphrasers are made first, one at a time; a run that fails is remembered and raised when the
         table reads it. `search`: the runs are search points (search_row)."""
         if self.jobs <= 1 or self.dry_run:
