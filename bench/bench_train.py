@@ -26,6 +26,7 @@ import tempfile
 
 import torch
 
+from cocofast.cpu_memory import keep_freed_memory
 from cocofast.data import SyntheticPathology
 from cocofast.models import create_model
 from cocofast.ops.similarity import coco_loss
@@ -85,10 +86,14 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--amp", default="auto", choices=("auto", "bf16", "fp16", "off"))
     parser.add_argument("--steps", type=int, default=10 if cuda else 7)
     parser.add_argument("--warmup", type=int, default=3 if cuda else 1)
+    parser.add_argument("--system_malloc", action="store_true",
+                        help="CPU: leave malloc as the system sets it (training keeps freed memory by default)")
     args = parser.parse_args(argv)
 
     info = environment()  # the commit and load as the measurement starts (others may commit meanwhile)
     device = torch.device("cuda" if cuda else "cpu")
+    # As the training program does (config key keep_freed_memory), before any large allocation.
+    malloc = "kept" if device.type == "cpu" and not args.system_malloc and keep_freed_memory() else "system"
     rt = Runtime(0, 1, 0, device, amp_dtype(args.amp, device))
     cfg = TrainConfig(image_size=args.size, batch_size=args.batch, teacher_width=args.teacher_width,
                       student_width=args.student_width, disc_width=args.disc_width, amp=args.amp,
@@ -136,7 +141,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     full = ms["student + CoCo + AdvD, teacher forward"]
     alone_ms = ms["student alone (CE)"]
     setting = (f"{cfg.teacher_model} x{cfg.teacher_width:g} -> {cfg.student_model} x{cfg.student_width:g}, "
-               f"batch {args.batch}, {args.size}x{args.size}, amp {args.amp}, {torch.get_num_threads()} threads")
+               f"batch {args.batch}, {args.size}x{args.size}, amp {args.amp}, {torch.get_num_threads()} threads"
+               + (f", malloc {malloc}" if device.type == "cpu" else ""))
     rows = [{"setting": setting, "step": name, "ms_per_step": round(value, 2),
              "share_of_full_step": round(value / full, 4), "x_student_alone": round(value / alone_ms, 3)}
             for name, value in ms.items()]

@@ -18,6 +18,8 @@ import torch.distributed as dist
 import torch.nn as nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
+from cocofast.cpu_memory import keep_freed_memory
+
 from .config import ConfigError, TrainConfig
 
 
@@ -106,6 +108,8 @@ def init_runtime(cfg: TrainConfig) -> Runtime:
     else:
         raise ConfigError(f"config key 'device': expected 'auto', 'cpu' or 'cuda', got {cfg.device!r}")
     torch.set_num_threads(cpu_threads(cfg.threads, world_size, device))
+    if device.type == "cpu" and cfg.keep_freed_memory:
+        keep_freed_memory()  # before the first step's allocations; does nothing off glibc
     if world_size > 1 and not dist.is_initialized():
         dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
     if cfg.batch_size % world_size:
