@@ -10,6 +10,9 @@ allocated once: earlier versions let each product allocate its C×N result, and 
 depended on the process's allocation history, so the same 7 GEMMs timed 70-78 ms in one process and
 141-148 ms in another, and C = 24 read 1.5× or 2.9×. The cost `gram` pays for its fresh gradients (it must
 return new tensors) is shown beside it: `fresh_gradients_ms` allocates and fills two such buffers.
+The bench keeps freed memory for reuse as the training program does (cocofast/cpu_memory.py; the `malloc`
+column, `--system_malloc` to leave glibc's default): otherwise every 50 MB gradient is a fresh mapping whose
+12,000 pages the kernel zero-fills on first touch, about 25 ms of gram's time at C = 24, N = 65,536.
 
 The user's version (`user_gram_cka`: w = softmax(amax), rows normalised, Gram CKA via ‖AᵀB‖²) runs eager and
 under torch.compile, in a second rotation with `gram` (`gram_beside_user_ms`); `*_over_gram` > 1 means
@@ -38,6 +41,8 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 from common import environment, write_csv
+
+from cocofast.cpu_memory import keep_freed_memory
 
 SIZES, BATCH = (4096, 65_536), 8
 CHANNELS = "24,64,256,256/24"
@@ -193,8 +198,12 @@ def main(argv=None) -> list[dict]:
     ap.add_argument("--channels", default=os.environ.get("COCOFAST_BENCH_CHANNELS", CHANNELS),
                     help="comma-separated C or C1/C2")
     ap.add_argument("--no-compile", action="store_true", help="skip the torch.compile'd user version")
+    ap.add_argument("--system_malloc", action="store_true",
+                    help="leave malloc as the system sets it (training keeps freed memory by default)")
     args, _ = ap.parse_known_args(argv)  # bench/run.py hands every bench the same options
     torch.set_num_threads(1)
+    # As the training program does (config key keep_freed_memory): gram's fresh gradients then reuse pages.
+    malloc = "system" if args.system_malloc or not keep_freed_memory() else "kept"
     torch._dynamo.config.cache_size_limit = 64  # one static compilation per shape
     env = environment()  # the commit and load as the measurement starts (others may commit meanwhile)
     sizes = [4096] if args.quick else [int(n) for n in args.sizes.split(",")]
@@ -214,7 +223,7 @@ def main(argv=None) -> list[dict]:
             med_user = interleaved_medians({"gram": gram, **users}, args.repeats, flush)
             floor_name = min(floors, key=med.get)
             row = {"N": n_pix, "batch": BATCH, "channels": f"{c1}/{c2}" if c1 != c2 else c1,
-                   "repeats": args.repeats, "gram_ms": round(med["gram"] * 1e3, 1)}
+                   "repeats": args.repeats, "malloc": malloc, "gram_ms": round(med["gram"] * 1e3, 1)}
             row.update({f"floor_{k.replace(' ', '_').replace('-', '_')}_ms": round(med[k] * 1e3, 1) for k in floors})
             row["fastest_floor"] = floor_name
             row["gram_over_floor"] = round(med["gram"] / med[floor_name], 2)
