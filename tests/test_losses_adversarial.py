@@ -148,3 +148,76 @@ def test_critic_gradients_under_ddp_are_the_mean_of_each_rank_alone(tmp_path):
         mean = (first + alone[1][name]) / 2
         for rank in range(2):
             torch.testing.assert_close(got[rank][name], mean, rtol=1e-4, atol=1e-6)
+
+
+# --- lazy regularisation (gp_every) ---------------------------------------------------------------------------
+def test_lazy_penalty_weighs_k_times_on_its_steps_and_is_left_out_between():
+    critic = make_critic()
+    critic64 = copy.deepcopy(critic).double()
+    teacher, student, images = batch(3)
+    adversarial = AdversarialLoss(copy.deepcopy(critic), gp_weight=GP_WEIGHT, drift_weight=DRIFT_WEIGHT, gp_every=4)
+    torch.manual_seed(7)
+    loss, terms = adversarial.critic_loss(teacher, student, images, penalty=True)
+    torch.manual_seed(7)
+    ref, wasserstein, gp = reference_loss(critic64, teacher, student, images, torch.rand(B, 1, 1, 1))
+    assert gp.item() > 1e-3
+    assert loss.item() == pytest.approx((ref + 3 * GP_WEIGHT * gp).item(), rel=1e-5, abs=1e-7)  # 4 x the penalty
+    assert terms["d_gp"].item() == pytest.approx(gp.item(), rel=1e-5, abs=1e-7)
+
+    state = torch.get_rng_state()
+    loss, terms = AdversarialLoss(copy.deepcopy(critic), gp_weight=GP_WEIGHT, drift_weight=DRIFT_WEIGHT,
+                                  gp_every=4).critic_loss(teacher, student, images, penalty=False)
+    assert torch.equal(torch.get_rng_state(), state)  # no interpolation drawn: the skipped pass is not made
+    assert "d_gp" not in terms
+    assert loss.item() == pytest.approx((ref - GP_WEIGHT * gp).item(), rel=1e-5, abs=1e-6)
+
+
+def test_gp_every_refuses_what_is_not_a_positive_integer():
+    for bad in (0, -1, 2.0, True):
+        with pytest.raises(ValueError, match="gp_every"):
+            AdversarialLoss(make_critic(), gp_every=bad)
+
+
+def test_the_critic_update_penalises_every_kth_step_and_a_resumed_run_the_same_ones():
+    from cocofast.train.schedule import IterationLR
+    from cocofast.train.student import CriticUpdate
+
+    class Recorder:
+        gp_every = 3
+
+        def __init__(self):
+            self.flags, self.weight = [], torch.zeros((), requires_grad=True)
+
+        def critic_loss(self, teacher, student, images, penalty):
+            self.flags.append(penalty)
+            return self.weight * 1.0, {}
+
+    def update(start: int = 0):
+        recorder = Recorder()
+        opt = torch.optim.SGD([recorder.weight], lr=0.1)
+        schedule = IterationLR(opt, 0.1, total_iters=100, iters_per_epoch=10)
+        schedule.load_state_dict({**schedule.state_dict(), "iteration": start})
+        return CriticUpdate(recorder, opt, schedule), recorder
+
+    step, recorder = update()
+    for _ in range(8):
+        step(None, None, None)
+    assert recorder.flags == [True, False, False, True, False, False, True, False]
+    resumed, again = update(start=5)
+    for _ in range(3):
+        resumed(None, None, None)
+    assert again.flags == recorder.flags[5:8]
+
+
+def test_the_gp_every_key_reaches_the_critic_of_the_student_stage():
+    from cocofast.train.config import TrainConfig
+    from cocofast.train.networks import frozen, seg_kwargs
+    from cocofast.train.runtime import Runtime
+    from cocofast.train.stages import build_student_step
+
+    cfg = TrainConfig(image_size=64, batch_size=2, teacher_width=0.125, student_width=0.25, disc_width=0.125,
+                      losses="none", adversarial=True, gp_every=5)
+    rt = Runtime(0, 1, 0, torch.device("cpu"), None)
+    teacher = frozen(create_model(cfg.teacher_model, **seg_kwargs(cfg, "teacher")))
+    step, *_ = build_student_step(cfg, rt, 10, [], teacher=teacher, paraphrasers=None)
+    assert step.adversarial.gp_every == 5 and step.critic_update.adversarial is step.adversarial

@@ -100,6 +100,7 @@ def test_overrides_types_and_precedence(tmp_path):
     (["--labelled_fraction=0"], ["'labelled_fraction'", "(0, 1]"]),
     (["--supervised_loss=dice"], ["'supervised_loss'", "focal_dice"]),
     (["--batch_size=0"], ["'batch_size'", ">= 1"]),
+    (["--gp_every=0"], ["'gp_every'", ">= 1"]),
     (["--config", "/nonexistent/cfg.yaml"], ["config file not found", "/nonexistent/cfg.yaml"]),
     (["stray"], ["unexpected argument 'stray'"]),
 ])

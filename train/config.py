@@ -196,6 +196,9 @@ class TrainConfig:
     adversarial: bool = _f(True, "student", "adversarial distillation with a WGAN-GP discriminator")
     adv_weight: float = _f(0.1, "student", "beta: weight of the student's adversarial term L_g")
     gp_weight: float = _f(10.0, "student", "gradient-penalty weight in the discriminator loss")
+    gp_every: int = _f(1, "student", "compute the gradient penalty on every k-th critic step only, at weight "
+                                     "k * gp_weight (lazy regularisation, StyleGAN2); 1 is the paper. The "
+                                     "penalty's double backward is most of the critic's cost")
     drift_weight: float = _f(0.0, "student", "drift penalty eps * E[D(real)^2] in the discriminator loss, keeping "
                                              "its scores bounded (progressive GANs use 1e-3; the paper has none)")
     disc_input: str = _f("probs_image", "student", "'probs_image' ([softmax, image], paper) or 'logits' "
@@ -228,7 +231,8 @@ class TrainConfig:
             if choices and value not in choices:
                 raise ConfigError(f"config key '{f.name}': {value!r} is not one of {', '.join(choices)}")
         positive = ("batch_size", "eval_batch_size", "image_size", "in_channels", "teacher_epochs",
-                    "paraphraser_epochs", "student_epochs", "train_samples", "val_samples", "lr_step_epochs")
+                    "paraphraser_epochs", "student_epochs", "train_samples", "val_samples", "lr_step_epochs",
+                    "gp_every")
         for name in positive:
             if getattr(self, name) < 1:
                 raise ConfigError(f"config key '{name}': must be >= 1, got {getattr(self, name)}")

@@ -218,7 +218,7 @@ def build_student_step(cfg: TrainConfig, rt: Runtime, per_epoch: int, losses, te
                                       kind="constant" if cfg.lr_schedule == "constant" else "poly")
         adversarial = AdversarialLoss(critic, weight=cfg.adv_weight, gp_weight=cfg.gp_weight,
                                       drift_weight=cfg.drift_weight, input_kind=cfg.disc_input,
-                                      critic_for_update=critic_ddp)
+                                      critic_for_update=critic_ddp, gp_every=cfg.gp_every)
         critic_update = CriticUpdate(adversarial, critic_opt, critic_schedule)
         models["discriminator"] = ("discriminator", d_kwargs, critic)
         optimizers["discriminator"], schedulers["discriminator"] = critic_opt, critic_schedule

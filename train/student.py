@@ -60,7 +60,9 @@ class CriticUpdate:
 
     def __call__(self, teacher_logits, student_logits, images) -> dict[str, torch.Tensor]:
         self.schedule.apply()
-        loss, terms = self.adversarial.critic_loss(teacher_logits, student_logits, images)
+        # The schedule's iteration is in the checkpoint, so a resumed run penalises the same steps.
+        penalty = self.schedule.iteration % self.adversarial.gp_every == 0
+        loss, terms = self.adversarial.critic_loss(teacher_logits, student_logits, images, penalty)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.optimizer.step()

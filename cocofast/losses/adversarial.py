@@ -10,6 +10,11 @@ critic's input built by `critic_input`: [softmax(logits), image] (the paper) or 
 authors' code). The drift term (Karras et al. 2018, progressive GANs, ε = 1e-3 there) keeps the scores near
 zero, since nothing else bounds a Wasserstein critic's output; the paper has none, so the default is 0.
 
+With gp_every = k > 1 the penalty is computed on one critic step in k only, at weight k · gp_weight: lazy
+regularisation (Karras et al. 2020, "Analyzing and Improving the Image Quality of StyleGAN", for their R1
+penalty), which keeps its average pull and skips the double backward, most of a critic step's cost, on the
+other steps. The paper penalises every step (k = 1, the default).
+
 Both take tensors and a critic module; the optimiser steps live with the trainer.
 """
 from __future__ import annotations
@@ -42,8 +47,11 @@ class AdversarialLoss(nn.Module):
 
     def __init__(self, critic: nn.Module, *, weight: float = 0.1, gp_weight: float = 10.0,
                  drift_weight: float = 0.0, input_kind: str = "probs_image",
-                 critic_for_update: nn.Module | None = None):
+                 critic_for_update: nn.Module | None = None, gp_every: int = 1):
         super().__init__()
+        if isinstance(gp_every, bool) or not isinstance(gp_every, int) or gp_every < 1:
+            raise ValueError(f"AdversarialLoss: gp_every must be an integer >= 1, got {gp_every!r}")
+        self.gp_every = gp_every
         self.critic = critic
         self.critic_for_update = critic_for_update if critic_for_update is not None else critic
         self.weight = check_non_negative("AdversarialLoss", "weight", weight)
@@ -55,8 +63,10 @@ class AdversarialLoss(nn.Module):
         self.input_kind = input_kind
 
     def critic_loss(self, teacher_logits: torch.Tensor, student_logits: torch.Tensor,
-                    images: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+                    images: torch.Tensor, penalty: bool = True) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Real and fake go through the critic in one call, the interpolated samples in a second one.
+        `penalty=False` (the steps lazy regularisation skips) leaves the second call and d_gp out; with it,
+        the penalty weighs gp_weight · gp_every.
 
         The penalty differentiates the critic twice, and only at x̂; in one joint (real, fake, x̂) batch both
         differentiations ran over all 3B rows (zeros for real and fake), about three times the work. Both calls
@@ -65,17 +75,22 @@ class AdversarialLoss(nn.Module):
         """
         real = critic_input(teacher_logits.detach(), images, self.input_kind)
         fake = critic_input(student_logits.detach(), images, self.input_kind)
-        eps = torch.rand(real.shape[0], 1, 1, 1, device=real.device)
-        interp = (eps * real + (1 - eps) * fake).requires_grad_(True)
+        if penalty:
+            eps = torch.rand(real.shape[0], 1, 1, 1, device=real.device)
+            interp = (eps * real + (1 - eps) * fake).requires_grad_(True)
         with parametrize.cached():
             score_real, score_fake = self.critic_for_update(torch.cat([real, fake])).float().chunk(2)
-            score_interp = self.critic_for_update(interp).float()
-            (grad,) = torch.autograd.grad(score_interp.sum(), interp, create_graph=True)
-        grad_norm = torch.sqrt(grad.flatten(1).pow(2).sum(dim=1) + 1e-12)
-        gp = (grad_norm - 1).pow(2).mean()
+            if penalty:
+                score_interp = self.critic_for_update(interp).float()
+                (grad,) = torch.autograd.grad(score_interp.sum(), interp, create_graph=True)
         wasserstein = score_real.mean() - score_fake.mean()
-        loss = -wasserstein + self.gp_weight * gp
-        terms = {"d_wasserstein": wasserstein, "d_gp": gp}
+        loss = -wasserstein
+        terms = {"d_wasserstein": wasserstein}
+        if penalty:
+            grad_norm = torch.sqrt(grad.flatten(1).pow(2).sum(dim=1) + 1e-12)
+            gp = (grad_norm - 1).pow(2).mean()
+            loss = loss + self.gp_weight * self.gp_every * gp
+            terms["d_gp"] = gp
         if self.drift_weight:
             drift = score_real.pow(2).mean()
             loss = loss + self.drift_weight * drift
@@ -94,5 +109,6 @@ class AdversarialLoss(nn.Module):
         return self.weight * -score.mean()
 
     def extra_repr(self) -> str:
-        return (f"weight={self.weight:g}, gp_weight={self.gp_weight:g}, drift_weight={self.drift_weight:g}, "
+        return (f"weight={self.weight:g}, gp_weight={self.gp_weight:g}, gp_every={self.gp_every}, "
+                f"drift_weight={self.drift_weight:g}, "
                 f"input_kind={self.input_kind!r}")
