@@ -3,9 +3,10 @@
 glibc's malloc hands every block above its mmap threshold (at most 32 MB, whatever mallopt is told) to the
 kernel as a fresh mapping and unmaps it on free. A CPU training step at 512x512 allocates and frees gigabytes
 of activations and gradients this way, and the kernel zero-fills every 4 KB page of each on first touch.
-On the development VM (1 thread, idle):
-- a Mobile U-Net x0.5 step at 512x512, batch 4: about 650,000 page faults and 2.9 s a step with the system
-  default, 0-50,000 faults and 1.8 s with the setting below; peak resident memory 2.6 GB -> 3.2 GB;
+On the development VM (1 thread, idle), with the setting below:
+- a Mobile U-Net x0.5 training step at 512x512, batch 4, over 30 steps: 2.65 s and 460,000-650,000 page
+  faults a step with the system default, 1.85 s and 0 faults with it; peak resident memory 2.67 -> 3.25 GB,
+  reached by step 15 and flat after it;
 - bench/bench_train.py --size 512 (batch 8, one process each way): student alone 5.11 -> 3.78 s, the cached
   CoCo + AdvD step 54.9 -> 40.2 s, with the teacher's forward 75.6 -> 47.7 s. At 128x128 no block passes the
   threshold and the steps time the same.
@@ -15,10 +16,12 @@ the heap's top back (M_TRIM_THRESHOLD), so a step's buffers are the previous ste
 The memory cost: freed blocks stay with the process, and since torch asks for 64-byte aligned blocks, a
 freed block of exactly the next request's size lacks the alignment slack, so the first few rounds of a
 repeating pattern carve new blocks before the heap holds ones that fit (tests/test_cpu_memory.py warms up
-for it). It changes how memory is obtained, not what is computed (the test trains a small network both ways
-and compares the weights' bytes). It is process-wide, so the library never calls it on import: the training
-program does (config key `keep_freed_memory`), as do the benches that time what training runs. Off glibc
-(macOS, musl, Windows) it does nothing and returns False.
+for it). Inference fragments more: a Mobile U-Net forward at 1024x1024, batch 4, held 3.05 GB -> 5.3 GB and
+began faulting again by its third call, so segment and predict leave malloc as it is. It changes how memory
+is obtained, not what is computed (the test trains a small network both ways and compares the weights'
+bytes). It is process-wide, so the library never calls it on import: the training program does (config
+key `keep_freed_memory`), as do the benches that time what training runs. Off glibc (macOS, musl, Windows)
+it does nothing and returns False.
 """
 from __future__ import annotations
 
