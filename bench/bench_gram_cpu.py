@@ -12,7 +12,8 @@ depended on the process's allocation history, so the same 7 GEMMs timed 70-78 ms
 return new tensors) is shown beside it: `fresh_gradients_ms` allocates and fills two such buffers.
 The bench keeps freed memory for reuse as the training program does (cocofast/cpu_memory.py; the `malloc`
 column, `--system_malloc` to leave glibc's default): otherwise every 50 MB gradient is a fresh mapping whose
-12,000 pages the kernel zero-fills on first touch, about 25 ms of gram's time at C = 24, N = 65,536.
+12,800 pages the kernel zero-fills on first touch (`fresh_gradients_ms` 36 ms against 12 ms kept, at C = 24,
+N = 65,536, one run each way).
 
 The user's version (`user_gram_cka`: w = softmax(amax), rows normalised, Gram CKA via ‖AᵀB‖²) runs eager and
 under torch.compile, in a second rotation with `gram` (`gram_beside_user_ms`); `*_over_gram` > 1 means
