@@ -121,8 +121,12 @@ def test_defaults_and_identical_graphs_cost_nothing():
     assert not reads.matched_channels
     assert "vertex_weight=1, edge_weight=1, backend='auto'" in repr(loss)
     taps = taps_for(5, STUDENT)
-    assert loss(taps, taps).item() < 1e-10
-    assert loss(tuple(taps), tuple(taps)).item() < 1e-10  # any sequence
+    # Zero up to fp32 rounding: the terms cancel (p + q - 2k), so the bound is relative to two distinct
+    # graphs' cost (0.16 here; identical ones gave under 1e-10 with an earlier build of this machine's environment, 7e-10 with the current one).
+    scale = loss(taps, taps_for(6, STUDENT)).item()
+    assert scale > 1e-2
+    assert loss(taps, taps).item() < 1e-6 * scale
+    assert loss(tuple(taps), tuple(taps)).item() < 1e-6 * scale  # any sequence
 
 
 # -------------------------------------------------------------------------- gradients and backends
