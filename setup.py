@@ -3,7 +3,7 @@
 # each folder, so a non-editable install carries cocofast.data, cocofast.losses, cocofast.models, ... too.
 from pathlib import Path
 
-from setuptools import find_packages, setup
+from setuptools import find_namespace_packages, find_packages, setup
 
 HERE = Path(__file__).resolve().parent
 # configs/ installs as cocofast.configs: the experiment runner's packaged set-up and tables
@@ -12,13 +12,19 @@ LAYOUT = {"cocofast": "cocofast", "cocofast.kernels": "kernels", "cocofast.train
           "cocofast.configs": "configs"}
 
 
+# Folders of data files alone: every subfolder is listed as a (namespace) package, so setuptools ships its
+# files rather than warning that it would ignore a folder Python could import.
+DATA_PACKAGES = {"cocofast.configs"}
+
+
 def packages_of(layout: dict[str, str]) -> list[str]:
     names = []
     for package, folder in layout.items():
+        find = find_namespace_packages if package in DATA_PACKAGES else find_packages
         names.append(package)
-        names += [f"{package}.{sub}" for sub in find_packages(str(HERE / folder))]
+        names += [f"{package}.{sub}" for sub in find(str(HERE / folder)) if "__pycache__" not in sub]
     return names
 
 
 setup(packages=packages_of(LAYOUT), package_dir=LAYOUT,
-      package_data={"cocofast.configs": ["*.yaml", "experiments/*.yaml"]})
+      package_data={"cocofast.configs": ["*.yaml"], "cocofast.configs.experiments": ["*.yaml"]})

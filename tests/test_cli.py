@@ -1,6 +1,7 @@
 """The `cocofast` command: subcommands, their help, `python -m cocofast`, the declared entry point, packaging."""
 from __future__ import annotations
 
+import fnmatch
 import importlib
 import runpy
 import subprocess
@@ -68,4 +69,11 @@ def test_setup_installs_every_subpackage(monkeypatch):
         for source in (ROOT / folder).rglob("*.py"):  # a folder of modules without __init__.py would be lost
             assert (source.parent / "__init__.py").is_file(), f"{source.parent} has modules but no __init__.py"
     assert {"cocofast.data", "cocofast.losses", "cocofast.models", "cocofast.kernels", "cocofast.train"} <= packages
-    assert packages == expected
+    # A folder of data files alone is a package of its own, with patterns for its files: otherwise setuptools
+    # warns that it would ignore the folder, and a later setuptools leaves its files out of the wheel.
+    data = captured["package_data"]
+    assert packages == expected | set(data)
+    for config in (ROOT / "configs").rglob("*.yaml"):
+        package = ".".join(["cocofast.configs", *config.parent.relative_to(ROOT / "configs").parts])
+        assert any(fnmatch.fnmatch(config.name, pattern) for pattern in data.get(package, ())), \
+            f"{config.relative_to(ROOT)} is not in package_data of {package}, so no install carries it"
